@@ -1,0 +1,31 @@
+# make run   — build the default pipeline (synthetic cohort -> reports) in a local venv
+# make test  — the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+CORES  ?= 2
+BIN     = $(VENV)/bin
+
+.PHONY: run test lint experiments install clean
+
+$(BIN)/snakemake: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,slurm]"
+	touch $(BIN)/snakemake
+
+install: $(BIN)/snakemake
+
+run: install
+	$(BIN)/snakemake --cores $(CORES)
+
+experiments: install
+	$(BIN)/snakemake --cores $(CORES) --configfile config/paper_table2.yaml experiments
+
+test: install
+	$(BIN)/python -m pytest tests -v --durations=15
+
+lint: install
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results .snakemake

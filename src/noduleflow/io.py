@@ -1,0 +1,354 @@
+"""Files in and out: MetaImage scans, label maps, annotation CSVs, atomic writes, world <-> voxel.
+
+Conventions used everywhere in noduleflow:
+
+* world coordinates are millimetres in ITK/LUNA16 order **(x, y, z)**;
+* arrays are numpy **(z, y, x)**; voxel indices returned here are (z, y, x) floats;
+* a :class:`Geometry` holds ``spacing`` (mm, x-y-z), ``origin`` (mm, x-y-z, the centre of voxel 0)
+  and ``direction`` (row-major 3x3 cosines, as SimpleITK gives them).
+
+This module is the only place that converts between the two orders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+
+#: MetaImage element types a CT scan may have, with their numpy dtypes.
+MET_TYPES = {
+    "MET_CHAR": np.int8,
+    "MET_UCHAR": np.uint8,
+    "MET_SHORT": np.int16,
+    "MET_USHORT": np.uint16,
+    "MET_INT": np.int32,
+    "MET_UINT": np.uint32,
+    "MET_FLOAT": np.float32,
+    "MET_DOUBLE": np.float64,
+}
+
+
+class InputError(ValueError):
+    """A bad input file or value. The message always names the file (or config key) and the problem."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name keeps the final suffix (``.mha``, ``.h5``, ``.csv``) so writers that pick
+    the format from the extension still work. An interrupted or failed write leaves no file
+    under the final name and removes the temporary one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".part" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | Path, **kwargs) -> None:
+    """Write ``frame`` to CSV (no index) atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, **kwargs)
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a voxel grid sits in the world. All tuples in ITK order (x, y, z), millimetres."""
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @classmethod
+    def of(cls, image) -> "Geometry":
+        """Geometry of a SimpleITK image."""
+        return cls(tuple(map(float, image.GetSpacing())), tuple(map(float, image.GetOrigin())),
+                   tuple(map(float, image.GetDirection())))
+
+    def apply_to(self, image) -> None:
+        """Set spacing, origin and direction of a SimpleITK image in place."""
+        image.SetSpacing(tuple(map(float, self.spacing)))
+        image.SetOrigin(tuple(map(float, self.origin)))
+        image.SetDirection(tuple(map(float, self.direction)))
+
+    def as_attrs(self) -> dict:
+        """Plain lists for HDF5 attributes / JSON."""
+        return {"spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "Geometry":
+        return cls(tuple(float(v) for v in attrs["spacing"]), tuple(float(v) for v in attrs["origin"]),
+                   tuple(float(v) for v in attrs["direction"]))
+
+
+def world_to_voxel(world_xyz: np.ndarray | Sequence, geometry: Geometry) -> np.ndarray:
+    """World mm (x, y, z), shape (n, 3) or (3,) -> continuous voxel indices (z, y, x), same shape."""
+    world = np.asarray(world_xyz, dtype=float)
+    single = world.ndim == 1
+    world = np.atleast_2d(world)
+    rel = world - np.asarray(geometry.origin, dtype=float)
+    # world = origin + D @ (spacing * index)  =>  index = (D^-1 @ rel) / spacing
+    index_xyz = np.linalg.solve(geometry.direction_matrix, rel.T).T / np.asarray(geometry.spacing, dtype=float)
+    index_zyx = index_xyz[:, ::-1]
+    return index_zyx[0] if single else index_zyx
+
+
+def voxel_to_world(index_zyx: np.ndarray | Sequence, geometry: Geometry) -> np.ndarray:
+    """Voxel indices (z, y, x), shape (n, 3) or (3,) -> world mm (x, y, z), same shape."""
+    index = np.asarray(index_zyx, dtype=float)
+    single = index.ndim == 1
+    index = np.atleast_2d(index)
+    index_xyz = index[:, ::-1] * np.asarray(geometry.spacing, dtype=float)
+    world = (geometry.direction_matrix @ index_xyz.T).T + np.asarray(geometry.origin, dtype=float)
+    return world[0] if single else world
+
+
+# --------------------------------------------------------------------------- MetaImage scans
+
+
+def read_mhd_header(path: str | Path) -> dict[str, str]:
+    """Key/value pairs of a ``.mhd`` header (values as strings). Raises InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: scan header not found")
+    header: dict[str, str] = {}
+    try:
+        text = path.read_text(errors="strict")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a MetaImage text header ({exc})") from exc
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if "=" not in line:
+            raise InputError(f"{path}: line {line_no} is not 'Key = Value': {line!r}")
+        key, value = line.split("=", 1)
+        header[key.strip()] = value.strip()
+    return header
+
+
+def validate_mhd(path: str | Path) -> None:
+    """Check a ``.mhd``/``.raw`` pair before reading it: 3-D, supported element type, data file
+    present and exactly as large as the header says (uncompressed data). Raises InputError."""
+    path = Path(path)
+    header = read_mhd_header(path)
+    ndims = header.get("NDims")
+    if ndims is None or ndims.strip() != "3":
+        raise InputError(f"{path}: NDims = {ndims!r}, only 3-D scans are supported")
+    element_type = header.get("ElementType")
+    if element_type not in MET_TYPES:
+        raise InputError(f"{path}: unsupported ElementType {element_type!r} "
+                         f"(supported: {', '.join(sorted(MET_TYPES))})")
+    try:
+        dims = [int(v) for v in header.get("DimSize", "").split()]
+    except ValueError as exc:
+        raise InputError(f"{path}: DimSize {header.get('DimSize')!r} is not three integers") from exc
+    if len(dims) != 3 or min(dims) < 1:
+        raise InputError(f"{path}: DimSize {header.get('DimSize')!r} is not three positive integers")
+    data_file = header.get("ElementDataFile")
+    if not data_file:
+        raise InputError(f"{path}: header has no ElementDataFile")
+    if data_file.upper() == "LOCAL":
+        return
+    raw = path.parent / data_file
+    if not raw.is_file():
+        raise InputError(f"{path}: data file {raw} is missing")
+    compressed = header.get("CompressedData", "False").lower() == "true"
+    if not compressed:
+        expected = int(np.prod(dims)) * np.dtype(MET_TYPES[element_type]).itemsize
+        actual = raw.stat().st_size
+        if actual != expected:
+            raise InputError(f"{raw}: truncated or oversized data file: {actual} bytes, header "
+                             f"{path.name} expects {expected} ({'x'.join(map(str, dims))} {element_type})")
+
+
+def read_image(path: str | Path, dtype=None) -> tuple[np.ndarray, Geometry]:
+    """Read any ITK image (``.mha``, ``.mhd``, ``.nii.gz``) -> (array (z, y, x), Geometry).
+
+    A ``.mhd`` is validated first (see :func:`validate_mhd`). ``dtype`` casts the array.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if path.suffix.lower() == ".mhd":
+        validate_mhd(path)
+    elif not path.is_file():
+        raise InputError(f"{path}: image not found")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{path}: cannot read image: {str(exc).strip().splitlines()[-1]}") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: expected a 3-D scalar image, got {image.GetDimension()}-D "
+                         f"with {image.GetNumberOfComponentsPerPixel()} components")
+    array = sitk.GetArrayFromImage(image)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    return array, Geometry.of(image)
+
+
+def read_scan(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a CT scan -> (int16 HU array (z, y, x), Geometry). Values outside int16 are clipped."""
+    array, geometry = read_image(path)
+    if array.dtype != np.int16:
+        array = np.clip(np.rint(array), -32768, 32767).astype(np.int16)
+    return array, geometry
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compress: bool = True) -> None:
+    """Write array (z, y, x) with ``geometry`` as an ITK image, atomically (``.mha``/``.mhd``)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    geometry.apply_to(image)
+    path = Path(path)
+    if path.suffix.lower() == ".mhd":
+        # a header + .raw pair: write both under temporary names, then rename the data first
+        raw = path.with_suffix(".raw")
+        with atomic_path(raw) as tmp_raw, atomic_path(path) as tmp_mhd:
+            tmp_base = tmp_mhd.with_name(tmp_mhd.name[: -len(".mhd")])
+            sitk.WriteImage(image, str(tmp_base) + ".mhd", False)
+            os.replace(str(tmp_base) + ".raw", tmp_raw)
+            text = Path(str(tmp_base) + ".mhd").read_text()
+            lines = [f"ElementDataFile = {raw.name}" if ln.startswith("ElementDataFile") else ln
+                     for ln in text.splitlines()]
+            tmp_mhd.write_text("\n".join(lines) + "\n")
+        return
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
+
+
+# --------------------------------------------------------------------------- CSVs
+
+
+def read_annotations(path: str | Path, allow_unknown_diameter: bool = False) -> pd.DataFrame:
+    """Read a LUNA16 annotation CSV (``seriesuid,coordX,coordY,coordZ,diameter_mm``; world mm).
+
+    Raises InputError naming the file for: a missing file, missing columns, non-numeric or missing
+    coordinates, non-positive diameters (``allow_unknown_diameter`` lets -1 through, which
+    ``annotations_excluded.csv`` uses for "unknown"). Row order is preserved: a nodule's label id
+    is its order among its scan's rows, starting at 1.
+    """
+    return _read_table(path, ANNOTATION_COLUMNS, "diameter_mm", allow_unknown_diameter)
+
+
+def read_candidates(path: str | Path) -> pd.DataFrame:
+    """Read a LUNA16 submission CSV (``seriesuid,coordX,coordY,coordZ,probability``, extra columns ok)."""
+    return _read_table(path, CANDIDATE_COLUMNS, None, False)
+
+
+def _read_table(path: str | Path, columns: list[str], diameter: str | None, allow_unknown: bool) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path, dtype={"seriesuid": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: malformed CSV: {str(exc).strip()}") from exc
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected header "
+                         f"{','.join(columns)} (found {','.join(map(str, frame.columns))})")
+    if frame["seriesuid"].isna().any():
+        row = int(frame.index[frame["seriesuid"].isna()][0]) + 2
+        raise InputError(f"{path}: line {row}: empty seriesuid")
+    for column in columns[1:]:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(f"{path}: line {row + 2}: {column} = {frame[column].iloc[row]!r} is not a number")
+        frame[column] = values.astype(float)
+    if diameter is not None:
+        d = frame[diameter].to_numpy()
+        bad = (d <= 0) & ~((d == -1) if allow_unknown else np.zeros_like(d, dtype=bool))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{path}: line {row + 2}: diameter_mm = {d[row]} must be positive "
+                             f"(seriesuid {frame['seriesuid'].iloc[row]})")
+    frame["seriesuid"] = frame["seriesuid"].str.strip()
+    return frame
+
+
+def read_uid_list(value: str | Path | Sequence[str] | None) -> list[str] | None:
+    """A list of seriesuids from a list, or from a file with one uid per line or a ``seriesuid``
+    column (CSV). ``None`` stays ``None`` (no restriction)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value]
+    path = Path(value)
+    if not path.is_file():
+        raise InputError(f"{path}: seriesuid list not found")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if lines and "seriesuid" in lines[0].split(","):
+        frame = pd.read_csv(path, dtype={"seriesuid": str})
+        return frame["seriesuid"].str.strip().tolist()
+    return [ln.split(",")[0] for ln in lines]
+
+
+# --------------------------------------------------------------------------- data set discovery
+
+
+def discover_scans(root: str | Path) -> dict[str, Path]:
+    """Map seriesuid -> ``.mhd`` path for a LUNA16-style folder (``subset*/*.mhd`` or flat ``*.mhd``).
+
+    The seriesuid is the file name without ``.mhd``. Raises InputError on a missing folder or a
+    uid found twice.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: data set folder not found (config dataset.root)")
+    found: dict[str, Path] = {}
+    for path in sorted(root.glob("subset*/*.mhd")) + sorted(root.glob("*.mhd")):
+        uid = path.name[: -len(".mhd")]
+        if uid in found:
+            raise InputError(f"{path}: seriesuid {uid} also found at {found[uid]}")
+        found[uid] = path
+    return found
+
+
+def open_h5(path: str | Path, mode: str = "r"):
+    """Open an HDF5 file; readers open without file locking (cluster file systems)."""
+    import h5py
+
+    path = Path(path)
+    if mode == "r":
+        if not path.is_file():
+            raise InputError(f"{path}: HDF5 file not found")
+        return h5py.File(path, "r", locking=False)
+    return h5py.File(path, mode)

@@ -1,0 +1,155 @@
+"""Configuration logic shared by the Snakefile and the tests: experiments, narrow per-stage
+parameter blocks, which run owns which stage's files, and digests of the code a stage runs.
+
+A *run* is the base configuration (files under ``results/``) or one experiment (the base
+configuration deep-merged with ``experiments.<name>``; files under ``results/experiments/<name>/``).
+A run reuses the files of an earlier run (the base first, then experiments in their order) for
+every stage whose parameters, and whose upstream stages' parameters, are the same. So an
+experiment that only changes ``train`` reuses the base's resampled scans, slices, folds and patches.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+BASE_PREFIX = "results/"
+
+#: stage -> (config keys it reads as "block" or "block.key", upstream stages)
+STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "resample": (("preprocess.spacing_mm", "preprocess.sphere_min_hu"), ()),
+    "lung_mask": (("lungmask",), ("resample",)),
+    "extract_slices": ((), ("resample", "lung_mask")),
+    "split_folds": (("cv",), ()),
+    "sample_patches": (("sampling", "preprocess.lung_roi"), ("extract_slices",)),
+    "train": (("train",), ("sample_patches", "split_folds")),
+    "predict": (("predict", "preprocess.lung_roi"), ("train", "extract_slices")),
+    "evaluate": (("evaluate",), ("predict", "split_folds")),
+    "report": ((), ("evaluate",)),
+}
+
+#: stage -> noduleflow modules whose source it runs (a change reruns the stage and what follows)
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "synthesize": ("synthetic", "io"),
+    "resample": ("preprocess", "io"),
+    "lung_mask": ("lungmask", "io"),
+    "extract_slices": ("slices", "io"),
+    "split_folds": ("folds", "io"),
+    "sample_patches": ("sampling", "slices", "io"),
+    "train": ("train", "model", "losses", "intensity", "sampling"),
+    "predict": ("predict", "model", "intensity", "slices", "io"),
+    "evaluate": ("evaluate", "froc", "segmetrics", "io"),
+    "report": ("report",),
+    "compare": ("experiments", "report"),
+}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key."""
+
+
+def deep_merge(base: Mapping, override: Mapping) -> dict:
+    """A copy of ``base`` with ``override`` merged in (nested dicts merged, everything else replaced)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def check_config(config: Mapping, where: str = "config") -> None:
+    """Checks the JSON schema cannot express; raises ConfigError naming the key."""
+    syn = config.get("synthetic", {})
+    if syn.get("min_nodules", 0) > syn.get("max_nodules", 4):
+        raise ConfigError(f"{where}: synthetic.min_nodules ({syn['min_nodules']}) is larger than "
+                          f"synthetic.max_nodules ({syn['max_nodules']})")
+    window = config.get("train", {}).get("intensity", {}).get("window_hu", [-1000, 400])
+    if not window[0] < window[1]:
+        raise ConfigError(f"{where}: train.intensity.window_hu {window} must be [low, high] with low < high")
+    for name, override in config.get("experiments", {}).items():
+        if "experiments" in override or "synthetic" in override or "dataset" in override:
+            raise ConfigError(f"{where}: experiments.{name} may not override 'experiments', 'synthetic' "
+                              f"or 'dataset' (every experiment runs on the same data)")
+
+
+def run_configs(config: Mapping) -> dict[str, dict]:
+    """Prefix -> full configuration of each run: ``results/`` for the base, then
+    ``results/experiments/<name>/`` per experiment, in config order."""
+    base = {k: v for k, v in config.items() if k != "experiments"}
+    runs = {BASE_PREFIX: copy.deepcopy(base)}
+    for name, override in config.get("experiments", {}).items():
+        runs[f"{BASE_PREFIX}experiments/{name}/"] = deep_merge(base, override)
+    return runs
+
+
+def _lookup(config: Mapping, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def stage_params(config: Mapping, stage: str) -> dict:
+    """The narrow block of configuration a stage reads: ``{"block": {...}}`` or
+    ``{"block": {"key": value}}``. Plain builtins only, so Snakemake's params trigger sees it."""
+    keys, _ = STAGES[stage]
+    params: dict = {}
+    for dotted in keys:
+        block, _, key = dotted.partition(".")
+        if key:
+            params.setdefault(block, {})[key] = copy.deepcopy(_lookup(config, dotted))
+        else:
+            params[block] = copy.deepcopy(config.get(block, {}))
+    return json.loads(json.dumps(params))
+
+
+def _stage_signature(config: Mapping, stage: str) -> str:
+    """Parameters of ``stage`` and of every stage upstream of it, as one canonical string."""
+    seen: dict[str, dict] = {}
+    todo = [stage]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen[current] = stage_params(config, current)
+        todo.extend(STAGES[current][1])
+    return json.dumps(seen, sort_keys=True)
+
+
+def stage_owner(runs: Mapping[str, Mapping], prefix: str, stage: str) -> str:
+    """The prefix under which ``stage``'s files for run ``prefix`` live: the first run (base first)
+    whose parameters for this stage and everything upstream equal those of ``prefix``."""
+    if prefix not in runs:
+        raise ConfigError(f"unknown run prefix {prefix!r}; known: {', '.join(runs)}")
+    signature = _stage_signature(runs[prefix], stage)
+    for candidate, config in runs.items():
+        if _stage_signature(config, stage) == signature:
+            return candidate
+    return prefix
+
+
+def module_path(module: str) -> Path:
+    """Source file of ``noduleflow.<module>``."""
+    spec = importlib.util.find_spec(f"noduleflow.{module}")
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"noduleflow.{module} not found (STAGE_MODULES)")
+    return Path(spec.origin)
+
+
+def code_digest(stage: str) -> str:
+    """SHA-256 (first 16 hex digits) of the source of the noduleflow modules ``stage`` runs.
+
+    Snakemake only tracks the ``script:`` file; passing this as a ``params:`` value makes a change
+    in a module rerun the stages that use it, and only those.
+    """
+    digest = hashlib.sha256()
+    for module in STAGE_MODULES[stage]:
+        path = module_path(module)
+        digest.update(module.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

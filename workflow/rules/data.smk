@@ -1,0 +1,56 @@
+# The synthetic cohort (used when dataset.root is null): one job per scan, then annotations.csv.
+
+SYN_OUT = config["synthetic"]["output"]
+
+
+rule synthesize:
+    output:
+        scan=f"{SYN_OUT}/subset0/{{uid}}.mhd",
+        raw=f"{SYN_OUT}/subset0/{{uid}}.raw",
+        mask=f"{SYN_OUT}/masks/{{uid}}.mha",
+        lungs=f"{SYN_OUT}/lungs/{{uid}}.mha",
+        nodules=f"{SYN_OUT}/nodules/{{uid}}.csv",
+    params:
+        # n_scans is left out: adding scans must not regenerate the existing ones
+        cfg={k: v for k, v in config["synthetic"].items() if k != "n_scans"},
+        code=code_digest("synthesize"),
+    log:
+        f"{SYN_OUT}/logs/{{uid}}.log",
+    benchmark:
+        "results/benchmarks/synthesize/{uid}.tsv"
+    threads: 1
+    resources:
+        mem_mb=lambda wc: 8000 if config["synthetic"]["full_size"] else 2000,
+        runtime=10,
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/synthesize.py"
+
+
+rule synthesize_annotations:
+    input:
+        nodules=expand(f"{SYN_OUT}/nodules/{{uid}}.csv", uid=UIDS),
+    output:
+        annotations=f"{SYN_OUT}/annotations.csv",
+    params:
+        code=code_digest("synthesize"),
+    log:
+        f"{SYN_OUT}/logs/annotations.log",
+    benchmark:
+        "results/benchmarks/synthesize_annotations.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/synthesize_annotations.py"
+
+
+rule synthetic_cohort:
+    """Target: only the synthetic cohort."""
+    input:
+        expand(f"{SYN_OUT}/subset0/{{uid}}.mhd", uid=UIDS),
+        f"{SYN_OUT}/annotations.csv",

@@ -1,0 +1,89 @@
+# LUNA16 FROC/CPM and Dice per fold, the pooled report, and the experiment comparison.
+
+
+rule evaluate:
+    input:
+        candidates=lambda wc: f"{prediction_dir(wc)}/candidates.csv",
+        probabilities=lambda wc: f"{prediction_dir(wc)}/probabilities",
+        folds=folds_file,
+        slices=slice_files,
+        annotations=ANNOTATIONS,
+    output:
+        metrics="{prefix}reports/fold{k}/metrics.json",
+        froc="{prefix}reports/fold{k}/froc.csv",
+        nodules="{prefix}reports/fold{k}/nodules.csv",
+        plot=report("{prefix}reports/fold{k}/froc.png", category="FROC", subcategory="per fold"),
+    params:
+        cfg=params_of("evaluate"),
+        excluded=EXCLUDED,
+        code=code_digest("evaluate"),
+    log:
+        "{prefix}logs/evaluate/fold{k}.log",
+    benchmark:
+        "{prefix}benchmarks/evaluate/fold{k}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule report:
+    input:
+        metrics=fold_reports,
+        candidates=fold_predictions,
+        folds=folds_file,
+        slices=slice_files,
+        annotations=ANNOTATIONS,
+    output:
+        summary="{prefix}reports/summary.csv",
+        plot=report("{prefix}reports/froc.png", category="FROC", subcategory="pooled"),
+        html="{prefix}reports/report.html",
+    params:
+        cfg=lambda wc: {"evaluate": RUNS[wc.prefix]["evaluate"]},
+        excluded=EXCLUDED,
+        code=code_digest("report"),
+    log:
+        "{prefix}logs/report.log",
+    benchmark:
+        "{prefix}benchmarks/report.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/report.py"
+
+
+rule compare_experiments:
+    input:
+        unpack(experiment_reports),
+    output:
+        table="results/experiments/comparison.csv",
+        html="results/experiments/comparison.html",
+        plot=report("results/experiments/froc.png", category="Experiments"),
+    params:
+        code=code_digest("compare"),
+    log:
+        "results/logs/compare_experiments.log",
+    benchmark:
+        "results/benchmarks/compare_experiments.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/compare_experiments.py"
+
+
+rule experiments:
+    """Target: every experiment in config `experiments:` and their side-by-side comparison."""
+    input:
+        "results/experiments/comparison.html",
