@@ -43,8 +43,8 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "train": ("train", "model", "losses", "intensity", "sampling"),
     "predict": ("predict", "model", "intensity", "slices", "io"),
     "evaluate": ("evaluate", "froc", "segmetrics", "io"),
-    "report": ("report",),
-    "compare": ("experiments", "report"),
+    "report": ("report", "evaluate", "froc", "segmetrics", "slices"),
+    "compare": ("experiments",),
 }
 
 

@@ -1,0 +1,125 @@
+"""End to end: the whole workflow on a tiny config, then the exact rerun plan after each change.
+
+One uninterrupted run (module-scoped fixture) is shared by the plan checks. A user's daily loop is
+"change one setting, rerun": only the stages that depend on the change may be planned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from workflow_helpers import (REPO_ROOT, TINY_CONFIG, copy_workflow, deep_update, planned_jobs,
+                              planned_rules, snakemake, write_config)
+
+pytestmark = pytest.mark.e2e
+
+PREPROCESS = {"resample", "lung_mask", "extract_slices"}
+AFTER_PATCHES = {"sample_patches", "train", "predict", "evaluate", "report"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """The tiny workflow, run once to completion."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("tiny_run"))
+    write_config(workdir, TINY_CONFIG)
+    snakemake(workdir, "--cores", "2", "--configfile", "tiny.yaml")
+    return workdir
+
+
+def plan_after(workdir: Path, change: dict, env: dict | None = None) -> list:
+    write_config(workdir, deep_update(TINY_CONFIG, change), name="changed.yaml")
+    return planned_jobs(workdir, "--configfile", "changed.yaml", env=env)
+
+
+def test_default_target_builds_reports(tiny_run):
+    reports = tiny_run / "results" / "reports"
+    for name in ("summary.csv", "froc.png", "report.html"):
+        assert (reports / name).stat().st_size > 0
+    for k in range(2):
+        metrics = json.loads((reports / f"fold{k}" / "metrics.json").read_text())
+        assert len(metrics["sensitivities"]) == 7
+        assert 0.0 <= metrics["cpm"] <= 1.0
+    # nothing left to do: an unchanged rerun plans no job
+    assert planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml")) == {}
+
+
+def test_lint_is_clean(tiny_run):
+    proc = snakemake(tiny_run, "--lint", "--configfile", "tiny.yaml", check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Lints for" not in output, output
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"preprocess": {"spacing_mm": [1.25, 1.25, 1.25]}},
+     PREPROCESS | AFTER_PATCHES),
+    ({"lungmask": {"closing_mm": 8}},
+     {"lung_mask", "extract_slices"} | AFTER_PATCHES),
+    ({"sampling": {"positive_fraction": 0.4}}, AFTER_PATCHES),
+    ({"cv": {"seed": 1}}, {"split_folds", "train", "predict", "evaluate", "report"}),
+    ({"train": {"lr": 0.001}}, {"train", "predict", "evaluate", "report"}),
+    ({"predict": {"threshold": 0.6}}, {"predict", "evaluate", "report"}),
+    ({"evaluate": {"bootstrap": 11}}, {"evaluate", "report"}),
+], ids=["spacing", "lungmask", "positive_fraction", "cv_seed", "lr", "threshold", "bootstrap"])
+def test_a_changed_setting_reruns_exactly_its_stage_and_what_follows(tiny_run, change, expected):
+    rules = planned_rules(plan_after(tiny_run, change))
+    assert set(rules) == expected, rules
+    if "resample" in expected:
+        assert rules["resample"] == TINY_CONFIG["synthetic"]["n_scans"]
+    if "train" in expected:
+        assert rules["train"] == TINY_CONFIG["cv"]["folds"]
+
+
+def test_an_unrelated_config_edit_reruns_nothing(tiny_run):
+    # experiments are separate runs: declaring one must not touch the base run's files
+    rules = planned_rules(plan_after(tiny_run, {"experiments": {"x": {"train": {"lr": 0.01}}}}))
+    assert rules == {}
+
+
+def test_touching_one_scan_reruns_only_its_preprocessing(tiny_run):
+    scans = sorted((tiny_run / "resources" / "synthetic" / "subset0").glob("*.mhd"))
+    touched = scans[1]
+    later = time.time() + 5
+    os.utime(touched.with_suffix(".raw"), (later, later))
+    try:
+        jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml")
+    finally:
+        earlier = touched.stat().st_mtime
+        os.utime(touched.with_suffix(".raw"), (earlier, earlier))
+    uid = touched.name[: -len(".mhd")]
+    for rule, wildcards in jobs:
+        if rule in PREPROCESS:
+            assert wildcards["uid"] == uid, (rule, wildcards)
+    rules = planned_rules(jobs)
+    assert set(rules) == PREPROCESS | AFTER_PATCHES
+    assert all(rules[r] == 1 for r in PREPROCESS)
+
+
+def test_a_new_scan_adds_only_its_own_preprocessing(tiny_run):
+    n = TINY_CONFIG["synthetic"]["n_scans"]
+    jobs = plan_after(tiny_run, {"synthetic": {"n_scans": n + 1}})
+    rules = planned_rules(jobs)
+    assert rules["synthesize"] == 1
+    assert all(rules[r] == 1 for r in PREPROCESS), rules
+    assert {"sample_patches", "split_folds", "train"} <= set(rules)
+
+
+def test_a_changed_module_reruns_its_stage_and_what_follows(tiny_run, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(REPO_ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    module = src / "noduleflow" / "lungmask.py"
+    module.write_text(module.read_text() + "\n# a changed line\n")
+    env = {"PYTHONPATH": str(src)}
+    rules = planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml", env=env))
+    assert set(rules) == {"lung_mask", "extract_slices"} | AFTER_PATCHES, rules
+    module = src / "noduleflow" / "lungmask.py"
+    module.write_text((REPO_ROOT / "src" / "noduleflow" / "lungmask.py").read_text())
+    froc = src / "noduleflow" / "froc.py"
+    froc.write_text(froc.read_text() + "\n# a changed line\n")
+    rules = planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml", env=env))
+    assert set(rules) == {"evaluate", "report"}, rules

@@ -1,0 +1,97 @@
+"""Run the Snakemake workflow on a tiny configuration in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+#: a few small synthetic scans, 2 folds, a very short training: the whole workflow in ~1-2 min
+TINY_CONFIG = {
+    "synthetic": {"n_scans": 4, "seed": 7, "full_size": False, "min_nodules": 1, "max_nodules": 3},
+    "cv": {"folds": 2, "seed": 0},
+    "sampling": {"patch_size": 32, "patches_per_scan": 24, "context": 1, "seed": 0},
+    "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 5,
+              "model": {"depth": 2, "base_filters": 4}, "device": "cpu"},
+    "predict": {"threshold": 0.5, "batch_size": 8},
+    "evaluate": {"bootstrap": 10, "seed": 0},
+}
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy what a user runs (Snakefile, config, workflow/, profiles/, config/) into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy2(REPO_ROOT / name, dest / name)
+    for name in ("workflow", "profiles", "config"):
+        if (REPO_ROOT / name).exists():
+            shutil.copytree(REPO_ROOT / name, dest / name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def write_config(workdir: Path, overrides: dict, name: str = "tiny.yaml") -> Path:
+    path = workdir / name
+    path.write_text(yaml.safe_dump(overrides, sort_keys=False))
+    return path
+
+
+def deep_update(base: dict, override: dict) -> dict:
+    out = yaml.safe_load(yaml.safe_dump(base))
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: int = 900,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake in ``workdir``; on failure, raise with its output and the failed logs."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.run([*SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results" / "logs").rglob("*.log"))
+                         if "rror" in p.read_text()) if (workdir / "results" / "logs").exists() else ""
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-6000:]}\n{proc.stderr[-8000:]}\n{logs}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str, env: dict | None = None) -> list[tuple[str, dict]]:
+    """Jobs a dry run plans: (rule, wildcards) pairs."""
+    proc = snakemake(workdir, "-n", "--cores", "2", *args, env=env)
+    text = proc.stdout + proc.stderr
+    jobs = []
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):\s*$", line.strip())
+        if m:
+            if current is not None:
+                jobs.append(current)
+            current = (m.group(1), {})
+            continue
+        m = re.match(r"^\s*wildcards: (.*)$", line)
+        if m and current is not None:
+            for part in m.group(1).split(", "):
+                key, _, value = part.partition("=")
+                current[1][key.strip()] = value.strip()
+    if current is not None:
+        jobs.append(current)
+    return jobs
+
+
+def planned_rules(jobs: list[tuple[str, dict]]) -> Counter:
+    return Counter(rule for rule, _ in jobs if rule not in {"all", "preprocess", "experiments", "synthetic_cohort"})
