@@ -14,22 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from workflow_helpers import (REPO_ROOT, TINY_CONFIG, copy_workflow, deep_update, planned_jobs,
-                              planned_rules, snakemake, write_config)
+from workflow_helpers import (REPO_ROOT, TINY_CONFIG, deep_update, planned_jobs, planned_rules, snakemake,
+                              write_config)
 
 pytestmark = pytest.mark.e2e
 
 PREPROCESS = {"resample", "lung_mask", "extract_slices"}
 AFTER_PATCHES = {"sample_patches", "train", "predict", "evaluate", "report"}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """The tiny workflow, run once to completion."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("tiny_run"))
-    write_config(workdir, TINY_CONFIG)
-    snakemake(workdir, "--cores", "2", "--configfile", "tiny.yaml")
-    return workdir
 
 
 def plan_after(workdir: Path, change: dict, env: dict | None = None) -> list:

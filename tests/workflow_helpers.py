@@ -20,7 +20,7 @@ TINY_CONFIG = {
     "synthetic": {"n_scans": 4, "seed": 7, "full_size": False, "min_nodules": 1, "max_nodules": 3},
     "cv": {"folds": 2, "seed": 0},
     "sampling": {"patch_size": 32, "patches_per_scan": 24, "context": 1, "seed": 0},
-    "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 5,
+    "train": {"epochs": 3, "batch_size": 16, "early_stopping_patience": 5,
               "model": {"depth": 2, "base_filters": 4}, "device": "cpu"},
     "predict": {"threshold": 0.5, "batch_size": 8},
     "evaluate": {"bootstrap": 10, "seed": 0},

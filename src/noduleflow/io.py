@@ -179,6 +179,15 @@ def validate_mhd(path: str | Path) -> None:
         raise InputError(f"{path}: DimSize {header.get('DimSize')!r} is not three integers") from exc
     if len(dims) != 3 or min(dims) < 1:
         raise InputError(f"{path}: DimSize {header.get('DimSize')!r} is not three positive integers")
+    channels = header.get("ElementNumberOfChannels", "1").strip()
+    if channels != "1":
+        raise InputError(f"{path}: ElementNumberOfChannels = {channels!r}, only scalar scans are supported")
+    for key, count, positive in (("ElementSpacing", 3, True), ("ElementSize", 3, True),
+                                 ("Offset", 3, False), ("Origin", 3, False), ("Position", 3, False),
+                                 ("TransformMatrix", 9, False), ("Orientation", 9, False),
+                                 ("Rotation", 9, False)):
+        if key in header:
+            _check_numbers(path, key, header[key], count, positive)
     data_file = header.get("ElementDataFile")
     if not data_file:
         raise InputError(f"{path}: header has no ElementDataFile")
@@ -188,12 +197,34 @@ def validate_mhd(path: str | Path) -> None:
     if not raw.is_file():
         raise InputError(f"{path}: data file {raw} is missing")
     compressed = header.get("CompressedData", "False").lower() == "true"
+    try:
+        header_size = int(header.get("HeaderSize", "0"))
+    except ValueError as exc:
+        raise InputError(f"{path}: HeaderSize {header.get('HeaderSize')!r} is not an integer") from exc
     if not compressed:
         expected = int(np.prod(dims)) * np.dtype(MET_TYPES[element_type]).itemsize
         actual = raw.stat().st_size
+        if header_size == -1:  # "skip to the last <expected> bytes": any leading header is fine
+            if actual < expected:
+                raise InputError(f"{raw}: truncated data file: {actual} bytes, header {path.name} "
+                                 f"expects at least {expected} ({'x'.join(map(str, dims))} {element_type})")
+            return
+        expected += max(header_size, 0)
         if actual != expected:
             raise InputError(f"{raw}: truncated or oversized data file: {actual} bytes, header "
                              f"{path.name} expects {expected} ({'x'.join(map(str, dims))} {element_type})")
+
+
+def _check_numbers(path: Path, key: str, value: str, count: int, positive: bool) -> None:
+    """A header field must hold ``count`` finite numbers (all > 0 when ``positive``)."""
+    try:
+        numbers = [float(v) for v in value.split()]
+    except ValueError as exc:
+        raise InputError(f"{path}: {key} = {value!r} is not {count} numbers") from exc
+    if len(numbers) != count or not all(np.isfinite(numbers)):
+        raise InputError(f"{path}: {key} = {value!r} is not {count} finite numbers")
+    if positive and min(numbers) <= 0:
+        raise InputError(f"{path}: {key} = {value!r} must be positive (voxel size in mm)")
 
 
 def read_image(path: str | Path, dtype=None) -> tuple[np.ndarray, Geometry]:
@@ -229,8 +260,14 @@ def read_scan(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return array, geometry
 
 
-def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compress: bool = True) -> None:
-    """Write array (z, y, x) with ``geometry`` as an ITK image, atomically (``.mha``/``.mhd``)."""
+def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compress: bool = True,
+                compression_level: int = -1) -> None:
+    """Write array (z, y, x) with ``geometry`` as an ITK image, atomically (``.mha``/``.mhd``).
+
+    ``compression_level`` (zlib, 1 fastest .. 9 smallest; -1 the library default, 6) applies when
+    ``compress``: level 1 writes a full-size int16 CT about 4x faster than the default and only
+    ~1.5x larger.
+    """
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
@@ -249,7 +286,23 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compres
             tmp_mhd.write_text("\n".join(lines) + "\n")
         return
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress)
+        sitk.WriteImage(image, str(tmp), compress, int(compression_level))
+
+
+def check_same_grid(shape_a: Sequence[int], geometry_a: Geometry, shape_b: Sequence[int],
+                    geometry_b: Geometry, path_b: str | Path, what: str = "the scan",
+                    tolerance_mm: float = 1e-3) -> None:
+    """Raise InputError naming ``path_b`` unless image b lies on the same voxel grid as image a
+    (same array shape (z, y, x), spacing, origin and direction within ``tolerance_mm``)."""
+    if tuple(shape_a) != tuple(shape_b):
+        raise InputError(f"{path_b}: size {'x'.join(map(str, shape_b))} (z,y,x) differs from {what} "
+                         f"({'x'.join(map(str, shape_a))})")
+    for name in ("spacing", "origin", "direction"):
+        a = np.asarray(getattr(geometry_a, name), dtype=float)
+        b = np.asarray(getattr(geometry_b, name), dtype=float)
+        if not np.allclose(a, b, rtol=0, atol=tolerance_mm):
+            raise InputError(f"{path_b}: {name} {tuple(np.round(b, 4))} differs from {what} "
+                             f"{tuple(np.round(a, 4))}")
 
 
 # --------------------------------------------------------------------------- CSVs

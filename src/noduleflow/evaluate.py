@@ -1,0 +1,317 @@
+"""Evaluation of one fold (or any set of scans): LUNA16 FROC/CPM, Dice per nodule and per scan,
+pixel-level metrics, and the FROC plot.
+
+:func:`evaluate_fold` is the ``evaluate`` rule: the fold's held-out scans (``folds.csv``), the
+annotations restricted to them, the fold's candidates and probability volumes. It calls
+:func:`evaluate_scans`, which the pooled report reuses with the out-of-fold candidates of all folds.
+
+Segmentation metrics threshold the stored probabilities (uint8, ``p = v/255``) at ``p > t`` where
+``t`` is the threshold ``predict`` used, read from ``threshold.json`` in the probabilities folder
+(so candidates and Dice always share one cut); definitions in :mod:`noduleflow.segmetrics`.
+Detection metrics follow :mod:`noduleflow.froc`. A nodule's id (its label in the label map) is its
+order among its scan's annotation rows, from 1.
+
+``metrics.json`` keys: ``fold``; ``n_scans``, ``n_nodules`` (annotated, evaluated scans);
+``n_candidates`` (candidate rows on the evaluated scans, before the 100-per-scan cut); ``cpm``,
+``cpm_ci`` [lo, hi]; ``fps_per_scan`` (the seven points), ``sensitivities``, ``sensitivities_ci``;
+``dice_per_nodule_mean`` (all annotated nodules, a missed one usually scoring 0),
+``dice_detected_nodule_mean`` (nodules detected in the FROC sense), ``dice_per_scan_mean`` (scans
+with nodule label voxels); ``pixel`` {dice, accuracy, sensitivity, specificity}; ``bootstrap``
+(draws requested). Extras: ``bootstrap_used`` (draws with at least one nodule), ``seed``,
+``n_detected``, ``n_false_positives``, ``threshold``, ``dice_margin_mm``, ``pixel_counts``
+{tp, fp, fn, tn}. Undefined values (no nodule, empty denominators) are ``null``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from noduleflow.froc import FPS_POINTS, FrocResult, compute_froc, write_json_atomic
+from noduleflow.io import (
+    Geometry,
+    InputError,
+    atomic_path,
+    open_h5,
+    read_annotations,
+    read_candidates,
+    read_image,
+    write_csv_atomic,
+)
+from noduleflow.predict import heldout_slice_paths, read_threshold
+from noduleflow.segmetrics import (
+    PixelCounts,
+    evaluated_slices,
+    nodule_dice,
+    pixel_counts as count_pixels,
+    scan_dice,
+    threshold_mask,
+)
+
+log = logging.getLogger(__name__)
+
+NODULE_COLUMNS = ["seriesuid", "nodule_id", "coordX", "coordY", "coordZ", "diameter_mm", "detected",
+                  "probability", "dice"]
+#: threshold used when a probabilities folder has no threshold.json (older outputs)
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass
+class Evaluation:
+    """Everything :func:`evaluate_scans_detail` measures."""
+
+    metrics: dict                 # the metrics.json numbers (without "fold")
+    froc: FrocResult              # curves, intervals, per-candidate labels
+    nodules: pd.DataFrame         # NODULE_COLUMNS
+    scans: pd.DataFrame           # seriesuid, n_nodules, dice, tp, fp, fn, tn, threshold
+    pixel: PixelCounts            # summed over the scans
+
+
+# --------------------------------------------------------------------------- per scan
+
+
+def read_truth(slice_path: str | Path) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """(lung uint8, nodule labels uint8, Geometry) of a slice store, without reading the image."""
+    path = Path(slice_path)
+    with open_h5(path) as f:
+        missing = [d for d in ("lung", "nodule") if d not in f]
+        if missing:
+            raise InputError(f"{path}: slice store lacks dataset(s) {', '.join(missing)}")
+        try:
+            geometry = Geometry.from_attrs(f.attrs)
+        except KeyError as exc:
+            raise InputError(f"{path}: slice store lacks attribute {exc}") from exc
+        return f["lung"][()], f["nodule"][()], geometry
+
+
+def read_probability(path: str | Path, geometry: Geometry | None = None, shape=None) -> np.ndarray:
+    """A stored probability volume (uint8 0..255 or float) checked against the scan's grid."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: probability volume not found")
+    array, geom = read_image(path)
+    if shape is not None and array.shape != tuple(shape):
+        raise InputError(f"{path}: shape {array.shape} differs from the slice store's {tuple(shape)}")
+    if geometry is not None and not (np.allclose(geom.spacing, geometry.spacing, atol=1e-4)
+                                     and np.allclose(geom.origin, geometry.origin, atol=1e-3)):
+        raise InputError(f"{path}: grid (spacing {geom.spacing}, origin {geom.origin}) differs from the "
+                         f"slice store's (spacing {geometry.spacing}, origin {geometry.origin})")
+    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{path}: probabilities must be uint8 (p = v/255) or float, got {array.dtype}")
+    return array
+
+
+def pixel_counts(probability_path: str | Path, slice_path: str | Path, threshold: float) -> PixelCounts:
+    """Pixel confusion counts of one scan: ``p > threshold`` vs nodule labels over its evaluated
+    slices (slices with lung or nodule voxels, every pixel; see :mod:`noduleflow.segmetrics`)."""
+    lung, labels, geometry = read_truth(slice_path)
+    prob = read_probability(probability_path, geometry, labels.shape)
+    return count_pixels(threshold_mask(prob, threshold), labels > 0, evaluated_slices(lung, labels))
+
+
+# --------------------------------------------------------------------------- a set of scans
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(list(values), dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def evaluate_scans_detail(candidates_df: pd.DataFrame, probability_paths: Mapping[str, str | Path],
+                          slice_paths: Mapping[str, str | Path], annotations_df: pd.DataFrame,
+                          excluded_df: pd.DataFrame | None, uids: Sequence[str], bootstrap: int = 1000,
+                          seed: int = 0, dice_margin_mm: float = 5.0,
+                          threshold: float | None = None) -> Evaluation:
+    """Evaluate the scans ``uids``: FROC (annotations/candidates of other scans are ignored), Dice
+    per nodule and per scan, pixel counts. ``threshold`` None: each probability volume's folder's
+    ``threshold.json`` (see :func:`noduleflow.predict.read_threshold`)."""
+    uids = list(dict.fromkeys(uids))
+    if not uids:
+        raise InputError("evaluate: no scans to evaluate")
+    for name, mapping in (("probability volume", probability_paths), ("slice store", slice_paths)):
+        missing = [u for u in uids if u not in mapping]
+        if missing:
+            raise InputError(f"evaluate: scan {missing[0]} has no {name} ({len(missing)} missing)")
+    wanted = set(uids)
+    annotations = annotations_df[annotations_df["seriesuid"].isin(wanted)]
+    candidates = candidates_df[candidates_df["seriesuid"].isin(wanted)]
+    excluded = excluded_df[excluded_df["seriesuid"].isin(wanted)] if excluded_df is not None else None
+    froc = compute_froc(annotations, candidates, uids, excluded=excluded, bootstrap=bootstrap, seed=seed)
+
+    n_annot = annotations.groupby("seriesuid").size().to_dict()
+    thresholds: dict[Path, float] = {}
+    dice_by_nodule: dict[tuple[str, int], float] = {}
+    scan_rows = []
+    total = PixelCounts()
+    started = time.perf_counter()
+    for i, uid in enumerate(uids, start=1):
+        prob_path = Path(probability_paths[uid])
+        if threshold is None:
+            folder = prob_path.parent
+            if folder not in thresholds:
+                thresholds[folder] = read_threshold(folder, default=DEFAULT_THRESHOLD)
+            t = thresholds[folder]
+        else:
+            t = float(threshold)
+        lung, labels, geometry = read_truth(slice_paths[uid])
+        prob = read_probability(prob_path, geometry, labels.shape)
+        pred = threshold_mask(prob, t)
+        ids = range(1, int(n_annot.get(uid, 0)) + 1)
+        for nid, value in nodule_dice(pred, labels, geometry.spacing, dice_margin_mm, ids).items():
+            dice_by_nodule[(uid, nid)] = value
+        counts = count_pixels(pred, labels > 0, evaluated_slices(lung, labels))
+        total = total + counts
+        scan_rows.append({"seriesuid": uid, "n_nodules": int(n_annot.get(uid, 0)),
+                          "has_label": bool(labels.any()), "dice": scan_dice(pred, labels),
+                          **counts.as_dict(), "threshold": t})
+        if i % 10 == 0 or i == len(uids):
+            log.info("segmentation metrics: %d/%d scans (%.1f s)", i, len(uids), time.perf_counter() - started)
+
+    nodules = froc.nodules.copy()
+    nodules["dice"] = [dice_by_nodule.get((u, int(n)), float("nan"))
+                       for u, n in zip(nodules["seriesuid"], nodules["nodule_id"])]
+    nodules = nodules[NODULE_COLUMNS]
+    scans = pd.DataFrame(scan_rows)
+    labelled = scans[scans["has_label"]] if len(scans) else scans
+    thresholds_used = sorted(set(scans["threshold"])) if len(scans) else []
+    metrics = {
+        "n_scans": froc.n_scans,
+        "n_nodules": froc.n_nodules,
+        "n_candidates": int(len(candidates)),
+        "cpm": froc.cpm,
+        "cpm_ci": froc.cpm_ci.tolist(),
+        "fps_per_scan": list(FPS_POINTS),
+        "sensitivities": froc.sensitivities.tolist(),
+        "sensitivities_ci": froc.sensitivities_ci.tolist(),
+        "dice_per_nodule_mean": _nanmean(nodules["dice"]),
+        "dice_detected_nodule_mean": _nanmean(nodules.loc[nodules["detected"].astype(bool), "dice"]),
+        "dice_per_scan_mean": _nanmean(labelled["dice"]) if len(labelled) else float("nan"),
+        "pixel": total.metrics(),
+        "bootstrap": int(bootstrap),
+        # extras beyond the contract's keys
+        "bootstrap_used": froc.bootstrap_used,
+        "seed": int(seed),
+        "n_detected": froc.n_detected,
+        "n_false_positives": froc.n_false_positives,
+        "threshold": thresholds_used[0] if len(thresholds_used) == 1 else thresholds_used,
+        "dice_margin_mm": float(dice_margin_mm),
+        "pixel_counts": total.as_dict(),
+    }
+    return Evaluation(metrics=metrics, froc=froc, nodules=nodules, scans=scans, pixel=total)
+
+
+def evaluate_scans(candidates_df: pd.DataFrame, probability_paths: Mapping[str, str | Path],
+                   slice_paths: Mapping[str, str | Path], annotations_df: pd.DataFrame,
+                   excluded_df: pd.DataFrame | None, uids: Sequence[str], bootstrap: int = 1000, seed: int = 0,
+                   dice_margin_mm: float = 5.0,
+                   threshold: float | None = None) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """(metrics dict, froc curve frame, nodules frame) of the scans ``uids``; see
+    :func:`evaluate_scans_detail` (which also returns the FROC result for plotting)."""
+    ev = evaluate_scans_detail(candidates_df, probability_paths, slice_paths, annotations_df, excluded_df,
+                               uids, bootstrap=bootstrap, seed=seed, dice_margin_mm=dice_margin_mm,
+                               threshold=threshold)
+    return ev.metrics, ev.froc.curve_frame(), ev.nodules
+
+
+# --------------------------------------------------------------------------- plot
+
+
+_TICK_LABELS = ["1/8", "1/4", "1/2", "1", "2", "4", "8"]
+
+
+def plot_froc(out_path: str | Path, curves: Sequence[tuple[str, FrocResult]], title: str = "FROC",
+              band: bool = True) -> None:
+    """FROC curves on a log2 FP axis (1/8..8 per scan), the seven CPM points marked, the bootstrap
+    band of each curve that has one (``band``). Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.geomspace(FPS_POINTS[0], FPS_POINTS[-1], 400)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    try:
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (label, res) in enumerate(curves):
+            color = colors[i % len(colors)]
+            if res.n_nodules == 0 or math.isnan(res.cpm):
+                ax.plot([], [], color=color, label=f"{label} (no nodules)")
+                continue
+            if band and res.band_fps is not None:
+                ax.fill_between(res.band_fps, res.band_lower, res.band_upper, color=color, alpha=0.15, lw=0)
+            ax.plot(grid, np.interp(grid, res.fps, res.sensitivity), color=color, lw=2,
+                    label=f"{label} CPM {res.cpm:.3f}")
+            ax.plot(FPS_POINTS, res.sensitivities, "o", color=color, ms=5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(FPS_POINTS[0], FPS_POINTS[-1])
+        ax.set_xticks(FPS_POINTS)
+        ax.set_xticklabels(_TICK_LABELS)
+        ax.minorticks_off()
+        ax.set_ylim(0, 1.0)
+        ax.set_yticks(np.linspace(0, 1, 11))
+        ax.grid(True, which="major", alpha=0.4)
+        ax.set_xlabel("Average number of false positives per scan")
+        ax.set_ylabel("Sensitivity")
+        ax.set_title(title)
+        ax.legend(loc="lower right", fontsize="small")
+        fig.tight_layout()
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def evaluate_fold(candidates_path: str | Path, probabilities_dir: str | Path, folds_path: str | Path, fold: int,
+                  slice_files: Sequence[str | Path], annotations_path: str | Path,
+                  excluded_path: str | Path | None = None, *, out_metrics: str | Path, out_froc: str | Path,
+                  out_nodules: str | Path, out_plot: str | Path, bootstrap: int = 1000, seed: int = 0,
+                  dice_margin_mm: float = 5.0) -> dict:
+    """Evaluate fold ``fold``: writes ``metrics.json``, ``froc.csv``, ``nodules.csv`` and ``froc.png``
+    (formats in the project contract). Every input is read and checked before anything is written."""
+    stores = heldout_slice_paths(folds_path, fold, slice_files)
+    uids = list(stores)
+    annotations = read_annotations(annotations_path)
+    excluded = None
+    if excluded_path is not None and Path(excluded_path).is_file():
+        excluded = read_annotations(excluded_path, allow_unknown_diameter=True)
+    elif excluded_path is not None:
+        log.warning("%s not found: no excluded findings", excluded_path)
+    candidates = read_candidates(candidates_path)
+    foreign = sorted(set(candidates["seriesuid"]) - set(uids))
+    if foreign:
+        log.warning("%s: %d candidate(s) on scans outside fold %d ignored (e.g. %s)", candidates_path,
+                    int(candidates["seriesuid"].isin(foreign).sum()), fold, foreign[0])
+    prob_dir = Path(probabilities_dir)
+    if not prob_dir.is_dir():
+        raise InputError(f"{prob_dir}: probabilities folder not found")
+    threshold = read_threshold(prob_dir, default=DEFAULT_THRESHOLD)
+    probabilities = {u: prob_dir / f"{u}.mha" for u in uids}
+    log.info("fold %d: %d scans, %d nodules, %d candidates, threshold %s, bootstrap %d",
+             fold, len(uids), int(annotations["seriesuid"].isin(uids).sum()),
+             int(candidates["seriesuid"].isin(uids).sum()), threshold, bootstrap)
+    ev = evaluate_scans_detail(candidates, probabilities, stores, annotations, excluded, uids,
+                               bootstrap=bootstrap, seed=seed, dice_margin_mm=dice_margin_mm, threshold=threshold)
+    metrics = {"fold": int(fold), **ev.metrics}
+    write_csv_atomic(ev.froc.curve_frame(), out_froc)
+    write_csv_atomic(ev.nodules, out_nodules)
+    plot_froc(out_plot, [(f"fold {fold}", ev.froc)], title=f"FROC, fold {fold} ({len(uids)} scans, "
+                                                            f"{ev.froc.n_nodules} nodules)")
+    write_json_atomic(metrics, out_metrics)
+    log.info("fold %d: CPM %s, Dice per nodule %s, pixel Dice %s", fold, _fmt(metrics["cpm"]),
+             _fmt(metrics["dice_per_nodule_mean"]), _fmt(metrics["pixel"]["dice"]))
+    return metrics
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"

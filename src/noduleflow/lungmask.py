@@ -1,0 +1,258 @@
+"""Stage ``lung_mask``: a classical, weight-free lung mask of a (resampled) chest CT.
+
+Steps (all distances in mm, so the result does not depend on the voxel size):
+
+1. **threshold**: air/lung is ``HU < threshold_hu``;
+2. **outside air**: 3-D components of that air which touch a side face of the volume (x or y
+   border) are outside the body and dropped. The top and bottom faces do not count: a chest scan
+   or slab cuts through the lungs there;
+3. **large components**: inside-body air components of at least ``min_component_ml`` are kept;
+4. **trachea and main bronchi**: in every axial slice the air components of at most
+   ``trachea_max_area_mm2`` are "small"; the 3-D chains of small cross-sections that start at the
+   top or bottom end of the air region near the left-right midline are the airways (the trachea
+   enters the chest from the neck; growth stops where a bronchus opens into a large lung
+   cross-section, as in the classic region-growing airway extraction). They are removed, and
+   again only the (at most two) largest components of ``min_component_ml`` or more are kept;
+5. **holes**: enclosed holes (vessels, nodules) are filled slice by slice;
+6. **closing** with a ball of ``closing_mm``: concavities of the lung surface narrower than the
+   ball (juxta-pleural nodules, the hilum) are added. The closing runs on a grid about
+   ``closing_mm / 5`` coarse with Maurer distance maps (a 12 mm ball closing on a full-size grid
+   would take tens of seconds) and only adds the filled concavities, so the lung boundary keeps
+   the full resolution;
+7. **dilation** by ``dilation_mm`` (ellipsoidal element in voxels), a safety margin.
+
+Arrays are (z, y, x); spacing is (x, y, z) mm. The mask is uint8 0/1.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from noduleflow.io import read_image, write_image
+
+log = logging.getLogger(__name__)
+
+#: in-plane 8-connectivity, no connection across slices: labels every axial slice on its own
+_SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
+_SLICEWISE[1] = True
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """6-connected 3-D components of a boolean array -> (labels uint32, voxel count per label)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8))
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image, False))
+    counts = np.bincount(labels.ravel())
+    return labels, counts
+
+
+def _face_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels present on the four side faces (y and x borders) of a (z, y, x) label array."""
+    faces = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
+    found = np.unique(np.concatenate([f.ravel() for f in faces]))
+    return found[found > 0]
+
+
+def _keep_largest(mask: np.ndarray, min_voxels: float, max_components: int | None) -> np.ndarray:
+    """Components of at least ``min_voxels``, at most the ``max_components`` largest."""
+    labels, counts = _components(mask)
+    counts[0] = 0
+    order = np.argsort(counts)[::-1]
+    order = order[counts[order] >= max(min_voxels, 1)]
+    if max_components is not None:
+        order = order[:max_components]
+    keep = np.zeros(len(counts), dtype=bool)
+    keep[order] = True
+    return keep[labels]
+
+
+def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
+    """Box (z, y, x slices) around the True voxels of ``mask`` grown by ``margin`` voxels."""
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(int(hits[0]) - margin[axis], 0), min(int(hits[-1]) + 1 + margin[axis], mask.shape[axis])))
+    return tuple(box)
+
+
+def find_airways(air: np.ndarray, spacing_xyz: Sequence[float], trachea_max_area_mm2: float,
+                 midline_fraction: float = 0.15, min_length_mm: float = 10.0) -> np.ndarray:
+    """Trachea and main bronchi in an inside-body air mask (z, y, x) -> boolean mask.
+
+    Chains of small axial cross-sections (area <= ``trachea_max_area_mm2``), 3-D connected from
+    slice to slice, that reach the top or bottom slice of the air region, run at least
+    ``min_length_mm`` along z and lie within ``midline_fraction`` of the air region's width from
+    its left-right middle (lung apices and bases are lateral, the trachea is central).
+    """
+    sx, sy, sz = map(float, spacing_xyz)
+    if not air.any():
+        return np.zeros_like(air)
+    slice_labels, _ = ndi.label(air, structure=_SLICEWISE)
+    area = np.bincount(slice_labels.ravel()) * (sx * sy)
+    small_lut = area <= trachea_max_area_mm2
+    small_lut[0] = False
+    small = small_lut[slice_labels]
+    del slice_labels
+    if not small.any():
+        return small
+    chains, n_chains = ndi.label(small)
+    zs = np.flatnonzero(air.any(axis=(1, 2)))
+    xs = np.flatnonzero(air.any(axis=(0, 1)))
+    z_ends = (zs[0], zs[-1])
+    mid_x, width = (xs[0] + xs[-1]) / 2.0, xs[-1] - xs[0] + 1
+    airway = np.zeros(n_chains + 1, dtype=bool)
+    for label, box in enumerate(ndi.find_objects(chains), start=1):
+        if box is None:
+            continue
+        z0, z1 = box[0].start, box[0].stop - 1
+        if not (z0 <= z_ends[0] or z1 >= z_ends[1]):
+            continue
+        if (z1 - z0 + 1) * sz < min_length_mm:
+            continue
+        inside = chains[box] == label
+        x_centre = box[2].start + np.nonzero(inside)[2].mean()
+        if abs(x_centre - mid_x) > midline_fraction * width:
+            continue
+        airway[label] = True
+        log.info("airway: slices %d-%d, %.1f ml, x offset from midline %.1f mm", z0, z1,
+                 inside.sum() * sx * sy * sz / 1000.0, (x_centre - mid_x) * sx)
+    return airway[chains]
+
+
+def _fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
+    """Fill, in every axial slice, background regions not connected to that slice's border."""
+    background, _ = ndi.label(~mask, structure=_SLICEWISE)
+    border = np.zeros(int(background.max()) + 1, dtype=bool)
+    border[_face_labels(background)] = True
+    border[0] = True  # label 0 is the mask itself
+    return mask | ~border[background]
+
+
+def _block_mean(mask: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Mean of ``mask`` over blocks of ``factors`` voxels (the last partial block padded by edge)."""
+    pad = [(0, (-n) % f) for n, f in zip(mask.shape, factors)]
+    padded = np.pad(mask.astype(np.float32), pad, mode="edge")
+    fz, fy, fx = factors
+    z, y, x = padded.shape
+    return padded.reshape(z // fz, fz, y // fy, fy, x // fx, fx).mean(axis=(1, 3, 5))
+
+
+def closing_additions(mask: np.ndarray, spacing_xyz: Sequence[float], radius_mm: float,
+                      coarse_mm: float | None = None) -> np.ndarray:
+    """Voxels a 3-D closing with a ball of ``radius_mm`` adds to ``mask`` (z, y, x), computed on a
+    grid of about ``coarse_mm`` (default radius / 5) voxels with two distance maps and brought back
+    by nearest neighbour. Outside the volume the mask is taken to continue as at its faces."""
+    import SimpleITK as sitk
+
+    if radius_mm <= 0 or not mask.any():
+        return np.zeros_like(mask, dtype=bool)
+    spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
+    coarse = radius_mm / 5.0 if coarse_mm is None else coarse_mm
+    factors = [max(1, int(np.floor(coarse / s))) for s in spacing_zyx]
+    low = _block_mean(mask, factors) >= 0.5
+    low_spacing = spacing_zyx * factors
+    pad = [int(np.ceil(radius_mm / s)) + 2 for s in low_spacing]
+    low_padded = np.pad(low, [(p, p) for p in pad], mode="edge")
+
+    def distance_to(region: np.ndarray) -> np.ndarray:
+        """Distance (mm) of every voxel to the nearest True voxel of ``region``."""
+        image = sitk.GetImageFromArray(region.astype(np.uint8))
+        image.SetSpacing(tuple(map(float, low_spacing[::-1])))
+        dist = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+        return sitk.GetArrayViewFromImage(dist)
+
+    dilated = distance_to(low_padded) <= radius_mm
+    closed = distance_to(~dilated) > radius_mm
+    inner = tuple(slice(p, p + n) for p, n in zip(pad, low.shape))
+    added_low = closed[inner] & ~low
+    if not added_low.any():
+        return np.zeros_like(mask, dtype=bool)
+    up = added_low
+    for axis, f in enumerate(factors):
+        if f > 1:
+            up = np.repeat(up, f, axis=axis)
+    return up[: mask.shape[0], : mask.shape[1], : mask.shape[2]] & ~mask
+
+
+def _ellipsoid(radius_mm: float, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """Boolean structuring element: voxel offsets within ``radius_mm`` (a 3x3x3 cross at least)."""
+    r = [max(1, int(np.floor(radius_mm / s))) for s in spacing_zyx]
+    grid = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+    dist2 = sum((g * s) ** 2 for g, s in zip(grid, spacing_zyx))
+    element = dist2 <= radius_mm ** 2 + 1e-9
+    centre = tuple(r)
+    element[centre] = True
+    for axis in range(3):  # never smaller than the 6-neighbourhood
+        for step in (-1, 1):
+            idx = list(centre)
+            idx[axis] += step
+            element[tuple(idx)] = True
+    return element
+
+
+def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], threshold_hu: float = -400,
+                  min_component_ml: float = 30, trachea_max_area_mm2: float = 700, closing_mm: float = 12,
+                  dilation_mm: float = 2) -> np.ndarray:
+    """Lung mask (uint8 0/1, z, y, x) of a CT volume in HU with voxel size ``spacing_xyz`` (mm).
+
+    See the module docstring for the steps. Parameters are in HU, ml, mm^2 and mm.
+    """
+    image = np.asarray(image_zyx_hu)
+    if image.ndim != 3:
+        raise ValueError(f"segment_lungs: expected a 3-D (z, y, x) array, got shape {image.shape}")
+    sx, sy, sz = map(float, spacing_xyz)
+    spacing_zyx = (sz, sy, sx)
+    voxel_ml = sx * sy * sz / 1000.0
+    min_voxels = min_component_ml / voxel_ml
+    out = np.zeros(image.shape, dtype=np.uint8)
+
+    air = image < threshold_hu
+    labels, counts = _components(air)
+    keep = counts * voxel_ml >= min_component_ml
+    keep[0] = False
+    keep[_face_labels(labels)] = False
+    candidates = keep[labels]
+    del labels, air
+    if not candidates.any():
+        log.warning("no air region of %s ml or more inside the body: empty lung mask", min_component_ml)
+        return out
+
+    margin = [int(np.ceil((closing_mm + dilation_mm) / s)) + 2 for s in spacing_zyx]
+    box = _bounding_box(candidates, margin)
+    cand = candidates[box]
+    airway = find_airways(cand, spacing_xyz, trachea_max_area_mm2)
+    lungs = _keep_largest(cand & ~airway, min_voxels, max_components=2)
+    if not lungs.any():
+        log.warning("nothing left after removing the airways: empty lung mask")
+        return out
+    log.info("lungs: %.0f ml in %s, airways removed: %.1f ml", lungs.sum() * voxel_ml,
+             "x".join(str(b.stop - b.start) for b in box), airway.sum() * voxel_ml)
+    lungs = _fill_holes_slicewise(lungs)
+    lungs |= closing_additions(lungs, spacing_xyz, closing_mm)
+    if dilation_mm > 0:
+        lungs = ndi.binary_dilation(lungs, structure=_ellipsoid(dilation_mm, spacing_zyx))
+    out[box] = lungs
+    return out
+
+
+def lung_mask_file(image_path: str | Path, out_mask: str | Path, threshold_hu: float = -400,
+                   min_component_ml: float = 30, trachea_max_area_mm2: float = 700, closing_mm: float = 12,
+                   dilation_mm: float = 2) -> np.ndarray:
+    """Read a resampled scan (int16 HU), segment its lungs, write ``out_mask`` (uint8 0/1, same grid)
+    atomically. Returns the mask (z, y, x)."""
+    image, geometry = read_image(image_path)
+    mask = segment_lungs(image, geometry.spacing, threshold_hu=threshold_hu, min_component_ml=min_component_ml,
+                         trachea_max_area_mm2=trachea_max_area_mm2, closing_mm=closing_mm,
+                         dilation_mm=dilation_mm)
+    volume_ml = float(mask.sum()) * float(np.prod(geometry.spacing)) / 1000.0
+    log.info("%s: lung mask %.0f ml (%.1f%% of the volume)", image_path, volume_ml, 100.0 * mask.mean())
+    write_image(mask, geometry, out_mask, compression_level=1)
+    return mask

@@ -1,0 +1,306 @@
+"""Inference of one fold's model on that fold's held-out scans: probability volumes and candidates.
+
+For each held-out scan (``folds.csv``), the 2D U-Net runs over every axial slice that contains lung
+(``lung_roi`` true) or body (``lung_roi`` false: any voxel above -500 HU), with the same inputs as
+in training: ``2*context+1`` neighbouring slices as channels (edge slices repeated at the volume
+border), pixels outside the lung set to -1000 HU when ``lung_roi`` (:func:`noduleflow.intensity.apply_roi`),
+then :func:`noduleflow.intensity.normalize_hu` with the model's window. Each slice is cropped
+in-plane to the bounding box of the region (lung or body over the whole scan) plus a margin, and
+padded with -1000 HU to a multiple of ``2**depth``; voxels outside the box get probability 0. With
+``lung_roi`` the probability outside the lung mask is 0.
+
+Outputs (written atomically):
+
+* ``out_probabilities/{uid}.mha``: nodule probability on the resampled grid, uint8, ``p = v/255``;
+  ``out_probabilities/threshold.json``: the ``threshold`` (and the other settings) used here, which
+  ``evaluate`` reads so its Dice uses the same cut as the candidates.
+* ``out_candidates``: ``seriesuid,coordX,coordY,coordZ,probability,diameter_mm,volume_mm3`` — one
+  row per 3-D connected component (26-connectivity) of ``p > threshold`` (on the stored uint8
+  values) of at least ``min_volume_mm3``. ``coord*`` is the **probability-weighted** centre of mass
+  in world mm (x, y, z); ``probability`` the component's maximum; ``volume_mm3`` its voxel count x
+  voxel volume; ``diameter_mm`` the diameter of the sphere of that volume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from noduleflow.io import Geometry, InputError, voxel_to_world, write_csv_atomic, write_image
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm", "volume_mm3"]
+#: a voxel above this HU is body (inference region when lung_roi is false)
+BODY_MIN_HU = -500
+#: HU of the air that pads and masks the model input
+FILL_HU = -1000
+#: in-plane margin (voxels) around the lung/body bounding box
+BOX_MARGIN = 8
+THRESHOLD_FILE = "threshold.json"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_fold_uids(folds_path: str | Path, fold: int) -> list[str]:
+    """Seriesuids of fold ``fold`` in ``folds.csv`` (``seriesuid,fold``), in file order."""
+    path = Path(folds_path)
+    if not path.is_file():
+        raise InputError(f"{path}: folds file not found")
+    try:
+        frame = pd.read_csv(path, dtype={"seriesuid": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: malformed CSV: {exc}") from exc
+    missing = [c for c in ("seriesuid", "fold") if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected seriesuid,fold")
+    folds = pd.to_numeric(frame["fold"], errors="coerce")
+    if folds.isna().any() or (folds != folds.round()).any():
+        row = int(np.flatnonzero(folds.isna() | (folds != folds.round()))[0])
+        raise InputError(f"{path}: line {row + 2}: fold {frame['fold'].iloc[row]!r} is not an integer")
+    if frame["seriesuid"].duplicated().any():
+        raise InputError(f"{path}: seriesuid {frame['seriesuid'][frame['seriesuid'].duplicated()].iloc[0]} "
+                         f"appears twice")
+    uids = frame.loc[folds.astype(int) == int(fold), "seriesuid"].str.strip().tolist()
+    if not uids:
+        raise InputError(f"{path}: fold {fold} has no scans (folds: {sorted(set(folds.astype(int)))})")
+    return uids
+
+
+def paths_by_uid(files: Sequence[str | Path], suffix: str) -> dict[str, Path]:
+    """``{uid}{suffix}`` files -> {uid: path}."""
+    out = {}
+    for f in files:
+        p = Path(f)
+        if not p.name.endswith(suffix):
+            raise InputError(f"{p}: expected a file named {{seriesuid}}{suffix}")
+        out[p.name[: -len(suffix)]] = p
+    return out
+
+
+def heldout_slice_paths(folds_path: str | Path, fold: int, slice_files: Sequence[str | Path]) -> dict[str, Path]:
+    """uid -> slice store of every held-out scan of ``fold`` (InputError when one is missing)."""
+    uids = read_fold_uids(folds_path, fold)
+    stores = paths_by_uid(slice_files, ".h5")
+    missing = [u for u in uids if u not in stores]
+    if missing:
+        raise InputError(f"{folds_path}: fold {fold} scan {missing[0]} has no slice store among the "
+                         f"{len(stores)} given ({len(missing)} missing)")
+    return {u: stores[u] for u in uids}
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def to_uint8(probability: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 0..255 (rounded), the stored form (p = v/255)."""
+    return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def candidates_from_probability(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
+                                min_volume_mm3: float = 10.0, seriesuid: str = "") -> pd.DataFrame:
+    """One candidate per 3-D connected component (26-connectivity) of ``probability > threshold``.
+
+    ``probability``: (z, y, x) floats in [0, 1], or uint8 read as ``v / 255``. Components smaller
+    than ``min_volume_mm3`` are dropped. Centre: probability-weighted centre of mass, world mm
+    (x, y, z). Rows sorted by probability, highest first; columns :data:`CANDIDATE_COLUMNS`.
+    """
+    from scipy import ndimage
+
+    from noduleflow.segmetrics import threshold_mask
+
+    probability = np.asarray(probability)
+    mask = threshold_mask(probability, threshold)
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    voxel_mm3 = float(np.prod(geometry.spacing))
+    rows = []
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        inside = labels[box] == i
+        volume = float(inside.sum()) * voxel_mm3
+        if volume < min_volume_mm3:
+            continue
+        weights = probability[box][inside].astype(np.float64)
+        if probability.dtype == np.uint8:
+            weights /= 255.0
+        coords = np.stack(np.nonzero(inside), axis=1).astype(np.float64) + [s.start for s in box]
+        centre = (coords * weights[:, None]).sum(axis=0) / weights.sum()
+        x, y, z = voxel_to_world(centre, geometry)
+        rows.append({"seriesuid": seriesuid, "coordX": float(x), "coordY": float(y), "coordZ": float(z),
+                     "probability": float(weights.max()),
+                     "diameter_mm": float((6.0 * volume / math.pi) ** (1.0 / 3.0)), "volume_mm3": volume})
+    frame = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+    return frame.sort_values("probability", ascending=False, kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def inference_region(image: np.ndarray, lung: np.ndarray, lung_roi: bool) -> np.ndarray:
+    """Bool (z, y, x) region the model runs on: the lung mask, or body (HU > -500) without ROI."""
+    return np.asarray(lung) > 0 if lung_roi else np.asarray(image) > BODY_MIN_HU
+
+
+def _box(region: np.ndarray, multiple: int, margin: int = BOX_MARGIN) -> tuple[slice, slice, int, int]:
+    """In-plane bounding box of ``region`` + margin, and the padding to a multiple of ``multiple``."""
+    plane = region.any(axis=0)
+    ys, xs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    y0, y1 = max(0, ys[0] - margin), min(plane.shape[0], ys[-1] + 1 + margin)
+    x0, x1 = max(0, xs[0] - margin), min(plane.shape[1], xs[-1] + 1 + margin)
+    pad_y, pad_x = (-(y1 - y0)) % multiple, (-(x1 - x0)) % multiple
+    return slice(y0, y1), slice(x0, x1), pad_y, pad_x
+
+
+def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
+                   batch_size: int = 16, device: str = "cpu", hybrid_output: str = "positive") -> np.ndarray:
+    """Nodule probability (z, y, x) float32 of one scan (``image`` int16 HU, ``lung`` uint8 mask).
+
+    ``model``: a torch module mapping (n, 2*context+1, h, w) inputs in [0, 1] to logits
+    (n, out_channels, h, w); ``meta``: the model file's metadata (``label_mode``, ``context``,
+    ``intensity.window_hu``, ``model.depth``). See the module docstring for the region rules.
+    """
+    import torch
+
+    from noduleflow.intensity import apply_roi, normalize_hu
+    from noduleflow.model import nodule_probability
+
+    image = np.asarray(image)
+    lung = np.asarray(lung)
+    out = np.zeros(image.shape, dtype=np.float32)
+    region = inference_region(image, lung, lung_roi)
+    z_run = np.flatnonzero(region.reshape(region.shape[0], -1).any(axis=1))
+    if len(z_run) == 0:
+        log.warning("no %s voxels: probability 0 everywhere", "lung" if lung_roi else "body")
+        return out
+    depth = int(meta.get("model", {}).get("depth", 0))
+    context = int(meta.get("context", 0))
+    window = meta.get("intensity", {}).get("window_hu", [-1000, 400])
+    label_mode = meta.get("label_mode", "positive")
+    ys, xs, pad_y, pad_x = _box(region, 2 ** depth)
+
+    crop = image[:, ys, xs]
+    roi_crop = lung[:, ys, xs] > 0 if lung_roi else np.ones(crop.shape, dtype=bool)
+    hu = apply_roi(crop, roi_crop.astype(np.uint8), fill_hu=FILL_HU) if lung_roi else crop.astype(np.int16)
+    if pad_y or pad_x:
+        hu = np.pad(hu, ((0, 0), (0, pad_y), (0, pad_x)), constant_values=FILL_HU)
+    volume = normalize_hu(hu, window).astype(np.float32, copy=False)
+    offsets = np.arange(-context, context + 1)
+    h, w = crop.shape[1], crop.shape[2]
+    with torch.inference_mode():
+        for start in range(0, len(z_run), batch_size):
+            zs = z_run[start:start + batch_size]
+            index = np.clip(zs[:, None] + offsets[None, :], 0, image.shape[0] - 1)
+            batch = torch.from_numpy(np.ascontiguousarray(volume[index])).to(device)
+            logits = model(batch)
+            prob = nodule_probability(logits, label_mode, hybrid_output)
+            prob = prob.float().cpu().numpy()[:, :h, :w]
+            out[zs, ys, xs] = prob
+    if lung_roi:
+        out[lung == 0] = 0.0
+    return out
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slice_files: Sequence[str | Path],
+                 out_candidates: str | Path, out_probabilities: str | Path, lung_roi: bool, threads: int = 1,
+                 threshold: float = 0.5, min_volume_mm3: float = 10.0, batch_size: int = 16,
+                 hybrid_output: str = "positive") -> pd.DataFrame:
+    """Run fold ``fold``'s model on its held-out scans; write probabilities and candidates.
+
+    ``slice_files``: slice stores ``{uid}.h5`` (any superset of the fold's scans). Returns the
+    candidates table. See the module docstring for the outputs.
+    """
+    import torch
+
+    from noduleflow import model as nf_model
+    from noduleflow.slices import read_slice_store
+
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"predict.threshold = {threshold} must lie strictly between 0 and 1")
+    if hybrid_output not in ("positive", "negative"):
+        raise InputError(f"predict.hybrid_output = {hybrid_output!r} must be 'positive' or 'negative'")
+    stores = heldout_slice_paths(folds_path, fold, slice_files)
+    missing = [p for p in stores.values() if not p.is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: slice store not found")
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise InputError(f"{model_path}: model file not found")
+    torch.set_num_threads(max(1, int(threads)))
+    device = _device()
+    model, meta = nf_model.load_model(model_path, device)
+    model.eval()
+    if "lung_roi" in meta and bool(meta["lung_roi"]) != bool(lung_roi):
+        log.warning("%s was trained with lung_roi=%s but inference runs with lung_roi=%s",
+                    model_path, meta["lung_roi"], lung_roi)
+    log.info("fold %d: %d held-out scans, model %s (label_mode %s, context %s), device %s, %d threads",
+             fold, len(stores), model_path, meta.get("label_mode"), meta.get("context"), device, threads)
+
+    out_probabilities = Path(out_probabilities)
+    out_probabilities.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_probabilities.name}.", suffix=".part",
+                                    dir=out_probabilities.parent))
+    frames = []
+    try:
+        for i, (uid, store) in enumerate(stores.items(), start=1):
+            started = time.perf_counter()
+            image, lung, _nodule, geometry = read_slice_store(store)
+            prob = predict_volume(model, meta, image, lung, lung_roi, batch_size=batch_size, device=device,
+                                  hybrid_output=hybrid_output)
+            stored = to_uint8(prob)
+            write_image(stored, geometry, tmp_dir / f"{uid}.mha")
+            cands = candidates_from_probability(stored, geometry, threshold, min_volume_mm3, seriesuid=uid)
+            frames.append(cands)
+            log.info("scan %d/%d %s: %d candidates, max p %.3f, %.1f s", i, len(stores), uid, len(cands),
+                     float(stored.max()) / 255.0, time.perf_counter() - started)
+        settings = {"threshold": float(threshold), "min_volume_mm3": float(min_volume_mm3),
+                    "hybrid_output": hybrid_output, "lung_roi": bool(lung_roi),
+                    "label_mode": meta.get("label_mode"), "fold": int(fold), "model": str(model_path)}
+        (tmp_dir / THRESHOLD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        candidates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
+        candidates = candidates[CANDIDATE_COLUMNS]
+        write_csv_atomic(candidates, out_candidates)
+        if out_probabilities.exists():
+            shutil.rmtree(out_probabilities)
+        os.replace(tmp_dir, out_probabilities)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+    log.info("fold %d: %d candidates written to %s", fold, len(candidates), out_candidates)
+    return candidates
+
+
+def read_threshold(probabilities_dir: str | Path, default: float | None = None) -> float:
+    """The threshold ``predict`` used for a probabilities folder (its ``threshold.json``).
+
+    Without the file: ``default`` when given, else InputError."""
+    path = Path(probabilities_dir) / THRESHOLD_FILE
+    if not path.is_file():
+        if default is not None:
+            log.warning("%s not found: using threshold %s", path, default)
+            return float(default)
+        raise InputError(f"{path}: not found (written by predict; it holds the threshold)")
+    try:
+        value = float(json.loads(path.read_text())["threshold"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: no numeric 'threshold' ({exc})") from exc
+    if not 0.0 < value < 1.0:
+        raise InputError(f"{path}: threshold {value} outside (0, 1)")
+    return value

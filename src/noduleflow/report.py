@@ -1,0 +1,759 @@
+"""The run's report: every fold, the pooled out-of-fold result, mean and sd over folds.
+
+:func:`build_report` is the ``report`` rule. Inputs are the per-fold outputs of ``evaluate``
+(``reports/fold{k}/metrics.json`` with ``froc.csv`` beside it), the per-fold outputs of ``predict``
+(``predictions/fold{k}/candidates.csv`` with ``probabilities/{uid}.mha`` and ``threshold.json``
+beside it), ``folds.csv``, the slice stores and the annotations.
+
+Outputs (all written atomically, after every input has been read and checked):
+
+* ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`): one row per fold (``fold`` = 0..K-1, numbers
+  copied from its ``metrics.json``), a row ``pooled`` — the out-of-fold candidates and probability
+  volumes of all folds evaluated together over all scans of ``folds.csv`` with
+  :func:`noduleflow.evaluate.evaluate_scans_detail` (one FROC over all scans, pixel counts summed over
+  all scans, bootstrap intervals over all scans) — and rows ``mean`` and ``sd`` over the fold rows
+  (NaN-skipping; sd with ddof=1; a fold without nodules has no CPM and is left out of those
+  columns' mean and sd; the CI columns of ``mean``/``sd`` are empty).
+* ``froc.png``: the FROC curve of every fold and the pooled one (log FP axis 1/8..8 per scan, the
+  seven CPM points marked, the pooled bootstrap band).
+* ``report.html``: one self-contained file (inline CSS, images as base64 ``data:`` URIs, no
+  script, no external resource): the run's settings, the summary table, per-fold detection
+  metrics with intervals, the curves, pixel-level metrics, per-nodule highlights, and image crops
+  of the missed nodules and of the highest-scoring false positives with outlines.
+
+Files written beside ``summary.csv`` for later stages (not read by anything else in a run):
+
+* ``froc_pooled.csv`` — the pooled FROC curve (``fps_per_scan,sensitivity,threshold``); the
+  experiment comparison (:mod:`noduleflow.experiments`) draws it.
+* ``nodules_pooled.csv`` — every nodule of every scan (``seriesuid,nodule_id,coordX,coordY,coordZ,
+  diameter_mm,detected,probability,dice`` as a fold's ``nodules.csv``, plus ``fold``).
+* ``metrics_pooled.json`` — the pooled metrics (as a fold's ``metrics.json``, ``fold`` = "pooled")
+  plus ``settings``: what ``predict`` recorded in each fold's ``threshold.json`` (label_mode,
+  lung_roi, hybrid_output, threshold, min_volume_mm3) and the evaluate parameters.
+
+Crops show one axial slice through the finding's centre, HU window [-1000, 400]: the nodule's label
+outline (green), the model's prediction outline at the run's threshold (orange), and for false
+positives a circle of the candidate's equivalent diameter (yellow). World mm (x, y, z) are mapped
+to voxels (z, y, x) with the slice store's geometry.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _stdio
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from noduleflow.io import (
+    Geometry,
+    InputError,
+    atomic_path,
+    open_h5,
+    read_annotations,
+    read_candidates,
+    read_image,
+    world_to_voxel,
+    write_csv_atomic,
+    write_text_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+#: FPs per scan of the seven LUNA16 operating points (same as noduleflow.froc.FPS_POINTS)
+FPS_POINTS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+SENS_COLUMNS = [f"sens_{p:g}" for p in FPS_POINTS]
+SUMMARY_COLUMNS = (["fold", "n_scans", "n_nodules", "cpm", "cpm_ci_low", "cpm_ci_high"] + SENS_COLUMNS
+                   + ["dice_per_nodule", "dice_detected", "dice_per_scan", "pixel_dice", "pixel_accuracy",
+                      "pixel_sensitivity", "pixel_specificity"])
+#: summary columns that are not averaged over folds
+_CI_COLUMNS = ["cpm_ci_low", "cpm_ci_high"]
+#: names of the extra files written beside summary.csv
+POOLED_FROC = "froc_pooled.csv"
+POOLED_NODULES = "nodules_pooled.csv"
+POOLED_METRICS = "metrics_pooled.json"
+#: crops shown per group (missed nodules, false positives)
+MAX_CROPS = 12
+#: HU window of the crops
+CROP_WINDOW_HU = (-1000.0, 400.0)
+#: half width of a crop: max(CROP_HALF_MM, 2.5 x finding radius), mm
+CROP_HALF_MM = 24.0
+#: circle radius for a candidate without a diameter, mm
+DEFAULT_CANDIDATE_RADIUS_MM = 3.0
+#: diameter bins (mm) of the per-nodule table
+SIZE_BINS_MM = (0.0, 6.0, 10.0, 20.0, math.inf)
+_TICK_LABELS = ["1/8", "1/4", "1/2", "1", "2", "4", "8"]
+
+
+# =========================================================================== shared helpers
+# (also used by noduleflow.experiments)
+
+
+def figure_png(fig, dpi: int = 110) -> bytes:
+    """PNG bytes of a matplotlib Figure."""
+    buffer = _stdio.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    """A ``data:image/png;base64,...`` URI (the HTML needs no other file)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def img_tag(png: bytes, alt: str, css_class: str = "") -> str:
+    cls = f' class="{css_class}"' if css_class else ""
+    return f'<img{cls} alt="{html.escape(alt)}" src="{data_uri(png)}">'
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for a table cell; NaN/None -> an en dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return html.escape(str(value))
+    if math.isnan(value):
+        return "–"
+    if value == int(value) and abs(value) < 1e9 and digits == 0:
+        return str(int(value))
+    return f"{value:.{digits}f}"
+
+
+def short_uid(uid: str, keep: int = 12) -> str:
+    """The last ``keep`` characters of a (long DICOM) seriesuid, with an ellipsis when cut."""
+    uid = str(uid)
+    return uid if len(uid) <= keep else "…" + uid[-keep:]
+
+
+def html_table(headers: Sequence[str], rows: Iterable[Sequence[str]], table_id: str = "",
+               caption: str = "") -> str:
+    """An HTML table; ``headers`` are escaped, cells are inserted as given (already HTML)."""
+    tid = f' id="{table_id}"' if table_id else ""
+    out = [f"<table{tid}>"]
+    if caption:
+        out.append(f"<caption>{html.escape(caption)}</caption>")
+    out.append("<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr></thead>")
+    out.append("<tbody>")
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;
+max-width:1200px;color:#222;line-height:1.4;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+tr.pooled td{font-weight:bold;background:#eef5ff}tr.agg td{background:#f8f8f8}
+caption{caption-side:top;text-align:left;font-style:italic;color:#555;padding-bottom:.2em}
+.note{color:#555;font-size:.9em}.crops{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;text-align:center;font-size:.8em}figure img{width:190px;height:190px;image-rendering:pixelated}
+img.plot{max-width:100%}code{background:#f4f4f4;padding:0 3px}
+"""
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete self-contained HTML document (inline CSS, no scripts, no external resource)."""
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(title)}</h1>\n{body}\n</body>\n</html>\n")
+
+
+def froc_figure(curves: Sequence[Mapping], title: str = "FROC"):
+    """A matplotlib Figure of FROC curves on a log2 FP axis (1/8..8 per scan).
+
+    Each curve is a mapping with ``label``, ``fps`` and ``sensitivity`` (the curve's points),
+    optional ``points`` (the seven sensitivities, marked), ``band`` ((fps, lower, upper) filled),
+    ``lw``, ``style`` (matplotlib line style), ``color``. A curve whose sensitivities are all NaN
+    (no nodule) appears in the legend only. The curve is drawn as its linear interpolation (as the
+    seven points are read) on a dense log-spaced grid.
+    """
+    from matplotlib.figure import Figure
+
+    grid = np.geomspace(FPS_POINTS[0], FPS_POINTS[-1], 300)
+    fig = Figure(figsize=(6.6, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    colors = [f"C{i}" for i in range(10)]
+    for i, curve in enumerate(curves):
+        color = curve.get("color", colors[i % len(colors)])
+        fps = np.asarray(curve["fps"], dtype=float)
+        sens = np.asarray(curve["sensitivity"], dtype=float)
+        ok = ~(np.isnan(fps) | np.isnan(sens))
+        if not ok.any():
+            ax.plot([], [], color=color, label=f"{curve['label']} (no nodules)")
+            continue
+        order = np.argsort(fps[ok], kind="stable")
+        y = np.interp(grid, fps[ok][order], sens[ok][order])
+        if curve.get("band") is not None:
+            bfps, lower, upper = (np.asarray(v, dtype=float) for v in curve["band"])
+            ax.fill_between(bfps, lower, upper, color=color, alpha=0.15, lw=0)
+        ax.plot(grid, y, color=color, lw=curve.get("lw", 1.5), ls=curve.get("style", "-"), label=curve["label"])
+        if curve.get("points") is not None:
+            ax.plot(FPS_POINTS, np.asarray(curve["points"], dtype=float), "o", color=color,
+                    ms=curve.get("ms", 4))
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(FPS_POINTS[0], FPS_POINTS[-1])
+    ax.set_xticks(FPS_POINTS)
+    ax.set_xticklabels(_TICK_LABELS)
+    ax.minorticks_off()
+    ax.set_ylim(0.0, 1.02)
+    ax.set_yticks(np.linspace(0, 1, 11))
+    ax.grid(True, alpha=0.35)
+    ax.set_xlabel("Average number of false positives per scan")
+    ax.set_ylabel("Sensitivity")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def write_png_atomic(png: bytes, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+
+
+# =========================================================================== reading inputs
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A fold's ``metrics.json`` (InputError naming the file when missing, malformed or incomplete)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: metrics file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: malformed JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    missing = [k for k in ("n_scans", "n_nodules", "cpm", "sensitivities") if k not in data]
+    if missing:
+        raise InputError(f"{path}: missing key(s) {', '.join(missing)}")
+    if data["sensitivities"] is None or len(data["sensitivities"]) != len(FPS_POINTS):
+        raise InputError(f"{path}: 'sensitivities' must hold {len(FPS_POINTS)} values")
+    return data
+
+
+def _num(value) -> float:
+    """JSON number or null -> float (null -> NaN)."""
+    if value is None:
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def summary_row(fold, metrics: Mapping) -> dict:
+    """One ``summary.csv`` row from a metrics dict (``metrics.json`` layout; nulls -> NaN)."""
+    ci = metrics.get("cpm_ci") or [None, None]
+    pixel = metrics.get("pixel") or {}
+    row = {"fold": fold, "n_scans": _num(metrics.get("n_scans")), "n_nodules": _num(metrics.get("n_nodules")),
+           "cpm": _num(metrics.get("cpm")), "cpm_ci_low": _num(ci[0]), "cpm_ci_high": _num(ci[1])}
+    for column, value in zip(SENS_COLUMNS, metrics.get("sensitivities") or [None] * len(FPS_POINTS)):
+        row[column] = _num(value)
+    row.update({"dice_per_nodule": _num(metrics.get("dice_per_nodule_mean")),
+                "dice_detected": _num(metrics.get("dice_detected_nodule_mean")),
+                "dice_per_scan": _num(metrics.get("dice_per_scan_mean")),
+                "pixel_dice": _num(pixel.get("dice")), "pixel_accuracy": _num(pixel.get("accuracy")),
+                "pixel_sensitivity": _num(pixel.get("sensitivity")),
+                "pixel_specificity": _num(pixel.get("specificity"))})
+    return row
+
+
+def summary_frame(fold_metrics: Sequence[tuple[int, Mapping]], pooled: Mapping | None) -> pd.DataFrame:
+    """``summary.csv``: fold rows, ``pooled`` (when given), ``mean`` and ``sd`` over the folds.
+
+    Mean and sd skip NaN (a fold without nodules has no CPM); sd uses ddof=1 (NaN with fewer than
+    two values). ``n_scans``/``n_nodules`` are averaged like the rest; CI columns stay empty."""
+    rows = [summary_row(str(k), m) for k, m in fold_metrics]
+    folds = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    numeric = [c for c in SUMMARY_COLUMNS if c not in ("fold", *_CI_COLUMNS)]
+    values = folds[numeric].astype(float)
+    mean = {"fold": "mean", **values.mean(skipna=True).to_dict()}
+    sd = {"fold": "sd", **values.std(ddof=1, skipna=True).to_dict()}
+    extra = [summary_row("pooled", pooled)] if pooled is not None else []
+    frame = pd.DataFrame(rows + extra + [mean, sd], columns=SUMMARY_COLUMNS)
+    frame[numeric + _CI_COLUMNS] = frame[numeric + _CI_COLUMNS].astype(float)
+    return frame
+
+
+def read_folds(path: str | Path) -> pd.DataFrame:
+    """``folds.csv`` -> frame with ``seriesuid`` (str) and ``fold`` (int), file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: folds file not found")
+    try:
+        frame = pd.read_csv(path, dtype={"seriesuid": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: malformed CSV: {exc}") from exc
+    missing = [c for c in ("seriesuid", "fold") if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected seriesuid,fold")
+    folds = pd.to_numeric(frame["fold"], errors="coerce")
+    if folds.isna().any() or (folds != folds.round()).any():
+        row = int(np.flatnonzero((folds.isna() | (folds != folds.round())).to_numpy())[0])
+        raise InputError(f"{path}: line {row + 2}: fold {frame['fold'].iloc[row]!r} is not an integer")
+    frame["seriesuid"] = frame["seriesuid"].str.strip()
+    if frame["seriesuid"].duplicated().any():
+        dup = frame["seriesuid"][frame["seriesuid"].duplicated()].iloc[0]
+        raise InputError(f"{path}: seriesuid {dup} appears twice")
+    frame["fold"] = folds.astype(int)
+    return frame[["seriesuid", "fold"]]
+
+
+def read_settings(probabilities_dir: str | Path) -> dict:
+    """What ``predict`` recorded in ``threshold.json`` of a probabilities folder ({} when absent)."""
+    path = Path(probabilities_dir) / "threshold.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s: malformed JSON, settings not shown", path)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_curve(path: str | Path) -> pd.DataFrame | None:
+    """A ``froc.csv``-style curve (``fps_per_scan,sensitivity``), or None when absent/unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        log.warning("%s: unreadable FROC curve, not drawn", path)
+        return None
+    if not {"fps_per_scan", "sensitivity"} <= set(frame.columns):
+        log.warning("%s: no fps_per_scan/sensitivity columns, not drawn", path)
+        return None
+    return frame
+
+
+def _by_uid(files: Sequence[str | Path], suffix: str) -> dict[str, Path]:
+    out = {}
+    for f in files:
+        p = Path(f)
+        if not p.name.endswith(suffix):
+            raise InputError(f"{p}: expected a file named {{seriesuid}}{suffix}")
+        out[p.name[: -len(suffix)]] = p
+    return out
+
+
+# =========================================================================== crops
+
+
+def _slice_at(store: Path, center_xyz: Sequence[float]) -> tuple[int, np.ndarray, np.ndarray, Geometry, np.ndarray]:
+    """(z index, image slice HU (y, x), nodule label slice (y, x), geometry, voxel (z, y, x)) of the
+    axial slice through ``center_xyz`` (world mm), read from the slice store one slice only."""
+    with open_h5(store) as f:
+        geometry = Geometry.from_attrs(f.attrs)
+        voxel = world_to_voxel(np.asarray(center_xyz, dtype=float), geometry)
+        nz = f["image"].shape[0]
+        z = int(np.clip(np.rint(voxel[0]), 0, nz - 1))
+        return z, f["image"][z], f["nodule"][z], geometry, voxel
+
+
+def crop_png(image: np.ndarray, labels: np.ndarray, predicted: np.ndarray | None, voxel_zyx: Sequence[float],
+             spacing_xyz: Sequence[float], radius_mm: float, title: str, label_id: int | None = None,
+             circle_mm: float | None = None) -> bytes:
+    """PNG of a square crop of one axial slice (``image`` HU (y, x)) around ``voxel_zyx``.
+
+    Outlines: ``labels == label_id`` (or any label when ``label_id`` is None) in green, the bool
+    ``predicted`` slice in orange, a circle of radius ``circle_mm`` in yellow when given."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Ellipse
+
+    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
+    half_mm = max(CROP_HALF_MM, 2.5 * float(radius_mm))
+    cy, cx = float(voxel_zyx[1]), float(voxel_zyx[2])
+    hy, hx = int(math.ceil(half_mm / sy)), int(math.ceil(half_mm / sx))
+    ny, nx = image.shape
+    y0, y1 = max(0, int(round(cy)) - hy), min(ny, int(round(cy)) + hy + 1)
+    x0, x1 = max(0, int(round(cx)) - hx), min(nx, int(round(cx)) + hx + 1)
+    fig = Figure(figsize=(2.2, 2.2))
+    ax = fig.add_axes((0, 0, 1, 0.88))
+    ax.set_axis_off()
+    if y1 > y0 and x1 > x0:
+        extent = (x0 - 0.5, x1 - 0.5, y1 - 0.5, y0 - 0.5)
+        ax.imshow(image[y0:y1, x0:x1], cmap="gray", vmin=CROP_WINDOW_HU[0], vmax=CROP_WINDOW_HU[1],
+                  extent=extent, interpolation="nearest", aspect=sy / sx)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        truth = labels[y0:y1, x0:x1]
+        truth = truth == label_id if label_id is not None else truth > 0
+        if truth.any() and not truth.all():
+            ax.contour(xx, yy, truth.astype(float), levels=[0.5], colors=["lime"], linewidths=1.2)
+        if predicted is not None:
+            pred = predicted[y0:y1, x0:x1]
+            if pred.any() and not pred.all():
+                ax.contour(xx, yy, pred.astype(float), levels=[0.5], colors=["orange"], linewidths=1.0,
+                           linestyles="dashed")
+        if circle_mm is not None:
+            ax.add_patch(Ellipse((cx, cy), 2 * circle_mm / sx, 2 * circle_mm / sy, fill=False,
+                                 edgecolor="yellow", lw=1.2))
+        ax.set_xlim(x0 - 0.5, x1 - 0.5)
+        ax.set_ylim(y1 - 0.5, y0 - 0.5)
+    fig.text(0.5, 0.99, title, ha="center", va="top", fontsize=7)
+    return figure_png(fig, dpi=90)
+
+
+def _crops(findings: pd.DataFrame, stores: Mapping[str, Path], probabilities: Mapping[str, Path],
+           thresholds: Mapping[str, float], kind: str) -> list[tuple[bytes, str]]:
+    """(png, caption) per finding row. ``kind`` "missed" (rows of nodules: nodule_id, diameter_mm)
+    or "fp" (rows of candidates: probability, diameter_mm optional). Scans are read once each."""
+    out: dict[int, tuple[bytes, str]] = {}
+    for uid, group in findings.groupby("seriesuid", sort=False):
+        store = stores.get(uid)
+        if store is None or not Path(store).is_file():
+            log.warning("no slice store for %s: its crops are skipped", uid)
+            continue
+        prob_volume = None
+        prob_path = probabilities.get(uid)
+        if prob_path is not None and Path(prob_path).is_file():
+            try:
+                prob_volume = read_image(prob_path)[0]
+            except Exception as exc:  # a crop outline is not worth failing the report for
+                log.warning("%s: probability volume unreadable (%s); no prediction outline", prob_path, exc)
+        for idx, row in group.iterrows():
+            center = (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+            z, image, labels, geometry, voxel = _slice_at(Path(store), center)
+            predicted = None
+            if prob_volume is not None and prob_volume.shape[1:] == image.shape and z < prob_volume.shape[0]:
+                p = prob_volume[z]
+                p = p.astype(np.float64) / 255.0 if p.dtype == np.uint8 else p.astype(np.float64)
+                predicted = p > thresholds.get(uid, 0.5)
+            short = short_uid(uid, 12)
+            if kind == "missed":
+                radius = float(row["diameter_mm"]) / 2.0
+                caption = f"{short} nodule {int(row['nodule_id'])}, {float(row['diameter_mm']):.1f} mm"
+                png = crop_png(image, labels, predicted, voxel, geometry.spacing, radius,
+                               f"missed #{int(row['nodule_id'])} ({float(row['diameter_mm']):.1f} mm)",
+                               label_id=int(row["nodule_id"]))
+            else:
+                d = float(row.get("diameter_mm", float("nan"))) if "diameter_mm" in row else float("nan")
+                radius = d / 2.0 if d > 0 else DEFAULT_CANDIDATE_RADIUS_MM
+                caption = f"{short} p={float(row['probability']):.3f}, Ø {fmt(d, 1)} mm"
+                png = crop_png(image, labels, predicted, voxel, geometry.spacing, radius,
+                               f"FP p={float(row['probability']):.3f}", label_id=None, circle_mm=radius)
+            out[idx] = (png, caption)
+    return [out[i] for i in findings.index if i in out]
+
+
+def _crop_gallery(crops: list[tuple[bytes, str]], empty: str) -> str:
+    if not crops:
+        return f'<p class="note">{html.escape(empty)}</p>'
+    figures = [f"<figure>{img_tag(png, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+               for png, caption in crops]
+    return '<div class="crops">' + "\n".join(figures) + "</div>"
+
+
+# =========================================================================== HTML sections
+
+
+def _row_class(fold: str) -> str:
+    return ' class="pooled"' if fold == "pooled" else (' class="agg"' if fold in ("mean", "sd") else "")
+
+
+def _summary_table(summary: pd.DataFrame) -> str:
+    headers = ["fold", "scans", "nodules", "CPM", "CPM 95% CI"] + [f"sens@{t}" for t in _TICK_LABELS] + [
+        "Dice/nodule", "Dice detected", "Dice/scan", "pixel Dice", "pixel acc.", "pixel sens.", "pixel spec."]
+    lines = [f"<table id=\"summary\"><caption>summary.csv — folds, pooled out-of-fold result, mean and "
+             f"sd over folds</caption><thead><tr>"
+             + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr></thead><tbody>"]
+    for _, r in summary.iterrows():
+        fold = str(r["fold"])
+        counts_digits = 0 if fold not in ("mean", "sd") else 1
+        ci = (f"{fmt(r['cpm_ci_low'])}–{fmt(r['cpm_ci_high'])}"
+              if not (math.isnan(r["cpm_ci_low"]) or math.isnan(r["cpm_ci_high"])) else "–")
+        cells = ([html.escape(fold), fmt(r["n_scans"], counts_digits), fmt(r["n_nodules"], counts_digits),
+                  fmt(r["cpm"]), ci] + [fmt(r[c]) for c in SENS_COLUMNS]
+                 + [fmt(r["dice_per_nodule"]), fmt(r["dice_detected"]), fmt(r["dice_per_scan"]),
+                    fmt(r["pixel_dice"]), fmt(r["pixel_accuracy"], 4), fmt(r["pixel_sensitivity"], 4),
+                    fmt(r["pixel_specificity"], 4)])
+        lines.append(f"<tr{_row_class(fold)}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+def _detection_table(fold_metrics: Sequence[tuple[int, Mapping]], pooled: Mapping) -> str:
+    headers = (["fold", "scans", "nodules", "detected", "candidates", "false positives", "bootstrap draws"]
+               + [f"sens@{t} (95% CI)" for t in _TICK_LABELS])
+    rows = []
+    for name, m in [(str(k), m) for k, m in fold_metrics] + [("pooled", pooled)]:
+        cis = m.get("sensitivities_ci") or [[None, None]] * len(FPS_POINTS)
+        sens = [fmt(_num(s)) + (f"<br><small>{fmt(_num(ci[0]))}–{fmt(_num(ci[1]))}</small>"
+                                if not (math.isnan(_num(ci[0])) or math.isnan(_num(ci[1]))) else "")
+                for s, ci in zip(m.get("sensitivities") or [None] * 7, cis)]
+        used = m.get("bootstrap_used")
+        draws = fmt(m.get("bootstrap")) + (f" ({fmt(used)} used)" if used is not None else "")
+        rows.append([html.escape(name), fmt(m.get("n_scans")), fmt(m.get("n_nodules")), fmt(m.get("n_detected")),
+                     fmt(m.get("n_candidates")), fmt(m.get("n_false_positives")), draws] + sens)
+    return html_table(headers, rows, table_id="detection",
+                      caption="LUNA16 detection per fold: sensitivity at 1/8..8 false positives per scan")
+
+
+def _pixel_table(fold_metrics: Sequence[tuple[int, Mapping]], pooled: Mapping) -> str:
+    headers = ["fold", "threshold", "TP", "FP", "FN", "TN", "Dice", "accuracy", "sensitivity", "specificity"]
+    rows = []
+    for name, m in [(str(k), m) for k, m in fold_metrics] + [("pooled", pooled)]:
+        pixel = m.get("pixel") or {}
+        counts = m.get("pixel_counts") or {}
+        threshold = m.get("threshold")
+        threshold = ", ".join(fmt(t, 2) for t in threshold) if isinstance(threshold, list) else fmt(threshold, 2)
+        rows.append([html.escape(name), threshold] + [fmt(counts.get(k)) for k in ("tp", "fp", "fn", "tn")]
+                    + [fmt(_num(pixel.get("dice"))), fmt(_num(pixel.get("accuracy")), 5),
+                       fmt(_num(pixel.get("sensitivity")), 4), fmt(_num(pixel.get("specificity")), 5)])
+    return html_table(headers, rows, table_id="pixel",
+                      caption="Pixel level over every pixel of every evaluated slice (slices with lung or "
+                              "nodule), counts summed over scans (as the article's Table 2)")
+
+
+def _size_table(nodules: pd.DataFrame) -> str:
+    rows = []
+    d = nodules["diameter_mm"].astype(float)
+    for lo, hi in zip(SIZE_BINS_MM[:-1], SIZE_BINS_MM[1:]):
+        sel = nodules[(d >= lo) & (d < hi)]
+        detected = sel["detected"].astype(bool)
+        name = f"≥ {lo:g} mm" if math.isinf(hi) else f"{lo:g}–{hi:g} mm"
+        sens = detected.mean() if len(sel) else float("nan")
+        dice_det = sel.loc[detected, "dice"].astype(float)
+        rows.append([name, fmt(len(sel)), fmt(int(detected.sum())), fmt(sens),
+                     fmt(sel["dice"].astype(float).mean() if len(sel) else float("nan")),
+                     fmt(dice_det.mean() if len(dice_det) else float("nan"))])
+    rows.append(["all", fmt(len(nodules)), fmt(int(nodules["detected"].astype(bool).sum())),
+                 fmt(nodules["detected"].astype(bool).mean() if len(nodules) else float("nan")),
+                 fmt(nodules["dice"].astype(float).mean() if len(nodules) else float("nan")),
+                 fmt(nodules.loc[nodules["detected"].astype(bool), "dice"].astype(float).mean()
+                     if nodules["detected"].astype(bool).any() else float("nan"))])
+    return html_table(["diameter", "nodules", "detected", "detection rate (any FP rate)", "mean Dice",
+                       "mean Dice of detected"], rows, table_id="sizes",
+                      caption="Per nodule by size (pooled; detected = hit by any candidate)")
+
+
+def _nodule_list(frame: pd.DataFrame, table_id: str, caption: str) -> str:
+    rows = []
+    for _, r in frame.iterrows():
+        uid = str(r["seriesuid"])
+        rows.append([f'<span title="{html.escape(uid)}">{html.escape(short_uid(uid, 16))}</span>',
+                     fmt(r.get("fold")), fmt(int(r["nodule_id"])),
+                     f"{float(r['coordX']):.1f}, {float(r['coordY']):.1f}, {float(r['coordZ']):.1f}",
+                     fmt(float(r["diameter_mm"]), 1), fmt(bool(r["detected"])), fmt(_num(r["probability"])),
+                     fmt(_num(r["dice"]))])
+    return html_table(["seriesuid", "fold", "nodule", "x, y, z (mm)", "diameter (mm)", "detected",
+                       "probability", "Dice"], rows, table_id=table_id, caption=caption)
+
+
+def _dice_scatter(nodules: pd.DataFrame) -> bytes | None:
+    if not len(nodules):
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    det = nodules["detected"].astype(bool).to_numpy()
+    d = nodules["diameter_mm"].astype(float).to_numpy()
+    dice = nodules["dice"].astype(float).to_numpy()
+    dice_plot = np.where(np.isnan(dice), 0.0, dice)
+    ax.scatter(d[det], dice_plot[det], s=18, color="C0", label="detected")
+    ax.scatter(d[~det], dice_plot[~det], s=22, marker="x", color="C3", label="missed")
+    ax.set_xlabel("nodule diameter (mm)")
+    ax.set_ylabel("Dice (in the nodule's box)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(True, alpha=0.35)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def _settings_section(settings: Mapping[str, Mapping], evaluate_params: Mapping) -> str:
+    keys = ["label_mode", "lung_roi", "hybrid_output", "threshold", "min_volume_mm3", "model"]
+    rows = []
+    for fold, s in settings.items():
+        rows.append([html.escape(str(fold))] + [html.escape(str(s.get(k, "–"))) for k in keys])
+    table = (html_table(["fold"] + keys, rows, table_id="settings",
+                        caption="Model and inference settings (from predict's threshold.json)")
+             if any(settings.values()) else '<p class="note">No threshold.json found beside the probabilities: '
+                                            'settings unknown.</p>')
+    params = ", ".join(f"<code>{html.escape(k)}={html.escape(str(v))}</code>" for k, v in evaluate_params.items())
+    return f"<h2>Settings</h2>\n{table}\n<p>Evaluation: {params}.</p>"
+
+
+# =========================================================================== the rule
+
+
+def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence[str | Path],
+                 folds_path: str | Path, slice_files: Sequence[str | Path], annotations_path: str | Path,
+                 excluded_path: str | Path | None = None, *, out_summary: str | Path, out_plot: str | Path,
+                 out_html: str | Path, bootstrap: int = 1000, seed: int = 0,
+                 dice_margin_mm: float = 5.0) -> pd.DataFrame:
+    """Write ``summary.csv``, ``froc.png``, ``report.html`` and the pooled files beside summary.csv
+    (see the module docstring). ``metrics_paths``/``candidates_paths``: fold k's files at index k.
+    ``bootstrap``/``seed``: the pooled result's intervals; ``dice_margin_mm``: per-nodule Dice box
+    margin (mm). Returns the summary frame. Every input is read and checked before any output."""
+    from noduleflow.evaluate import evaluate_scans_detail
+
+    if len(metrics_paths) == 0:
+        raise InputError("report: no fold metrics given")
+    if len(metrics_paths) != len(candidates_paths):
+        raise InputError(f"report: {len(metrics_paths)} metrics files but {len(candidates_paths)} candidate files")
+    fold_metrics = [(k, read_metrics(p)) for k, p in enumerate(metrics_paths)]
+    for k, m in fold_metrics:
+        if m.get("fold") is not None and m.get("fold") != k:
+            log.warning("%s: says fold %s but is the report's fold %d (files are taken in fold order)",
+                        metrics_paths[k], m.get("fold"), k)
+    folds = read_folds(folds_path)
+    n_folds = len(candidates_paths)
+    bad = sorted(set(folds["fold"]) - set(range(n_folds)))
+    if bad:
+        raise InputError(f"{folds_path}: fold {bad[0]} has no candidates file (got {n_folds} folds)")
+    annotations = read_annotations(annotations_path)
+    excluded = None
+    if excluded_path is not None and Path(excluded_path).is_file():
+        excluded = read_annotations(excluded_path, allow_unknown_diameter=True)
+    elif excluded_path is not None:
+        log.warning("%s not found: no excluded findings", excluded_path)
+    candidate_frames = []
+    prob_dirs = []
+    for k, path in enumerate(candidates_paths):
+        frame = read_candidates(path)
+        mine = set(folds.loc[folds["fold"] == k, "seriesuid"])
+        foreign = ~frame["seriesuid"].isin(mine)
+        if foreign.any():
+            log.warning("%s: %d candidate(s) on scans outside fold %d ignored", path, int(foreign.sum()), k)
+        candidate_frames.append(frame[~foreign])
+        prob_dirs.append(Path(path).parent / "probabilities")
+    candidates = pd.concat(candidate_frames, ignore_index=True)
+    uids = folds["seriesuid"].tolist()
+    fold_of = dict(zip(folds["seriesuid"], folds["fold"]))
+    stores = _by_uid(slice_files, ".h5")
+    missing = [u for u in uids if u not in stores]
+    if missing:
+        raise InputError(f"{folds_path}: scan {missing[0]} has no slice store among the {len(stores)} given "
+                         f"({len(missing)} missing)")
+    probabilities = {u: prob_dirs[fold_of[u]] / f"{u}.mha" for u in uids}
+    settings = {k: read_settings(d) for k, d in enumerate(prob_dirs)}
+    log.info("report: %d folds, %d scans, %d nodules, %d candidates; pooled evaluation with bootstrap %d",
+             n_folds, len(uids), int(annotations["seriesuid"].isin(uids).sum()), len(candidates), bootstrap)
+
+    ev = evaluate_scans_detail(candidates, probabilities, stores, annotations, excluded, uids,
+                               bootstrap=bootstrap, seed=seed, dice_margin_mm=dice_margin_mm, threshold=None)
+    pooled = dict(ev.metrics)
+    summary = summary_frame(fold_metrics, pooled)
+    nodules = ev.nodules.copy()
+    nodules["fold"] = [int(fold_of.get(u, -1)) for u in nodules["seriesuid"]]
+    froc = ev.froc
+    thresholds = {u: float(settings[fold_of[u]].get("threshold", 0.5)) for u in uids}
+
+    # ---- plots
+    curves = []
+    for k, m in fold_metrics:
+        curve = read_curve(Path(metrics_paths[k]).parent / "froc.csv")
+        if curve is None:
+            log.warning("fold %s: no froc.csv beside %s; only its seven points are drawn", k, metrics_paths[k])
+            fps, sens = np.asarray(FPS_POINTS), np.array([_num(s) for s in m["sensitivities"]])
+        else:
+            fps, sens = curve["fps_per_scan"].to_numpy(float), curve["sensitivity"].to_numpy(float)
+        curves.append({"label": f"fold {k} (CPM {fmt(_num(m['cpm']))})", "fps": fps, "sensitivity": sens,
+                       "points": [_num(s) for s in m["sensitivities"]], "lw": 1.0, "style": "--", "ms": 3})
+    band = ((froc.band_fps, froc.band_lower, froc.band_upper) if froc.band_fps is not None else None)
+    curves.append({"label": f"pooled (CPM {fmt(froc.cpm)})", "fps": froc.fps, "sensitivity": froc.sensitivity,
+                   "points": froc.sensitivities, "band": band, "lw": 2.5, "color": "black", "ms": 5})
+    froc_png = figure_png(froc_figure(curves, title=f"FROC: {n_folds} folds and pooled ({len(uids)} scans, "
+                                                    f"{froc.n_nodules} nodules)"))
+
+    # ---- crops
+    missed = nodules[~nodules["detected"].astype(bool)].sort_values("diameter_mm", ascending=False, kind="stable")
+    labelled = froc.candidates
+    fps_table = (labelled[labelled["label"] == "fp"].sort_values("probability", ascending=False, kind="stable")
+                 if len(labelled) and "label" in labelled.columns else labelled.iloc[0:0])
+    log.info("report: drawing %d missed-nodule and %d false-positive crops",
+             min(len(missed), MAX_CROPS), min(len(fps_table), MAX_CROPS))
+    missed_crops = _crops(missed.head(MAX_CROPS), stores, probabilities, thresholds, "missed")
+    fp_crops = _crops(fps_table.head(MAX_CROPS), stores, probabilities, thresholds, "fp")
+
+    # ---- HTML
+    evaluate_params = {"bootstrap": bootstrap, "seed": seed, "dice_margin_mm": dice_margin_mm}
+    scatter = _dice_scatter(nodules)
+    detected = nodules[nodules["detected"].astype(bool)]
+    worst = detected.sort_values("dice", ascending=True, kind="stable", na_position="first").head(10)
+    body = [
+        f"<p>{len(uids)} scans in {n_folds} folds, {froc.n_nodules} annotated nodules, {froc.n_detected} "
+        f"detected by the out-of-fold candidates, {froc.n_false_positives} false positives "
+        f"(at most 100 candidates per scan, as LUNA16). Pooled CPM <b>{fmt(froc.cpm)}</b> "
+        f"(95% CI {fmt(froc.cpm_ci[0])}–{fmt(froc.cpm_ci[1])}), per-nodule Dice "
+        f"<b>{fmt(_num(pooled.get('dice_per_nodule_mean')))}</b> (detected nodules "
+        f"{fmt(_num(pooled.get('dice_detected_nodule_mean')))}).</p>",
+        _settings_section(settings, evaluate_params),
+        "<h2>Summary</h2>",
+        _summary_table(summary),
+        '<p class="note">Fold rows: each fold\'s held-out scans (metrics.json). <b>pooled</b>: the out-of-fold '
+        "candidates of all folds scored together over all scans. <b>mean</b>/<b>sd</b>: over folds (a fold "
+        "without nodules has no CPM and is skipped).</p>",
+        "<h2>FROC</h2>",
+        img_tag(froc_png, "FROC curves of every fold and pooled", "plot"),
+        "<h2>Detection per fold</h2>",
+        _detection_table(fold_metrics, pooled),
+        "<h2>Pixel-level metrics</h2>",
+        _pixel_table(fold_metrics, pooled),
+        "<h2>Per nodule</h2>",
+        _size_table(nodules),
+        img_tag(scatter, "Dice against nodule diameter", "plot") if scatter is not None else "",
+        _nodule_list(missed, "missed", f"Missed nodules ({len(missed)}), largest first") if len(missed)
+        else '<p class="note">No missed nodule.</p>',
+        _nodule_list(worst, "lowest-dice", "Detected nodules with the lowest Dice") if len(worst) else "",
+        f"<h2>Missed nodules ({len(missed)}; up to {MAX_CROPS} shown)</h2>",
+        '<p class="note">Axial slice through the nodule centre. Green: nodule label; orange dashed: '
+        "prediction above the threshold.</p>",
+        _crop_gallery(missed_crops, "No missed nodule."),
+        f"<h2>Highest-scoring false positives ({len(fps_table)}; up to {MAX_CROPS} shown)</h2>",
+        '<p class="note">Yellow circle: the candidate (its equivalent diameter); green: any nodule label in '
+        "the slice; orange dashed: prediction above the threshold.</p>",
+        _crop_gallery(fp_crops, "No false positive."),
+    ]
+    page = html_page("noduleflow report", "\n".join(body))
+
+    # ---- outputs (all inputs read and checked above)
+    out_dir = Path(out_summary).parent
+    write_csv_atomic(ev.froc.curve_frame(), out_dir / POOLED_FROC)
+    write_csv_atomic(nodules, out_dir / POOLED_NODULES)
+    from noduleflow.froc import write_json_atomic
+
+    write_json_atomic({"fold": "pooled", **pooled,
+                       "settings": {"folds": {str(k): s for k, s in settings.items()}, **_common(settings),
+                                    **evaluate_params}},
+                      out_dir / POOLED_METRICS)
+    write_png_atomic(froc_png, out_plot)
+    write_text_atomic(page, out_html)
+    write_csv_atomic(summary, out_summary)
+    log.info("report: pooled CPM %s, pixel Dice %s; wrote %s, %s, %s", fmt(froc.cpm),
+             fmt(_num(pooled["pixel"].get("dice"))), out_summary, out_plot, out_html)
+    return summary
+
+
+def _common(settings: Mapping[int, Mapping]) -> dict:
+    """Settings equal in every fold (label_mode, lung_roi, hybrid_output, threshold, ...)."""
+    values = [s for s in settings.values() if s]
+    if not values:
+        return {}
+    out = {}
+    for key in ("label_mode", "lung_roi", "hybrid_output", "threshold", "min_volume_mm3"):
+        seen = {json.dumps(s.get(key)) for s in values}
+        if len(seen) == 1 and values[0].get(key) is not None:
+            out[key] = values[0][key]
+    return out

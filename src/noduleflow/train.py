@@ -1,0 +1,563 @@
+"""Train one cross-validation fold's 2D U-Net on the balanced patches, resumably and reproducibly.
+
+Data: ``patches.h5`` (see :func:`noduleflow.sampling.load_patches`; image int16 HU
+(n, c, h, w), ``mask`` and ``roi`` (n, h, w)) and ``folds.csv`` (``seriesuid,fold``). The fold's
+*training scans* are all scans not in fold ``k``; a seeded inner split of them by scan
+(``validation_fraction``, stratified by whether a scan has positive patches) is the validation set
+that picks the best epoch (highest validation Dice) and stops early. The held-out fold is only used
+once, after training, to report the selected model's **held-out patch Dice**.
+
+Each batch: HU window -> [0, 1] (:func:`noduleflow.intensity.normalize_hu`), then per patch a
+random flip of each axis, a random multiple of 90 degrees and an intensity jitter
+``x * (1 + a) + b`` with ``a, b`` uniform in ``[-intensity_jitter, intensity_jitter]``. Targets
+by label mode (:func:`noduleflow.model.build_targets`); the loss counts pixels inside the patch's
+``roi`` only (:mod:`noduleflow.losses`). Optimiser AdamW; learning rate schedule one-cycle (a
+warm-up over the first 20 % of the steps to ``lr``, then cosine annealing towards ``lr / 1e4``),
+stepped every batch; ``history.csv`` records the last rate of each epoch.
+
+Reproducibility: all randomness of an epoch (batch order, augmentation, dropout) is a pure function
+of ``(seed, epoch)`` (and the batch index), and weights start from ``torch.manual_seed(seed)``. So
+on CPU two runs with one seed give identical weights, and a run killed after epoch ``e`` and rerun
+resumes from the checkpoint of epoch ``e`` and ends with weights identical to an uninterrupted run.
+
+Checkpoints: ``checkpoint_dir/last.pt`` (atomic) after every epoch: model, optimiser, scheduler,
+AMP scaler, epoch, best weights and score, early-stopping counter, history so far and a hash of
+everything that determines the run (training config except ``num_workers``, fold, training and
+validation data). A checkpoint with another hash is not resumed (logged; training starts fresh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from noduleflow.io import InputError, atomic_path, open_h5, write_csv_atomic
+from noduleflow.losses import LOSSES, make_loss
+from noduleflow.model import (LABEL_MODES, UNet2d, build_targets, memory_format_for, nodule_probability,
+                              out_channels_for)
+
+log = logging.getLogger(__name__)
+
+#: the ``train:`` block's defaults (config.yaml holds the same values)
+DEFAULTS: dict[str, Any] = {
+    "label_mode": "positive",
+    "loss": "dice_bce",
+    "pos_weight": 1.0,
+    "focal_gamma": 2.0,
+    "epochs": 12,
+    "batch_size": 32,
+    "lr": 0.002,
+    "weight_decay": 0.0001,
+    "validation_fraction": 0.2,
+    "early_stopping_patience": 6,
+    "intensity": {"window_hu": [-1000, 400]},
+    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05},
+    "model": {"depth": 3, "base_filters": 16, "norm": "batch", "dropout": 0.0},
+    "device": "auto",
+    "amp": True,
+    "num_workers": 0,
+    "seed": 0,
+}
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
+CHECKPOINT_NAME = "last.pt"
+CHECKPOINT_FORMAT = 1
+#: keys that do not change what a run computes, left out of the checkpoint's config hash
+_HASH_EXCLUDED = ("num_workers",)
+_PCT_WARMUP = 0.2
+_EVAL_BATCH = 128
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``train_fold(..., stop_after_epoch=e)`` right after epoch ``e``'s checkpoint is
+    written: a stand-in for a kill in tests."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``train_cfg`` merged over :data:`DEFAULTS`; raises InputError naming an unknown or bad key."""
+    cfg = copy.deepcopy(DEFAULTS)
+    for key, value in train_cfg.items():
+        if key not in DEFAULTS:
+            raise InputError(f"config train.{key}: unknown key (known: {', '.join(DEFAULTS)})")
+        if isinstance(DEFAULTS[key], dict):
+            if not isinstance(value, Mapping):
+                raise InputError(f"config train.{key}: expected a mapping, got {value!r}")
+            for sub in value:
+                if sub not in DEFAULTS[key]:
+                    raise InputError(f"config train.{key}.{sub}: unknown key (known: {', '.join(DEFAULTS[key])})")
+            cfg[key].update(copy.deepcopy(dict(value)))
+        else:
+            cfg[key] = copy.deepcopy(value)
+    if cfg["label_mode"] not in LABEL_MODES:
+        raise InputError(f"config train.label_mode: {cfg['label_mode']!r} is not one of {', '.join(LABEL_MODES)}")
+    if cfg["loss"] not in LOSSES:
+        raise InputError(f"config train.loss: {cfg['loss']!r} is not one of {', '.join(LOSSES)}")
+    if cfg["device"] not in ("auto", "cpu", "cuda", "mps"):
+        raise InputError(f"config train.device: {cfg['device']!r} is not auto, cpu, cuda or mps")
+    for key in ("epochs", "batch_size", "early_stopping_patience"):
+        if int(cfg[key]) < 1:
+            raise InputError(f"config train.{key}: must be >= 1, got {cfg[key]!r}")
+    if not 0 < float(cfg["validation_fraction"]) < 1:
+        raise InputError(f"config train.validation_fraction: must be in (0, 1), got {cfg['validation_fraction']!r}")
+    window = cfg["intensity"]["window_hu"]
+    if len(window) != 2 or not float(window[0]) < float(window[1]):
+        raise InputError(f"config train.intensity.window_hu: {window!r} must be [low, high] with low < high")
+    return json.loads(json.dumps(cfg))  # plain builtins (stored in model.pt and hashed)
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``auto``: cuda if available, else mps, else cpu; otherwise the named device."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("config train.device: cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _seed_of(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of ``parts``."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _load_patch_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays of :func:`noduleflow.sampling.load_patches`, file attributes)."""
+    try:
+        from noduleflow.sampling import load_patches
+    except ImportError:  # TEMPORARY fallback until noduleflow.sampling exists
+        load_patches = _read_patches_fallback
+    if not Path(path).is_file():
+        raise InputError(f"{path}: patches file not found")
+    arrays = load_patches(path)
+    with open_h5(path) as h5:
+        attrs = {key: h5.attrs[key] for key in ("context", "patch_size", "lung_roi") if key in h5.attrs}
+    for key in ("image", "mask", "roi", "seriesuid"):
+        if key not in arrays:
+            raise InputError(f"{path}: patches file has no '{key}'")
+    image = arrays["image"]
+    if image.ndim != 4 or arrays["mask"].shape != (image.shape[0],) + image.shape[2:] \
+            or arrays["roi"].shape != arrays["mask"].shape:
+        raise InputError(f"{path}: image {image.shape}, mask {arrays['mask'].shape} and roi "
+                         f"{arrays['roi'].shape} must be (n, c, h, w), (n, h, w), (n, h, w)")
+    meta = {"context": int(attrs.get("context", (image.shape[1] - 1) // 2)),
+            "patch_size": int(attrs.get("patch_size", image.shape[-1])),
+            "lung_roi": bool(attrs.get("lung_roi", True))}
+    return arrays, meta
+
+
+def _read_folds(path: Path, fold: int) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: folds file not found")
+    folds = pd.read_csv(path, dtype={"seriesuid": str})
+    missing = [c for c in ("seriesuid", "fold") if c not in folds.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected header seriesuid,fold")
+    if folds["seriesuid"].duplicated().any():
+        uid = folds["seriesuid"][folds["seriesuid"].duplicated()].iloc[0]
+        raise InputError(f"{path}: seriesuid {uid} is listed twice")
+    if fold not in set(folds["fold"].astype(int)):
+        raise InputError(f"{path}: fold {fold} not found (folds: {sorted(set(folds['fold'].astype(int)))})")
+    return folds
+
+
+def inner_split(uids: list[str], has_positive: Mapping[str, bool], fraction: float,
+                seed: int) -> tuple[list[str], list[str]]:
+    """Split training scans into (train, validation) by scan, seeded, stratified by nodule presence:
+    ``round(fraction * n)`` scans of each group (at least one validation scan in all, and at
+    least one training scan left)."""
+    rng = np.random.default_rng(_seed_of(seed, 11))
+    val: list[str] = []
+    for flag in (True, False):
+        group = sorted(u for u in uids if bool(has_positive.get(u, False)) == flag)
+        n_val = int(round(fraction * len(group)))
+        if flag and n_val == 0 and len(group) >= 2:
+            n_val = 1  # keep nodules in the validation set when there are any to spare
+        val.extend(group[i] for i in rng.permutation(len(group))[:n_val])
+    if not val:
+        val = [sorted(uids)[int(rng.integers(len(uids)))]]
+    if len(val) == len(uids):
+        val = val[:-1]
+    val_set = set(val)
+    return sorted(u for u in uids if u not in val_set), sorted(val_set)
+
+
+def _read_patches_fallback(path: Path) -> dict[str, np.ndarray]:
+    """TEMPORARY: the contract's patches.h5 read directly, until noduleflow.sampling exists."""
+    with open_h5(path) as h5:
+        arrays = {key: h5[key][()] for key in ("image", "mask", "roi", "seriesuid")}
+    arrays["seriesuid"] = np.asarray([u.decode() if isinstance(u, bytes) else str(u) for u in arrays["seriesuid"]])
+    return arrays
+
+
+def _normalize(image_hu: np.ndarray, window_hu) -> np.ndarray:
+    try:
+        from noduleflow.intensity import normalize_hu
+    except ImportError:  # TEMPORARY fallback until noduleflow.intensity exists
+        low, high = float(window_hu[0]), float(window_hu[1])
+        return ((np.clip(image_hu, low, high).astype(np.float32) - low) / (high - low)).astype(np.float32)
+    return normalize_hu(image_hu, window_hu)
+
+
+class PatchBatches(torch.utils.data.Dataset):
+    """Batches of one epoch over in-memory patches: item ``b`` is batch ``b`` (a dict of tensors
+    ``image`` (n, c, h, w) float32 in [0, 1] (+ jitter), ``target`` (n, C, h, w), ``weight``
+    (n, 1, h, w) = roi). Batch order and augmentation are pure functions of ``(seed, epoch, b)``,
+    so the batches are the same with any number of DataLoader workers."""
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, label_mode: str,
+                 window_hu, batch_size: int, augment: Mapping[str, Any] | None = None,
+                 seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_last: bool = True):
+        self.image, self.mask, self.roi = image, mask, roi
+        self.label_mode = label_mode
+        self.window_hu = [float(v) for v in window_hu]
+        self.augment = dict(augment) if augment else None
+        self.seed, self.epoch = int(seed), int(epoch)
+        n = len(image)
+        order = (np.random.default_rng(_seed_of(self.seed, 21, self.epoch)).permutation(n)
+                 if shuffle else np.arange(n))
+        n_batches = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
+        self.batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+        index = self.batches[b]
+        image = _normalize(self.image[index], self.window_hu)
+        mask, roi = self.mask[index], self.roi[index]
+        if self.augment:
+            image, mask, roi = augment_batch(image, mask, roi, self.augment,
+                                             np.random.default_rng(_seed_of(self.seed, 31, self.epoch, b)))
+        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+                "target": build_targets(mask, roi, self.label_mode),
+                "weight": torch.from_numpy(np.ascontiguousarray(roi, dtype=np.float32))[:, None],
+                "mask": torch.from_numpy(np.ascontiguousarray(mask))}
+
+
+def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment: Mapping[str, Any],
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random flips (y and x), 90-degree rotations and intensity jitter per patch.
+
+    ``image`` (n, c, h, w) float32, ``mask``/``roi`` (n, h, w); geometry changes are applied to all
+    three alike (rotations need h == w). Returns new arrays."""
+    n = len(image)
+    flips = bool(augment.get("flips", True))
+    rot = bool(augment.get("rot90", True)) and image.shape[-1] == image.shape[-2]
+    jitter = float(augment.get("intensity_jitter", 0.0))
+    draws = rng.random((n, 3))
+    turns = (draws[:, 0] * 4).astype(int) if rot else np.zeros(n, dtype=int)
+    flip_y = (draws[:, 1] < 0.5) & flips
+    flip_x = (draws[:, 2] < 0.5) & flips
+    out_image, out_mask, out_roi = np.empty_like(image), np.empty_like(mask), np.empty_like(roi)
+    for i in range(n):
+        im, ma, ro = image[i], mask[i], roi[i]
+        if flip_y[i]:
+            im, ma, ro = im[:, ::-1], ma[::-1], ro[::-1]
+        if flip_x[i]:
+            im, ma, ro = im[:, :, ::-1], ma[:, ::-1], ro[:, ::-1]
+        if turns[i]:
+            im, ma, ro = (np.rot90(im, turns[i], axes=(1, 2)), np.rot90(ma, turns[i]), np.rot90(ro, turns[i]))
+        out_image[i], out_mask[i], out_roi[i] = im, ma, ro
+    if jitter > 0:
+        scale = 1.0 + rng.uniform(-jitter, jitter, n).astype(np.float32)
+        shift = rng.uniform(-jitter, jitter, n).astype(np.float32)
+        out_image = out_image * scale[:, None, None, None] + shift[:, None, None, None]
+    return out_image.astype(np.float32, copy=False), out_mask, out_roi
+
+
+def _iterate(dataset: PatchBatches, num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    if num_workers <= 0:
+        for b in range(len(dataset)):
+            yield dataset[b]
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         persistent_workers=False)
+    yield from loader
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, cfg: Mapping,
+             device: torch.device, loss_fn=None, threshold: float = 0.5) -> tuple[float, float]:
+    """(mean loss, Dice) of ``model`` on patches, no augmentation, model in eval mode.
+
+    Dice is over all pixels of all patches: nodule probability (positive head for hybrid) above
+    ``threshold`` inside the ROI vs the nodule mask; 1.0 when both are empty; NaN without patches.
+    The loss is NaN when ``loss_fn`` is None."""
+    if len(image) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    data = PatchBatches(image, mask, roi, cfg["label_mode"], cfg["intensity"]["window_hu"], _EVAL_BATCH,
+                        augment=None, shuffle=False, drop_last=False)
+    total_loss, inter, pred_sum, true_sum = 0.0, 0, 0, 0
+    with torch.inference_mode():
+        for batch in data:
+            x = batch["image"].to(device).contiguous(memory_format=memory_format_for(cfg.get("model", {}).get("norm", "")))
+            logits = model(x).float()
+            if loss_fn is not None:
+                loss = loss_fn(logits, batch["target"].to(device), batch["weight"].to(device))
+                total_loss += float(loss) * len(x)
+            prob = nodule_probability(logits, cfg["label_mode"], "positive").cpu()
+            pred = (prob > threshold) & (batch["weight"][:, 0] > 0)
+            true = batch["mask"] > 0
+            inter += int((pred & true).sum())
+            pred_sum += int(pred.sum())
+            true_sum += int(true.sum())
+    dice = 1.0 if pred_sum + true_sum == 0 else 2.0 * inter / (pred_sum + true_sum)
+    return (total_loss / len(image) if loss_fn is not None else float("nan")), dice
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _digest_arrays(*arrays: np.ndarray) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _config_hash(cfg: Mapping, fold: int, data_digest: str) -> str:
+    relevant = {k: v for k, v in cfg.items() if k not in _HASH_EXCLUDED}
+    text = json.dumps({"train": relevant, "fold": int(fold), "data": data_digest,
+                       "format": CHECKPOINT_FORMAT}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cpu_state(module_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
+
+
+def _load_checkpoint(path: Path, config_hash: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint means: start fresh
+        log.warning("checkpoint %s unreadable (%s): starting fresh", path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("config_hash") != config_hash:
+        log.info("checkpoint %s was written for another configuration or data: not resumed, starting fresh", path)
+        return None
+    return state
+
+
+def _init_head_prior(model: UNet2d, mask: np.ndarray, roi: np.ndarray, label_mode: str) -> None:
+    """Start each output channel's bias at the logit of its target's share of ROI pixels (clipped to
+    [0.01, 0.99]), so the first epochs learn shapes instead of the class balance (as RetinaNet's
+    prior initialisation does)."""
+    inside = max(int(np.count_nonzero(roi)), 1)
+    share = float(np.count_nonzero((mask > 0) & (roi > 0))) / inside
+    priors = {"positive": [share], "complementary": [1.0 - share], "hybrid": [share, 1.0 - share]}[label_mode]
+    with torch.no_grad():
+        for channel, prior in enumerate(priors):
+            prior = min(max(prior, 0.01), 0.99)
+            model.head.bias[channel] = math.log(prior / (1.0 - prior))
+
+
+@contextlib.contextmanager
+def _torch_settings(threads: int, device: torch.device) -> Iterator[None]:
+    """Thread count (CPU) and deterministic algorithms for the duration of a training; restored after."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_bench = torch.backends.cudnn.benchmark
+    try:
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, int(threads)))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.backends.cudnn.benchmark = old_bench
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_model: str | Path,
+               out_history: str | Path, checkpoint_dir: str | Path, threads: int = 1,
+               stop_after_epoch: int | None = None, **train_cfg: Any) -> dict[str, Any]:
+    """Train fold ``fold``'s U-Net; write ``out_model`` (model.pt) and ``out_history`` (CSV).
+
+    ``train_cfg`` is the ``train:`` config block (see :data:`DEFAULTS`). ``threads``: torch CPU
+    threads. ``checkpoint_dir``: where ``last.pt`` is kept (resumed when its hash matches).
+    ``stop_after_epoch``: test hook, raise :class:`TrainingInterrupted` right after that epoch's
+    checkpoint (1-based), as if killed. Returns the metadata stored in model.pt (without weights).
+
+    ``history.csv``: ``epoch,train_loss,val_loss,val_dice,lr,seconds`` (epochs 1-based) plus a last
+    column ``heldout_patch_dice``, filled on the selected epoch's row only.
+    """
+    cfg = resolve_config(train_cfg)
+    fold = int(fold)
+    patches_path, checkpoint_dir = Path(patches_path), Path(checkpoint_dir)
+    folds = _read_folds(Path(folds_path), fold)
+    arrays, patch_meta = _load_patch_file(patches_path)
+
+    patch_uids = np.asarray(arrays["seriesuid"]).astype(str)
+    fold_of = {str(u): int(k) for u, k in zip(folds["seriesuid"], folds["fold"])}
+    unknown = sorted(set(patch_uids) - set(fold_of))
+    if unknown:
+        log.warning("%d scan(s) in %s are not in %s and are not used (e.g. %s)", len(unknown), patches_path,
+                    folds_path, unknown[0])
+    train_scans = sorted({str(u) for u in patch_uids if u in fold_of and fold_of[u] != fold})
+    heldout_scans = sorted({str(u) for u in patch_uids if fold_of.get(u) == fold})
+    if len(train_scans) < 2:
+        raise InputError(f"{patches_path}: fold {fold} has {len(train_scans)} training scan(s) with patches; "
+                         f"at least 2 are needed (one for the inner validation split)")
+    has_positive = {u: bool(arrays["mask"][patch_uids == u].any()) for u in train_scans}
+    fit_scans, val_scans = inner_split(train_scans, has_positive, float(cfg["validation_fraction"]), int(cfg["seed"]))
+    pick = {name: np.flatnonzero(np.isin(patch_uids, scans))
+            for name, scans in (("fit", fit_scans), ("val", val_scans), ("heldout", heldout_scans))}
+    data = {name: {key: arrays[key][index] for key in ("image", "mask", "roi")} for name, index in pick.items()}
+    del arrays
+    log.info("fold %d: %d training scans (%d patches), %d inner validation scans (%d patches), "
+             "%d held-out scans (%d patches)", fold, len(fit_scans), len(pick["fit"]), len(val_scans),
+             len(pick["val"]), len(heldout_scans), len(pick["heldout"]))
+    size = data["fit"]["image"].shape[-1]
+    depth = int(cfg["model"]["depth"])
+    if size % 2 ** depth or data["fit"]["image"].shape[-2] % 2 ** depth:
+        raise InputError(f"{patches_path}: patch size {data['fit']['image'].shape[-2:]} is not divisible by "
+                         f"2**train.model.depth = {2 ** depth}")
+
+    device = select_device(cfg["device"])
+    use_amp = bool(cfg["amp"]) and device.type == "cuda"
+    digest = _digest_arrays(data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"],
+                            data["val"]["image"], data["val"]["mask"], data["val"]["roi"],
+                            np.asarray(fit_scans + ["|"] + val_scans))
+    config_hash = _config_hash(cfg, fold, digest)
+    model_kwargs = {"in_channels": int(data["fit"]["image"].shape[1]),
+                    "out_channels": out_channels_for(cfg["label_mode"]), **cfg["model"]}
+    checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
+
+    with _torch_settings(threads, device):
+        torch.manual_seed(_seed_of(int(cfg["seed"]), 1))
+        memory_format = memory_format_for(cfg["model"]["norm"])
+        model = UNet2d(**model_kwargs)
+        _init_head_prior(model, data["fit"]["mask"], data["fit"]["roi"], cfg["label_mode"])
+        model = model.to(device).to(memory_format=memory_format)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+        steps = len(PatchBatches(data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"], cfg["label_mode"],
+                                 cfg["intensity"]["window_hu"], int(cfg["batch_size"])))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=float(cfg["lr"]),
+                                                        total_steps=int(cfg["epochs"]) * steps,
+                                                        pct_start=_PCT_WARMUP)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        loss_fn = make_loss(cfg["loss"], float(cfg["pos_weight"]), float(cfg["focal_gamma"]))
+
+        state = {"epoch": 0, "best_dice": -math.inf, "best_epoch": 0, "best_state": None, "bad_epochs": 0,
+                 "history": [], "finished": False}
+        saved = _load_checkpoint(checkpoint_path, config_hash)
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if use_amp and saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
+            state = {key: saved[key] for key in state}
+            log.info("fold %d: resuming from %s after epoch %d", fold, checkpoint_path, state["epoch"])
+        log.info("fold %d: device %s%s, %d CPU threads, %d epochs of %d batches of %d, label mode %s, loss %s",
+                 fold, device, " (mixed precision)" if use_amp else "", torch.get_num_threads(),
+                 cfg["epochs"], steps, cfg["batch_size"], cfg["label_mode"], cfg["loss"])
+
+        epoch = int(state["epoch"])
+        while not state["finished"] and epoch < int(cfg["epochs"]):
+            epoch += 1
+            started = time.perf_counter()
+            torch.manual_seed(_seed_of(int(cfg["seed"]), 41, epoch))
+            model.train()
+            batches = PatchBatches(data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"], cfg["label_mode"],
+                                   cfg["intensity"]["window_hu"], int(cfg["batch_size"]), augment=cfg["augment"],
+                                   seed=int(cfg["seed"]), epoch=epoch)
+            loss_sum, seen = 0.0, 0
+            for batch in _iterate(batches, int(cfg["num_workers"])):
+                x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                target = batch["target"].to(device, non_blocking=True)
+                weight = batch["weight"].to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = model(x)
+                loss = loss_fn(logits, target, weight)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                loss_sum += float(loss.detach()) * len(x)
+                seen += len(x)
+            lr_now = float(optimizer.param_groups[0]["lr"])
+            val_loss, val_dice = evaluate(model, data["val"]["image"], data["val"]["mask"], data["val"]["roi"], cfg,
+                                          device, loss_fn)
+            improved = val_dice > state["best_dice"]
+            if improved:
+                state.update(best_dice=val_dice, best_epoch=epoch, best_state=_cpu_state(model.state_dict()),
+                             bad_epochs=0)
+            else:
+                state["bad_epochs"] += 1
+            seconds = time.perf_counter() - started
+            state["history"].append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
+                                     "val_dice": val_dice, "lr": lr_now, "seconds": round(seconds, 3)})
+            stop_early = state["bad_epochs"] >= int(cfg["early_stopping_patience"])
+            state["epoch"] = epoch
+            state["finished"] = stop_early or epoch >= int(cfg["epochs"])
+            log.info("fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_dice %.4f lr %.2e %.1f s%s", fold,
+                     epoch, cfg["epochs"], loss_sum / max(seen, 1), val_loss, val_dice, lr_now, seconds,
+                     " (best)" if improved else "")
+            if stop_early:
+                log.info("fold %d: early stop after epoch %d (no better validation Dice for %d epochs; best epoch %d)",
+                         fold, epoch, state["bad_epochs"], state["best_epoch"])
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(checkpoint_path) as tmp:
+                torch.save({**state, "config_hash": config_hash, "model": _cpu_state(model.state_dict()),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict() if use_amp else {}, "torch": str(torch.__version__)}, tmp)
+            if stop_after_epoch is not None and epoch >= int(stop_after_epoch) and not state["finished"]:
+                raise TrainingInterrupted(f"stopped after epoch {epoch} (stop_after_epoch)")
+
+        model.load_state_dict(state["best_state"])
+        _, heldout_dice = evaluate(model, data["heldout"]["image"], data["heldout"]["mask"], data["heldout"]["roi"],
+                                   cfg, device)
+    if math.isnan(heldout_dice):
+        log.warning("fold %d: no held-out patches, held-out patch Dice undefined", fold)
+    log.info("fold %d: held-out patch Dice %.4f (model of epoch %d, validation Dice %.4f)", fold, heldout_dice,
+             state["best_epoch"], state["best_dice"])
+
+    meta = {"model": model_kwargs, "label_mode": cfg["label_mode"], "intensity": cfg["intensity"],
+            "context": patch_meta["context"], "patch_size": patch_meta["patch_size"],
+            "lung_roi": patch_meta["lung_roi"], "fold": fold, "heldout_patch_dice": float(heldout_dice),
+            "best_epoch": int(state["best_epoch"]), "val_dice": float(state["best_dice"]),
+            "train": cfg, "train_scans": fit_scans, "validation_scans": val_scans, "heldout_scans": heldout_scans}
+    history = pd.DataFrame(state["history"], columns=HISTORY_COLUMNS)
+    history["heldout_patch_dice"] = np.where(history["epoch"] == state["best_epoch"], float(heldout_dice), np.nan)
+    out_model = Path(out_model)
+    out_model.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_model) as tmp:
+        torch.save({"state_dict": state["best_state"], **meta}, tmp)
+    write_csv_atomic(history, out_history)
+    return meta

@@ -1,0 +1,230 @@
+"""Inference: candidate extraction from probability volumes, the sliding over slices, predict_fold."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from noduleflow.io import Geometry, InputError, read_image, voxel_to_world, world_to_voxel
+from noduleflow.predict import CANDIDATE_COLUMNS, candidates_from_probability, read_fold_uids, to_uint8
+
+GEOMETRY = Geometry(spacing=(0.9, 0.8, 1.25), origin=(-120.5, 33.2, -200.7),
+                    direction=(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+
+def sphere(shape, centre_zyx, radius_mm, geometry):
+    """Bool (z, y, x): voxels whose centre lies within ``radius_mm`` of a voxel-space centre."""
+    zz, yy, xx = np.indices(shape, dtype=float)
+    sz, sy, sx = geometry.spacing[2], geometry.spacing[1], geometry.spacing[0]
+    c = centre_zyx
+    return ((zz - c[0]) * sz) ** 2 + ((yy - c[1]) * sy) ** 2 + ((xx - c[2]) * sx) ** 2 <= radius_mm ** 2
+
+
+def test_perfectly_predicted_nodule_lands_within_1_5_mm_of_its_centre():
+    shape = (30, 50, 50)
+    true_world = np.array([-140.3, 50.1, -184.9])       # x, y, z mm
+    centre = world_to_voxel(true_world, GEOMETRY)       # off-grid voxel position
+    assert ((centre > 5) & (centre < np.array(shape) - 5)).all()
+    nodule = sphere(shape, centre, 5.0, GEOMETRY)
+    prob = nodule.astype(np.float32)
+    prob[2:4, 2:4, 2:4] = 0.9                           # a 8-voxel blob of 5.76 mm3: below 10 mm3
+    far = sphere(shape, (24.0, 40.0, 40.0), 2.5, GEOMETRY)
+    prob[far] = 0.7                                     # a second, less probable component
+    stored = to_uint8(prob)
+    cands = candidates_from_probability(stored, GEOMETRY, threshold=0.5, min_volume_mm3=10.0, seriesuid="S")
+    assert list(cands.columns) == CANDIDATE_COLUMNS
+    assert len(cands) == 2                              # the small blob is dropped
+    best = cands.iloc[0]
+    assert best["probability"] == 1.0 and cands.iloc[1]["probability"] == pytest.approx(0.7, abs=1 / 255)
+    xyz = best[["coordX", "coordY", "coordZ"]].to_numpy(float)
+    assert np.linalg.norm(xyz - true_world) < 1.5
+    voxel_mm3 = 0.9 * 0.8 * 1.25
+    assert best["volume_mm3"] == pytest.approx(nodule.sum() * voxel_mm3)
+    assert best["volume_mm3"] == pytest.approx(4 / 3 * math.pi * 5.0 ** 3, rel=0.1)
+    assert best["diameter_mm"] == pytest.approx(10.0, abs=0.5)
+    assert (cands["seriesuid"] == "S").all()
+    # float probabilities give the same components
+    same = candidates_from_probability(prob, GEOMETRY, threshold=0.5, min_volume_mm3=10.0)
+    np.testing.assert_allclose(same["coordX"], cands["coordX"], atol=1e-6)
+
+
+def test_centre_is_probability_weighted():
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    prob = np.zeros((3, 3, 12), np.float32)
+    prob[1, 1, 2:10] = 0.6
+    prob[1, 1, 8:10] = 1.0                              # the peak pulls the centre towards x = 8.5
+    cands = candidates_from_probability(prob, geometry, 0.5, 0.0)
+    plain = np.arange(2, 10).mean()
+    weights = prob[1, 1, 2:10]
+    weighted = (np.arange(2, 10) * weights).sum() / weights.sum()
+    assert cands["coordX"].iloc[0] == pytest.approx(weighted)
+    assert cands["coordX"].iloc[0] > plain
+    assert cands["volume_mm3"].iloc[0] == 8.0
+
+
+def test_fold_uids_and_bad_folds_file(tmp_path):
+    folds = tmp_path / "folds.csv"
+    folds.write_text("seriesuid,fold\na,0\nb,1\nc,0\n")
+    assert read_fold_uids(folds, 0) == ["a", "c"]
+    with pytest.raises(InputError, match="fold 3 has no scans"):
+        read_fold_uids(folds, 3)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("seriesuid,split\na,0\n")
+    with pytest.raises(InputError, match="bad.csv"):
+        read_fold_uids(bad, 0)
+
+
+# --------------------------------------------------------------------------- with a stand-in model
+
+
+def synthetic_scan():
+    """A small chest-like volume: air, a body block (40 HU), a lung (-850 HU), a nodule (0 HU)."""
+    shape = (20, 48, 52)
+    image = np.full(shape, -1000, np.int16)
+    image[:, 4:44, 4:48] = 40
+    lung = np.zeros(shape, np.uint8)
+    lung[2:18, 10:38, 10:42] = 1
+    image[lung > 0] = -850
+    centre = np.array([9.4, 22.6, 27.3])
+    nodule = sphere(shape, centre, 4.0, GEOMETRY) & (lung > 0)
+    image[nodule] = 0
+    return image, lung, nodule.astype(np.uint8), centre
+
+
+class ThresholdNet:
+    """Stand-in for the U-Net: logit = 50 (x_centre - 0.5) on the centre channel (0.5 = -300 HU in
+    the [-1000, 400] window), so anything denser than -300 HU is "nodule". Records input shapes."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.shapes = []
+
+    def __call__(self, x):
+        self.shapes.append(tuple(x.shape))
+        c = x.shape[1] // 2
+        return 50.0 * (x[:, c:c + 1] - 0.5)
+
+    def eval(self):
+        return self
+
+
+META = {"model": {"in_channels": 3, "out_channels": 1, "depth": 3, "base_filters": 4, "norm": "batch",
+                  "dropout": 0.0},
+        "label_mode": "positive", "intensity": {"window_hu": [-1000, 400]}, "context": 1,
+        "patch_size": 32, "lung_roi": True, "fold": 0}
+
+
+@pytest.fixture
+def inference_modules():
+    pytest.importorskip("noduleflow.intensity")
+    return pytest.importorskip("noduleflow.model")
+
+
+def test_predict_volume_restricts_to_the_lung_only_with_lung_roi(inference_modules):
+    from noduleflow.predict import predict_volume
+
+    image, lung, nodule, centre = synthetic_scan()
+    net = ThresholdNet()
+    with_roi = predict_volume(net, META, image, lung, lung_roi=True, batch_size=4)
+    assert all(s[1] == 3 and s[2] % 8 == 0 and s[3] % 8 == 0 for s in net.shapes)
+    assert sum(s[0] for s in net.shapes) == 16                 # only the 16 slices with lung
+    assert with_roi.shape == image.shape and with_roi.dtype == np.float32
+    assert (with_roi[nodule > 0] > 0.99).all()
+    assert with_roi[lung == 0].max() == 0.0                    # body wall suppressed
+    assert (with_roi > 0.5).sum() == nodule.sum()
+
+    without = predict_volume(ThresholdNet(), META, image, lung, lung_roi=False, batch_size=4)
+    body = image > -500
+    assert (without[nodule > 0] > 0.99).all()
+    assert (without[body & (lung == 0)] > 0.99).all()          # the whole body slice is seen
+    cands = candidates_from_probability(to_uint8(with_roi), GEOMETRY, 0.5, 10.0)
+    assert len(cands) == 1
+    assert np.linalg.norm(cands[["coordX", "coordY", "coordZ"]].to_numpy()[0]
+                          - voxel_to_world(centre, GEOMETRY)) < 1.5
+
+
+def write_slice_store(path, uid, image, lung, nodule, geometry):
+    """A slice store in the contract's format (datasets, chunks, attrs, slice table)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for name, data in (("image", image), ("lung", lung), ("nodule", nodule)):
+            f.create_dataset(name, data=data, chunks=(1,) + data.shape[1:], compression="gzip")
+        f.attrs["seriesuid"] = uid
+        for key, value in geometry.as_attrs().items():
+            f.attrs[key] = value
+        table = np.zeros(image.shape[0], dtype=[("lung_pixels", "i8"), ("nodule_pixels", "i8")])
+        table["lung_pixels"] = lung.reshape(len(lung), -1).sum(1)
+        table["nodule_pixels"] = (nodule > 0).reshape(len(nodule), -1).sum(1)
+        f.create_dataset("slice_table", data=table)
+
+
+def test_predict_fold_writes_probabilities_and_candidates(tmp_path, inference_modules, monkeypatch):
+    pytest.importorskip("noduleflow.slices")
+    from noduleflow.predict import predict_fold
+
+    image, lung, nodule, centre = synthetic_scan()
+    stores = []
+    for uid in ("1.2.3", "4.5.6", "7.8.9"):
+        path = tmp_path / "slices" / f"{uid}.h5"
+        path.parent.mkdir(exist_ok=True)
+        write_slice_store(path, uid, image, lung, nodule, GEOMETRY)
+        stores.append(path)
+    folds = tmp_path / "folds.csv"
+    folds.write_text("seriesuid,fold\n1.2.3,0\n4.5.6,1\n7.8.9,0\n")
+    model_path = tmp_path / "model.pt"
+    model_path.write_bytes(b"stand-in")
+    monkeypatch.setattr(inference_modules, "load_model", lambda path, device="cpu": (ThresholdNet(), dict(META)))
+
+    out = tmp_path / "pred" / "probabilities"
+    cands_path = tmp_path / "pred" / "candidates.csv"
+    cands = predict_fold(model_path, folds, 0, stores, cands_path, out, lung_roi=True, threads=1,
+                         threshold=0.4, min_volume_mm3=10, batch_size=8)
+    assert sorted(p.name for p in out.iterdir()) == ["1.2.3.mha", "7.8.9.mha", "threshold.json"]
+    assert json.loads((out / "threshold.json").read_text())["threshold"] == 0.4
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]   # no temporary left
+    prob, geometry = read_image(out / "1.2.3.mha")
+    assert prob.dtype == np.uint8 and prob.shape == image.shape
+    assert np.allclose(geometry.origin, GEOMETRY.origin) and np.allclose(geometry.spacing, GEOMETRY.spacing)
+    written = pd.read_csv(cands_path, dtype={"seriesuid": str})
+    assert list(written.columns) == CANDIDATE_COLUMNS
+    assert sorted(written["seriesuid"]) == ["1.2.3", "7.8.9"] and len(cands) == 2
+    truth = voxel_to_world(centre, GEOMETRY)
+    for _, row in written.iterrows():
+        assert np.linalg.norm(row[["coordX", "coordY", "coordZ"]].to_numpy(float) - truth) < 1.5
+
+    # a fold whose scan has no slice store fails before writing anything
+    with pytest.raises(InputError, match="4.5.6"):
+        predict_fold(model_path, folds, 1, stores[:1], tmp_path / "x.csv", tmp_path / "xprob", lung_roi=True)
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "xprob").exists()
+
+
+def test_predict_fold_with_a_real_saved_unet(tmp_path, inference_modules):
+    pytest.importorskip("noduleflow.slices")
+    import torch
+
+    from noduleflow.predict import predict_fold
+
+    image, lung, nodule, _ = synthetic_scan()
+    store = tmp_path / "9.9.h5"
+    write_slice_store(store, "9.9", image, lung, nodule, GEOMETRY)
+    folds = tmp_path / "folds.csv"
+    folds.write_text("seriesuid,fold\n9.9,0\n")
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=3, out_channels=2, depth=2, base_filters=4, norm="batch", dropout=0.0)
+    net = inference_modules.UNet2d(**kwargs)
+    torch.save({"state_dict": net.state_dict(), "model": kwargs, "label_mode": "hybrid",
+                "intensity": {"window_hu": [-1000, 400]}, "context": 1, "patch_size": 32, "lung_roi": True,
+                "fold": 0, "heldout_patch_dice": 0.0}, tmp_path / "model.pt")
+    out = tmp_path / "probabilities"
+    predict_fold(tmp_path / "model.pt", folds, 0, [store], tmp_path / "candidates.csv", out, lung_roi=True,
+                 hybrid_output="negative")
+    prob, _ = read_image(out / "9.9.mha")
+    assert prob.shape == image.shape and prob[lung == 0].max() == 0
+    assert pd.read_csv(tmp_path / "candidates.csv").columns.tolist() == CANDIDATE_COLUMNS

@@ -1,0 +1,288 @@
+"""The run report (noduleflow.report): summary.csv rows, the pooled out-of-fold evaluation, and a
+self-contained report.html, on a hand-made run of three tiny scans in two folds."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from noduleflow.io import Geometry, InputError, write_image
+from noduleflow.report import POOLED_FROC, POOLED_METRICS, POOLED_NODULES, SUMMARY_COLUMNS, build_report
+
+SHAPE = (8, 32, 32)                       # z, y, x
+GEOMETRY = Geometry(spacing=(1.0, 1.0, 1.0), origin=(-10.0, -20.0, -30.0))
+LUNG_SLICES = slice(1, 7)                 # evaluated slices: z = 1..6 contain lung
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _world(z: int, y: int, x: int) -> tuple[float, float, float]:
+    ox, oy, oz = GEOMETRY.origin
+    return (ox + x, oy + y, oz + z)
+
+
+def _ball(center_zyx, radius) -> np.ndarray:
+    zz, yy, xx = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    cz, cy, cx = center_zyx
+    return (zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+
+
+def _write_store(path: Path, uid: str, nodule: np.ndarray) -> None:
+    import h5py
+
+    image = np.full(SHAPE, -800, dtype=np.int16)
+    image[nodule > 0] = 40
+    lung = np.zeros(SHAPE, dtype=np.uint8)
+    lung[LUNG_SLICES] = 1
+    with h5py.File(path, "w") as f:
+        for name, data in (("image", image), ("lung", lung), ("nodule", nodule.astype(np.uint8))):
+            f.create_dataset(name, data=data, chunks=(1, SHAPE[1], SHAPE[2]), compression="gzip")
+        f.attrs["seriesuid"] = uid
+        for key, value in GEOMETRY.as_attrs().items():
+            f.attrs[key] = value
+
+
+FOLD_METRICS = [
+    {"fold": 0, "n_scans": 2, "n_nodules": 2, "n_candidates": 2, "cpm": 0.5, "cpm_ci": [0.25, 0.75],
+     "fps_per_scan": [0.125, 0.25, 0.5, 1, 2, 4, 8], "sensitivities": [0.5] * 7,
+     "sensitivities_ci": [[0.0, 1.0]] * 7, "dice_per_nodule_mean": 0.5, "dice_detected_nodule_mean": 1.0,
+     "dice_per_scan_mean": 0.6, "pixel": {"dice": 0.7, "accuracy": 0.999, "sensitivity": 0.8,
+                                          "specificity": 0.9995}, "bootstrap": 10},
+    # a fold whose scans have no nodule: detection numbers are null (NaN)
+    {"fold": 1, "n_scans": 1, "n_nodules": 0, "n_candidates": 1, "cpm": None, "cpm_ci": [None, None],
+     "fps_per_scan": [0.125, 0.25, 0.5, 1, 2, 4, 8], "sensitivities": [None] * 7,
+     "sensitivities_ci": [[None, None]] * 7, "dice_per_nodule_mean": None, "dice_detected_nodule_mean": None,
+     "dice_per_scan_mean": None, "pixel": {"dice": 0.0, "accuracy": 0.9992, "sensitivity": None,
+                                           "specificity": 0.9992}, "bootstrap": 10},
+]
+
+
+def make_run(root: Path, settings: dict | None = None) -> dict:
+    """A finished run's inputs to the report: 3 scans, folds {A, C} and {B}.
+
+    A: nodule 1 (radius 3 voxels) predicted exactly, candidate p=0.9 on it (detected, Dice 1).
+    B: no nodule; a 2x2x2 false blob and candidate p=0.7 (false positive).
+    C: nodule 1 (radius 2) not predicted (missed, Dice 0); a false blob and candidate p=0.6.
+    """
+    settings = settings or {"label_mode": "positive", "lung_roi": True, "hybrid_output": "positive"}
+    root.mkdir(parents=True, exist_ok=True)
+    nod_a, nod_c = _ball((4, 16, 16), 3), _ball((4, 20, 20), 2)
+    blob_b = np.zeros(SHAPE, bool)
+    blob_b[3:5, 8:10, 8:10] = True
+    blob_c = np.zeros(SHAPE, bool)
+    blob_c[3:5, 6:8, 24:26] = True
+    scans = {"1.2.826.A": (nod_a, nod_a), "1.2.826.B": (np.zeros(SHAPE, bool), blob_b),
+             "1.2.826.C": (nod_c, blob_c)}
+    fold_of = {"1.2.826.A": 0, "1.2.826.C": 0, "1.2.826.B": 1}
+    (root / "slices").mkdir()
+    for uid, (nodule, pred) in scans.items():
+        _write_store(root / "slices" / f"{uid}.h5", uid, nodule.astype(np.uint8))
+        prob_dir = root / "predictions" / f"fold{fold_of[uid]}" / "probabilities"
+        prob_dir.mkdir(parents=True, exist_ok=True)
+        write_image(np.where(pred, 230, 10).astype(np.uint8), GEOMETRY, prob_dir / f"{uid}.mha")
+        (prob_dir / "threshold.json").write_text(json.dumps({"threshold": 0.5, "min_volume_mm3": 0.0,
+                                                             "fold": fold_of[uid], **settings}))
+    pd.DataFrame({"seriesuid": ["1.2.826.A", "1.2.826.C"], "coordX": [_world(4, 16, 16)[0], _world(4, 20, 20)[0]],
+                  "coordY": [_world(4, 16, 16)[1], _world(4, 20, 20)[1]],
+                  "coordZ": [_world(4, 16, 16)[2], _world(4, 20, 20)[2]], "diameter_mm": [6.0, 4.0]}
+                 ).to_csv(root / "annotations.csv", index=False)
+    pd.DataFrame({"seriesuid": list(fold_of), "fold": list(fold_of.values())}).to_csv(root / "folds.csv", index=False)
+    cands = {0: [("1.2.826.A", _world(4, 16, 16), 0.9, 6.0), ("1.2.826.C", _world(3.5, 6.5, 24.5), 0.6, 2.5)],
+             1: [("1.2.826.B", _world(3.5, 8.5, 8.5), 0.7, 2.5)]}
+    metrics_paths, candidate_paths = [], []
+    for k in (0, 1):
+        rows = [{"seriesuid": u, "coordX": x, "coordY": y, "coordZ": z, "probability": p, "diameter_mm": d,
+                 "volume_mm3": 8.0} for u, (x, y, z), p, d in cands[k]]
+        path = root / "predictions" / f"fold{k}" / "candidates.csv"
+        pd.DataFrame(rows).to_csv(path, index=False)
+        candidate_paths.append(path)
+        report_dir = root / "reports" / f"fold{k}"
+        report_dir.mkdir(parents=True)
+        (report_dir / "metrics.json").write_text(json.dumps(FOLD_METRICS[k]))
+        sens = [0.0, 0.5, 0.5] if k == 0 else [float("nan")] * 3
+        pd.DataFrame({"fps_per_scan": [0.0, 0.0, 0.5], "sensitivity": sens, "threshold": [np.inf, 0.9, 0.6]}
+                     ).to_csv(report_dir / "froc.csv", index=False)
+        metrics_paths.append(report_dir / "metrics.json")
+    truth = {u: s[0] for u, s in scans.items()}
+    pred = {u: s[1] for u, s in scans.items()}
+    return {"metrics": metrics_paths, "candidates": candidate_paths, "folds": root / "folds.csv",
+            "slices": sorted((root / "slices").glob("*.h5")), "annotations": root / "annotations.csv",
+            "truth": truth, "pred": pred, "reports": root / "reports"}
+
+
+def run_report(run: dict, bootstrap: int = 20) -> pd.DataFrame:
+    out = run["reports"]
+    return build_report(run["metrics"], run["candidates"], run["folds"], run["slices"], run["annotations"],
+                        out_summary=out / "summary.csv", out_plot=out / "froc.png", out_html=out / "report.html",
+                        bootstrap=bootstrap, seed=0, dice_margin_mm=5)
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory) -> dict:
+    run = make_run(tmp_path_factory.mktemp("run"))
+    run_report(run)
+    return run
+
+
+# --------------------------------------------------------------------------- summary.csv
+
+
+def test_summary_has_fold_pooled_mean_and_sd_rows(reported):
+    summary = pd.read_csv(reported["reports"] / "summary.csv", dtype={"fold": str})
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert summary["fold"].tolist() == ["0", "1", "pooled", "mean", "sd"]
+    rows = summary.set_index("fold")
+    # fold rows are copied from each fold's metrics.json
+    assert rows.loc["0", "cpm"] == 0.5 and rows.loc["0", "cpm_ci_low"] == 0.25
+    assert rows.loc["0", "sens_0.125"] == 0.5 and rows.loc["0", "sens_8"] == 0.5
+    assert rows.loc["0", "dice_detected"] == 1.0 and rows.loc["0", "pixel_dice"] == 0.7
+    # a fold without nodules: NaN detection numbers, and the mean/sd skip it instead of turning NaN
+    assert math.isnan(rows.loc["1", "cpm"]) and math.isnan(rows.loc["1", "sens_1"])
+    assert rows.loc["mean", "cpm"] == 0.5
+    assert math.isnan(rows.loc["sd", "cpm"])           # one value: no sd
+    assert rows.loc["mean", "pixel_dice"] == pytest.approx(0.35)
+    assert rows.loc["sd", "pixel_dice"] == pytest.approx(np.std([0.7, 0.0], ddof=1))
+    assert rows.loc["mean", "n_scans"] == 1.5
+    assert math.isnan(rows.loc["mean", "cpm_ci_low"])  # a mean of intervals is not an interval
+
+
+def test_pooled_row_scores_all_folds_out_of_fold_results_together(reported):
+    rows = pd.read_csv(reported["reports"] / "summary.csv", dtype={"fold": str}).set_index("fold")
+    pooled = rows.loc["pooled"]
+    assert pooled["n_scans"] == 3 and pooled["n_nodules"] == 2
+    # A's nodule found at p 0.9 before any false positive, C's never: 0.5 at every FP rate
+    assert pooled["cpm"] == pytest.approx(0.5)
+    assert all(pooled[f"sens_{p}"] == pytest.approx(0.5) for p in ("0.125", "1", "8"))
+    assert pooled["dice_per_nodule"] == pytest.approx(0.5)   # A: 1, C: 0
+    assert pooled["dice_detected"] == pytest.approx(1.0)
+    # pixel counts over every pixel of every evaluated slice (lung or nodule) of all scans, by hand
+    truth, pred = reported["truth"], reported["pred"]
+    tp = fp = fn = n = 0
+    for uid in truth:
+        keep = np.zeros(SHAPE[0], bool)
+        keep[LUNG_SLICES] = True
+        keep |= truth[uid].any(axis=(1, 2))      # A's nodule reaches z = 7, outside the lung slices
+        t, p = truth[uid][keep], pred[uid][keep]
+        tp, fp, fn, n = tp + int((t & p).sum()), fp + int((~t & p).sum()), fn + int((t & ~p).sum()), n + t.size
+    assert n == (7 + 6 + 6) * SHAPE[1] * SHAPE[2]
+    tn = n - tp - fp - fn
+    assert pooled["pixel_dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert pooled["pixel_accuracy"] == pytest.approx((tp + tn) / n)
+    assert pooled["pixel_sensitivity"] == pytest.approx(tp / (tp + fn))
+    assert pooled["pixel_specificity"] == pytest.approx(tn / (tn + fp))
+
+
+def test_pooled_files_beside_the_summary(reported):
+    out = reported["reports"]
+    curve = pd.read_csv(out / POOLED_FROC)
+    assert list(curve.columns) == ["fps_per_scan", "sensitivity", "threshold"]
+    assert curve["sensitivity"].max() == pytest.approx(0.5)
+    nodules = pd.read_csv(out / POOLED_NODULES)
+    assert nodules.set_index("seriesuid")["detected"].to_dict() == {"1.2.826.A": True, "1.2.826.C": False}
+    metrics = json.loads((out / POOLED_METRICS).read_text())
+    assert metrics["fold"] == "pooled" and metrics["cpm"] == pytest.approx(0.5)
+    assert metrics["settings"]["label_mode"] == "positive" and metrics["settings"]["lung_roi"] is True
+    assert (out / "froc.png").read_bytes().startswith(PNG_MAGIC)
+
+
+# --------------------------------------------------------------------------- report.html
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.tables: dict[str, int] = {}      # table id -> body rows
+        self._table: str | None = None
+        self._in_body = False
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if tag == "table":
+            self._table = attrs.get("id", f"table{len(self.tables)}")
+            self.tables[self._table] = 0
+        elif tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body and self._table:
+            self.tables[self._table] += 1
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self._in_body = False
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_html_report_is_self_contained_with_tables_and_embedded_images(reported):
+    parser = _Collector()
+    parser.feed((reported["reports"] / "report.html").read_text(encoding="utf-8"))
+    # the summary table with its five rows, and the other tables
+    assert parser.tables["summary"] == 5
+    for table in ("settings", "detection", "pixel", "sizes", "missed"):
+        assert parser.tables.get(table, 0) >= 1, table
+    # every image is an embedded PNG; nothing refers to the network or to another file
+    images = [a for t, a in parser.tags if t == "img"]
+    assert len(images) >= 4  # FROC, Dice scatter, one missed nodule, false positives
+    for attrs in images:
+        prefix = "data:image/png;base64,"
+        assert attrs["src"].startswith(prefix)
+        assert base64.b64decode(attrs["src"][len(prefix):]).startswith(PNG_MAGIC)
+    for tag, attrs in parser.tags:
+        assert tag not in ("script", "link", "iframe", "object")
+        for key in ("src", "href"):
+            value = attrs.get(key)
+            assert value is None or value.startswith(("data:", "#")), (tag, key, value)
+    text = " ".join(parser.text)
+    assert "missed #1" in text or "nodule 1, 4.0 mm" in text       # the missed nodule of C has a crop
+    assert "p=0.700" in text and "p=0.600" in text                  # both false positives have crops
+    alts = [a.get("alt", "") for a in images]
+    assert alts.index(next(a for a in alts if "p=0.700" in a)) < alts.index(next(a for a in alts if "p=0.600" in a))
+
+
+def test_missing_input_raises_before_any_output(tmp_path):
+    run = make_run(tmp_path / "run")
+    run["metrics"][1].unlink()
+    with pytest.raises(InputError, match="metrics.json"):
+        run_report(run, bootstrap=0)
+    assert not any((run["reports"] / name).exists()
+                   for name in ("summary.csv", "froc.png", "report.html", POOLED_FROC, POOLED_METRICS))
+
+
+def test_missing_slice_store_is_named(tmp_path):
+    run = make_run(tmp_path / "run")
+    run["slices"] = [p for p in run["slices"] if "B" not in p.name]
+    with pytest.raises(InputError, match="1.2.826.B"):
+        run_report(run, bootstrap=0)
+    assert not (run["reports"] / "summary.csv").exists()
+
+
+def test_report_reads_the_evaluate_rules_real_outputs(tmp_path):
+    """Fold rows from metrics.json as noduleflow.evaluate writes them (fold 1 has no nodule)."""
+    from noduleflow.evaluate import evaluate_fold
+
+    run = make_run(tmp_path / "run")
+    for k in (0, 1):
+        fold_dir = run["reports"] / f"fold{k}"
+        evaluate_fold(run["candidates"][k], run["candidates"][k].parent / "probabilities", run["folds"], k,
+                      run["slices"], run["annotations"], out_metrics=fold_dir / "metrics.json",
+                      out_froc=fold_dir / "froc.csv", out_nodules=fold_dir / "nodules.csv",
+                      out_plot=fold_dir / "froc.png", bootstrap=0, seed=0, dice_margin_mm=5)
+    summary = run_report(run, bootstrap=0).set_index("fold")
+    fold0 = json.loads((run["reports"] / "fold0" / "metrics.json").read_text())
+    assert summary.loc["0", "cpm"] == pytest.approx(fold0["cpm"]) == pytest.approx(0.5)
+    assert summary.loc["0", "pixel_dice"] == pytest.approx(fold0["pixel"]["dice"])
+    assert math.isnan(summary.loc["1", "cpm"]) and summary.loc["1", "n_nodules"] == 0
+    # scans are in one fold each, so the pooled result counts what the folds count
+    assert summary.loc["pooled", "n_nodules"] == summary.loc["0", "n_nodules"] + summary.loc["1", "n_nodules"]
+    assert summary.loc["mean", "cpm"] == pytest.approx(0.5)

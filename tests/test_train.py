@@ -1,0 +1,214 @@
+"""Per-fold training: reproducible, resumable after a kill, learns, and never looks at the held-out fold."""
+
+from __future__ import annotations
+
+import logging
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from noduleflow.io import InputError
+from noduleflow.model import load_model
+from noduleflow.train import PatchBatches, TrainingInterrupted, augment_batch, inner_split, train_fold
+
+SIZE = 32
+#: a tiny, fast training: 32x32 patches, depth-2 U-Net with 8 base filters
+TINY = {"epochs": 3, "batch_size": 16, "lr": 0.01, "early_stopping_patience": 5,
+        "model": {"depth": 2, "base_filters": 8}, "device": "cpu", "seed": 3}
+
+
+def write_disc_patches(path, n_scans=6, per_scan=24, size=SIZE, context=1, seed=0):
+    """A patches.h5 in the contract format: bright discs (nodules, 'positive') or thin bright lines
+    ('hard_negative') or nothing ('negative') on noisy lung-like background; a ROI that leaves out
+    a random border strip, outside which the image is -1000 HU."""
+    rng = np.random.default_rng(seed)
+    n = n_scans * per_scan
+    c = 2 * context + 1
+    yy, xx = np.mgrid[:size, :size]
+    image = np.empty((n, c, size, size), np.int16)
+    mask = np.zeros((n, size, size), np.uint8)
+    roi = np.ones((n, size, size), np.uint8)
+    kinds = []
+    for i in range(n):
+        hu = -850 + rng.normal(0, 40, (c, size, size))
+        kind = ("positive", "negative", "hard_negative")[i % 3]
+        if kind == "positive":
+            cy, cx = rng.uniform(8, size - 8, 2)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= rng.uniform(2.5, 5.5) ** 2
+            hu[:, disc] = 40 + rng.normal(0, 30, (c, int(disc.sum())))
+            mask[i] = disc
+        elif kind == "hard_negative":
+            hu[:, int(rng.integers(4, size - 4)), :] = -100
+        strip = int(rng.integers(0, 6))
+        if strip:
+            roi[i, :, :strip] = 0
+        hu[:, roi[i] == 0] = -1000
+        image[i] = np.clip(hu, -1024, 3000)
+        kinds.append(kind)
+    uids = np.repeat([f"1.2.826.0.{k}" for k in range(n_scans)], per_scan)
+    with h5py.File(path, "w") as h5:
+        h5["image"], h5["mask"], h5["roi"] = image, mask, roi
+        h5["seriesuid"] = uids.astype("S")
+        h5["z"] = np.arange(n)
+        h5["y"] = np.full(n, size // 2)
+        h5["x"] = np.full(n, size // 2)
+        h5["kind"] = np.asarray(kinds).astype("S")
+        h5.attrs.update({"context": context, "patch_size": size, "lung_roi": True, "seed": seed})
+    return path
+
+
+def write_folds(path, n_scans=6, n_folds=3):
+    pd.DataFrame({"seriesuid": [f"1.2.826.0.{k}" for k in range(n_scans)],
+                  "fold": [k % n_folds for k in range(n_scans)]}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return write_disc_patches(root / "patches.h5"), write_folds(root / "folds.csv")
+
+
+def run(data, out, fold=0, **overrides):
+    cfg = {**TINY, **overrides}
+    meta = train_fold(data[0], data[1], fold, out_model=out / "model.pt", out_history=out / "history.csv",
+                      checkpoint_dir=out / "checkpoints", threads=2, **cfg)
+    return meta, pd.read_csv(out / "history.csv"), torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    return run(data, tmp_path_factory.mktemp("uninterrupted"))
+
+
+def test_two_cpu_trainings_with_one_seed_give_identical_weights(data, uninterrupted, tmp_path):
+    _, history, weights = run(data, tmp_path)
+    assert same_weights(weights, uninterrupted[2])
+    assert history["val_dice"].tolist() == uninterrupted[1]["val_dice"].tolist()
+    # and another seed gives other weights
+    _, _, other = run(data, tmp_path / "other", seed=4)
+    assert not same_weights(other, weights)
+
+
+def test_a_training_killed_after_epoch_1_resumes_at_epoch_2_with_identical_result(data, uninterrupted, tmp_path, caplog):
+    with pytest.raises(TrainingInterrupted):
+        run(data, tmp_path, stop_after_epoch=1)
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "history.csv").exists()
+    with caplog.at_level(logging.INFO, logger="noduleflow"):
+        _, history, weights = run(data, tmp_path)
+    assert "resuming from" in caplog.text and "after epoch 1" in caplog.text
+    assert history["epoch"].tolist() == [1, 2, 3]  # no repeated epoch
+    assert same_weights(weights, uninterrupted[2])
+    assert history["val_loss"].tolist() == uninterrupted[1]["val_loss"].tolist()
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(data, tmp_path, caplog):
+    with pytest.raises(TrainingInterrupted):
+        run(data, tmp_path, stop_after_epoch=1, epochs=2)
+    with caplog.at_level(logging.INFO, logger="noduleflow"):
+        _, history, _ = run(data, tmp_path, epochs=2, lr=0.005)
+    assert "another configuration" in caplog.text and "resuming" not in caplog.text
+    assert history["epoch"].tolist() == [1, 2]
+
+
+def test_model_file_history_and_the_held_out_fold(data, uninterrupted, tmp_path):
+    meta, history, _ = uninterrupted
+    assert list(history.columns[:6]) == ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
+    folds = pd.read_csv(data[1], dtype={"seriesuid": str})
+    heldout = set(folds.loc[folds["fold"] == 0, "seriesuid"])
+    # model selection and early stopping never see the held-out fold
+    assert heldout == set(meta["heldout_scans"])
+    assert not heldout & (set(meta["train_scans"]) | set(meta["validation_scans"]))
+    assert set(meta["train_scans"]).isdisjoint(meta["validation_scans"])
+    selected = history.dropna(subset=["heldout_patch_dice"])
+    assert len(selected) == 1 and selected["epoch"].item() == meta["best_epoch"]
+    assert selected["val_dice"].item() == history["val_dice"].max()
+    assert selected["heldout_patch_dice"].item() == pytest.approx(meta["heldout_patch_dice"])
+
+
+def test_load_model_rebuilds_what_training_wrote(data, tmp_path):
+    run(data, tmp_path, epochs=1, label_mode="hybrid", loss="dice")
+    model, meta = load_model(tmp_path / "model.pt")
+    assert meta["label_mode"] == "hybrid" and meta["context"] == 1 and meta["patch_size"] == SIZE
+    assert meta["intensity"]["window_hu"] == [-1000, 400] and meta["fold"] == 0 and meta["lung_roi"] is True
+    assert 0.0 <= meta["heldout_patch_dice"] <= 1.0
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 2, SIZE, SIZE)  # hybrid: two heads
+
+
+def test_the_unet_learns_bright_discs(data, tmp_path):
+    from noduleflow.train import evaluate
+
+    meta, history, _ = run(data, tmp_path, epochs=12)
+    assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
+    model, _ = load_model(tmp_path / "model.pt")
+    with h5py.File(data[0], "r") as h5:
+        uids = h5["seriesuid"][()].astype(str)
+        train = np.isin(uids, meta["train_scans"])
+        image, mask, roi = h5["image"][()][train], h5["mask"][()][train], h5["roi"][()][train]
+    _, dice = evaluate(model, image, mask, roi, {"label_mode": "positive", "intensity": meta["intensity"]},
+                       torch.device("cpu"))
+    assert dice > 0.8
+    assert meta["heldout_patch_dice"] > 0.7
+
+
+def test_complementary_training_learns_the_complement(data, tmp_path):
+    meta, history, _ = run(data, tmp_path, epochs=12, label_mode="complementary", loss="dice")
+    assert meta["label_mode"] == "complementary" and meta["model"]["out_channels"] == 1
+    # validation and held-out Dice are of the nodule probability, here 1 - sigmoid(output)
+    assert history["val_dice"].max() > 0.8 and meta["heldout_patch_dice"] > 0.7
+
+
+def test_augmentation_moves_image_and_mask_together_and_is_seeded():
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 3, 16, 16)).astype(np.float32)
+    mask = (image[:, 1] > 0.7).astype(np.uint8)
+    roi = (image[:, 0] > 0.2).astype(np.uint8)
+    cfg = {"flips": True, "rot90": True, "intensity_jitter": 0.0}
+    out_image, out_mask, out_roi = augment_batch(image, mask, roi, cfg, np.random.default_rng(1))
+    assert np.array_equal(out_mask, (out_image[:, 1] > 0.7)) and np.array_equal(out_roi, out_image[:, 0] > 0.2)
+    assert not np.array_equal(out_image, image)
+    again = augment_batch(image, mask, roi, cfg, np.random.default_rng(1))
+    assert all(np.array_equal(a, b) for a, b in zip(again, (out_image, out_mask, out_roi)))
+    jittered = augment_batch(image, mask, roi, {"flips": False, "rot90": False, "intensity_jitter": 0.1},
+                             np.random.default_rng(1))[0]
+    assert 0 < np.abs(jittered - image).max() <= 0.1 * 1 + 0.1 + 1e-6
+
+
+def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(data):
+    with h5py.File(data[0], "r") as h5:
+        image, mask, roi = h5["image"][()], h5["mask"][()], h5["roi"][()]
+    make = lambda epoch: PatchBatches(image, mask, roi, "positive", [-1000, 400], 16,  # noqa: E731
+                                      {"flips": True, "rot90": True, "intensity_jitter": 0.05}, seed=0, epoch=epoch)
+    first, again, other = make(1), make(1), make(2)
+    assert torch.equal(first[3]["image"], again[3]["image"]) and not torch.equal(first[3]["image"], other[3]["image"])
+    loader = torch.utils.data.DataLoader(first, batch_size=None, num_workers=1)
+    for b, batch in enumerate(loader):
+        assert torch.equal(batch["image"], first[b]["image"]) and torch.equal(batch["target"], first[b]["target"])
+
+
+def test_inner_split_is_by_scan_seeded_and_keeps_nodule_scans_on_both_sides():
+    uids = [f"s{i}" for i in range(10)]
+    positive = {u: i < 6 for i, u in enumerate(uids)}
+    fit, val = inner_split(uids, positive, 0.2, seed=0)
+    assert sorted(fit + val) == uids and not set(fit) & set(val)
+    assert len(val) == 2 and any(positive[u] for u in val) and any(positive[u] for u in fit)
+    assert inner_split(uids, positive, 0.2, seed=0) == (fit, val)
+
+
+def test_bad_inputs_are_named_and_nothing_is_written(data, tmp_path):
+    with pytest.raises(InputError, match="fold 7"):
+        run(data, tmp_path, fold=7)
+    with pytest.raises(InputError, match="train.learning_rate"):
+        run(data, tmp_path, learning_rate=0.1)
+    with pytest.raises(InputError, match="missing.h5"):
+        run((tmp_path / "missing.h5", data[1]), tmp_path)
+    assert not any(tmp_path.rglob("*.pt")) and not any(tmp_path.rglob("*.csv"))
