@@ -130,13 +130,13 @@ def loader_vs_step(patches: Path, rounds: int) -> tuple[float, float, float, dic
     batch = int(cfg["batch_size"])
     seen, start = 0, time.perf_counter()
     for epoch in range(1, rounds + 1):
-        batches = PatchBatches(image, mask, roi, cfg["label_mode"], cfg["intensity"]["window_hu"], batch,
+        batches = PatchBatches(image, mask, roi, cfg["label_mode"], cfg["intensity"], batch,
                                augment=cfg["augment"], seed=0, epoch=epoch)
         for b in range(len(batches)):
             seen += len(batches[b]["image"])
     loader_rate = seen / (time.perf_counter() - start + read_seconds)
 
-    sample = PatchBatches(image, mask, roi, cfg["label_mode"], cfg["intensity"]["window_hu"], batch,
+    sample = PatchBatches(image, mask, roi, cfg["label_mode"], cfg["intensity"], batch,
                           augment=cfg["augment"], seed=0, epoch=1)[0]
     torch.manual_seed(0)
     model = UNet2d(image.shape[1], 1, **cfg["model"])

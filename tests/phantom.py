@@ -9,6 +9,7 @@ arrays (z, y, x); voxel centre i at origin + i * spacing (identity direction).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,13 +55,13 @@ def make_phantom(shape_zyx=(40, 160, 160), spacing_xyz=(0.8, 0.8, 2.5), origin_x
     trachea_top = np.array([cx, cy - 0.02 * Y, oz + (nz + 1) * sz])
     bronchus_ends = [c + np.array([0.3 * lung_axes[0] * (1 if c[0] < cx else -1), 0.0, 0.2 * lung_axes[2]])
                      for c in lung_centres]
-    airway_r = max(0.045 * X, 5.0)
-    bronchus_r = max(0.03 * X, 3.5)
+    airway_r = float(np.clip(0.045 * X, 5.0, 9.0))
+    bronchus_r = float(np.clip(0.03 * X, 3.5, 6.0))
 
     # nodules: parenchymal, juxta-pleural (lateral wall of the right-hand lung), optionally a small one
-    r_par = max(0.035 * X, 4.0)
+    r_par = float(np.clip(0.035 * X, 4.0, 6.0))
     par = lung_centres[0] + np.array([0.2 * lung_axes[0], 0.3 * lung_axes[1], -0.25 * lung_axes[2]])
-    r_jp = max(0.04 * X, 4.5)
+    r_jp = float(np.clip(0.04 * X, 4.5, 7.0))
     jp_z = lung_centres[1][2] - 0.1 * lung_axes[2]      # lateral pleura of the right-hand lung
     jp_x = lung_centres[1][0] + lung_axes[0] * np.sqrt(1 - 0.1 ** 2) - 0.75 * r_jp   # sunk 0.25 r
     jp = np.array([jp_x, cy, jp_z])
@@ -103,12 +104,17 @@ def make_phantom(shape_zyx=(40, 160, 160), spacing_xyz=(0.8, 0.8, 2.5), origin_x
         return hu, lung | (labels > 0), labels
 
     zc = oz + np.arange(nz) * sz
-    hu_sum = np.zeros((nz, ny, nx))
-    for k in range(z_supersample):
-        dz = ((k + 0.5) / z_supersample - 0.5) * sz
-        hu_sum += field_at(zc + dz)[0]
-    hu = hu_sum / z_supersample + rng.normal(0.0, noise_hu, size=hu_sum.shape)
-    _, lung, labels = field_at(zc)
+    hu = np.zeros((nz, ny, nx), dtype=np.float32)
+    lung = np.zeros((nz, ny, nx), dtype=bool)
+    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+    step = max(1, 2_000_000 // (nx * ny))     # slices per block: bounded memory at full size
+    for z0 in range(0, nz, step):
+        block = slice(z0, min(z0 + step, nz))
+        for k in range(z_supersample):
+            dz = ((k + 0.5) / z_supersample - 0.5) * sz
+            hu[block] += field_at(zc[block] + dz)[0] / z_supersample
+        _, lung[block], labels[block] = field_at(zc[block])
+    hu += rng.normal(0.0, noise_hu, size=hu.shape).astype(np.float32)
     geometry = Geometry(tuple(map(float, spacing_xyz)), tuple(map(float, origin_xyz)))
     rows = pd.DataFrame({"seriesuid": uid, "coordX": [c[0] for c, _, _ in spheres],
                          "coordY": [c[1] for c, _, _ in spheres], "coordZ": [c[2] for c, _, _ in spheres],
@@ -127,3 +133,10 @@ def write_phantom(ph: Phantom, folder: Path) -> dict[str, Path]:
     write_image(ph.lung, ph.geometry, paths["lung"])
     ph.nodules.to_csv(paths["annotations"], index=False)
     return paths
+
+
+@functools.lru_cache(maxsize=8)
+def cached_phantom(shape_zyx=(40, 160, 160), spacing_xyz=(0.8, 0.8, 2.5), origin_xyz=(-61.3, -170.2, -312.5),
+                   uid: str = "1.2.3.4", seed: int = 0, z_supersample: int = 3) -> Phantom:
+    """:func:`make_phantom`, built once per session for each argument set (do not modify it)."""
+    return make_phantom(shape_zyx, spacing_xyz, origin_xyz, uid=uid, seed=seed, z_supersample=z_supersample)

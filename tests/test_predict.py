@@ -159,7 +159,8 @@ def write_slice_store(path, uid, image, lung, nodule, geometry):
         f.attrs["seriesuid"] = uid
         for key, value in geometry.as_attrs().items():
             f.attrs[key] = value
-        table = np.zeros(image.shape[0], dtype=[("lung_pixels", "i8"), ("nodule_pixels", "i8")])
+        table = np.zeros(image.shape[0], dtype=[("z", "i8"), ("lung_pixels", "i8"), ("nodule_pixels", "i8")])
+        table["z"] = np.arange(image.shape[0])
         table["lung_pixels"] = lung.reshape(len(lung), -1).sum(1)
         table["nodule_pixels"] = (nodule > 0).reshape(len(nodule), -1).sum(1)
         f.create_dataset("slice_table", data=table)

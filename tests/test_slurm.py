@@ -94,11 +94,12 @@ def accounting_enabled() -> bool:
 
 
 def copy_workflow(dest: Path) -> Path:
-    """What a user runs (Snakefile, config, workflow/, profiles/, config/); src/ is installed."""
+    """What a user runs (Snakefile, config, workflow/, profiles/, config/, envs/); src/ is
+    installed. envs/ is needed even without conda: snakemake records each rule's `conda:` file."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "config.yaml"):
         shutil.copy2(REPO_ROOT / name, dest / name)
-    for name in ("workflow", "profiles", "config"):
+    for name in ("workflow", "profiles", "config", "envs"):
         if (REPO_ROOT / name).is_dir():
             shutil.copytree(REPO_ROOT / name, dest / name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__"))

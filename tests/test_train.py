@@ -138,7 +138,8 @@ def test_load_model_rebuilds_what_training_wrote(data, tmp_path):
     run(data, tmp_path, epochs=1, label_mode="hybrid", loss="dice")
     model, meta = load_model(tmp_path / "model.pt")
     assert meta["label_mode"] == "hybrid" and meta["context"] == 1 and meta["patch_size"] == SIZE
-    assert meta["intensity"]["window_hu"] == [-1000, 400] and meta["fold"] == 0 and meta["lung_roi"] is True
+    assert meta["intensity"] == {"mode": "window", "window_hu": [-1000, 400]}
+    assert meta["fold"] == 0 and meta["lung_roi"] is True
     assert 0.0 <= meta["heldout_patch_dice"] <= 1.0
     with torch.no_grad():
         assert model(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 2, SIZE, SIZE)  # hybrid: two heads
@@ -154,8 +155,7 @@ def test_the_unet_learns_bright_discs(data, tmp_path):
         uids = h5["seriesuid"][()].astype(str)
         train = np.isin(uids, meta["train_scans"])
         image, mask, roi = h5["image"][()][train], h5["mask"][()][train], h5["roi"][()][train]
-    _, dice = evaluate(model, image, mask, roi, {"label_mode": "positive", "intensity": meta["intensity"]},
-                       torch.device("cpu"))
+    _, dice = evaluate(model, image, mask, roi, "positive", meta["intensity"])
     assert dice > 0.8
     assert meta["heldout_patch_dice"] > 0.7
 
@@ -186,7 +186,8 @@ def test_augmentation_moves_image_and_mask_together_and_is_seeded():
 def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(data):
     with h5py.File(data[0], "r") as h5:
         image, mask, roi = h5["image"][()], h5["mask"][()], h5["roi"][()]
-    make = lambda epoch: PatchBatches(image, mask, roi, "positive", [-1000, 400], 16,  # noqa: E731
+    window = {"window_hu": [-1000, 400]}
+    make = lambda epoch: PatchBatches(image, mask, roi, "positive", window, 16,  # noqa: E731
                                       {"flips": True, "rot90": True, "intensity_jitter": 0.05}, seed=0, epoch=epoch)
     first, again, other = make(1), make(1), make(2)
     assert torch.equal(first[3]["image"], again[3]["image"]) and not torch.equal(first[3]["image"], other[3]["image"])
@@ -212,3 +213,12 @@ def test_bad_inputs_are_named_and_nothing_is_written(data, tmp_path):
     with pytest.raises(InputError, match="missing.h5"):
         run((tmp_path / "missing.h5", data[1]), tmp_path)
     assert not any(tmp_path.rglob("*.pt")) and not any(tmp_path.rglob("*.csv"))
+
+
+def test_ct_normalisation_stores_its_statistics_for_inference(data, tmp_path):
+    meta, _, _ = run(data, tmp_path, epochs=1, intensity={"mode": "ct"})
+    ct = meta["intensity"]
+    assert ct["mode"] == "ct" and set(ct) >= {"clip_hu", "mean", "std"}
+    assert ct["clip_hu"][0] < 40 < ct["clip_hu"][1] and abs(ct["mean"] - 40) < 20  # the discs' HU
+    _, stored = load_model(tmp_path / "model.pt")
+    assert stored["intensity"] == ct

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -329,8 +330,12 @@ def _read_table(path: str | Path, columns: list[str], diameter: str | None, allo
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        frame = pd.read_csv(path, dtype={"seriesuid": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        # index_col=False: rows with more fields than the header must not silently shift the
+        # columns (pandas would otherwise turn the first fields into an index)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype={"seriesuid": str}, index_col=False)
+    except (pd.errors.ParserError, pd.errors.ParserWarning, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: malformed CSV: {str(exc).strip()}") from exc
     missing = [c for c in columns if c not in frame.columns]
     if missing:

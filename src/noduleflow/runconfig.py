@@ -42,7 +42,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "sample_patches": ("sampling", "slices", "io"),
     "train": ("train", "model", "losses", "intensity", "sampling"),
     "predict": ("predict", "model", "intensity", "slices", "io"),
-    "evaluate": ("evaluate", "froc", "segmetrics", "io"),
+    "evaluate": ("evaluate", "froc", "segmetrics", "predict", "io"),
     "report": ("report", "evaluate", "froc", "segmetrics", "slices"),
     "compare": ("experiments",),
 }

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -42,7 +43,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from noduleflow.io import InputError, atomic_path, open_h5, write_csv_atomic
+from noduleflow.intensity import normalize_intensity
+from noduleflow.io import InputError, atomic_path, write_csv_atomic
 from noduleflow.losses import LOSSES, make_loss
 from noduleflow.model import (LABEL_MODES, UNet2d, build_targets, memory_format_for, nodule_probability,
                               out_channels_for)
@@ -61,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0001,
     "validation_fraction": 0.2,
     "early_stopping_patience": 6,
-    "intensity": {"window_hu": [-1000, 400]},
+    "intensity": {"mode": "window", "window_hu": [-1000, 400]},
     "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05},
     "model": {"depth": 3, "base_filters": 16, "norm": "batch", "dropout": 0.0},
     "device": "auto",
@@ -116,6 +118,8 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
     window = cfg["intensity"]["window_hu"]
     if len(window) != 2 or not float(window[0]) < float(window[1]):
         raise InputError(f"config train.intensity.window_hu: {window!r} must be [low, high] with low < high")
+    if cfg["intensity"]["mode"] not in ("window", "ct"):
+        raise InputError(f"config train.intensity.mode: {cfg['intensity']['mode']!r} is not window or ct")
     return json.loads(json.dumps(cfg))  # plain builtins (stored in model.pt and hashed)
 
 
@@ -143,15 +147,12 @@ def _seed_of(*parts: int) -> int:
 
 def _load_patch_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(arrays of :func:`noduleflow.sampling.load_patches`, file attributes)."""
-    try:
-        from noduleflow.sampling import load_patches
-    except ImportError:  # TEMPORARY fallback until noduleflow.sampling exists
-        load_patches = _read_patches_fallback
+    from noduleflow.sampling import load_patches, read_patch_attrs
+
     if not Path(path).is_file():
         raise InputError(f"{path}: patches file not found")
     arrays = load_patches(path)
-    with open_h5(path) as h5:
-        attrs = {key: h5.attrs[key] for key in ("context", "patch_size", "lung_roi") if key in h5.attrs}
+    attrs = read_patch_attrs(path)
     for key in ("image", "mask", "roi", "seriesuid"):
         if key not in arrays:
             raise InputError(f"{path}: patches file has no '{key}'")
@@ -203,21 +204,23 @@ def inner_split(uids: list[str], has_positive: Mapping[str, bool], fraction: flo
     return sorted(u for u in uids if u not in val_set), sorted(val_set)
 
 
-def _read_patches_fallback(path: Path) -> dict[str, np.ndarray]:
-    """TEMPORARY: the contract's patches.h5 read directly, until noduleflow.sampling exists."""
-    with open_h5(path) as h5:
-        arrays = {key: h5[key][()] for key in ("image", "mask", "roi", "seriesuid")}
-    arrays["seriesuid"] = np.asarray([u.decode() if isinstance(u, bytes) else str(u) for u in arrays["seriesuid"]])
-    return arrays
+def intensity_block(cfg_intensity: Mapping[str, Any], image: np.ndarray, mask: np.ndarray,
+                    roi: np.ndarray) -> dict[str, Any]:
+    """The ``intensity`` block stored in model.pt and used at training and inference
+    (:func:`noduleflow.intensity.normalize_intensity`). ``mode: window``: ``{"mode": "window",
+    "window_hu"}``. ``mode: ct`` (nnU-Net's CT scheme): the statistics of the nodule pixels (inside
+    the ROI, all context channels) of the training patches, from
+    :func:`noduleflow.intensity.ct_statistics`; with no nodule pixel, of all ROI pixels."""
+    if cfg_intensity.get("mode", "window") == "window":
+        return {"mode": "window", "window_hu": [float(v) for v in cfg_intensity["window_hu"]]}
+    from noduleflow.intensity import ct_statistics
 
-
-def _normalize(image_hu: np.ndarray, window_hu) -> np.ndarray:
-    try:
-        from noduleflow.intensity import normalize_hu
-    except ImportError:  # TEMPORARY fallback until noduleflow.intensity exists
-        low, high = float(window_hu[0]), float(window_hu[1])
-        return ((np.clip(image_hu, low, high).astype(np.float32) - low) / (high - low)).astype(np.float32)
-    return normalize_hu(image_hu, window_hu)
+    foreground = (mask > 0) & (roi > 0)
+    if not foreground.any():
+        log.warning("no nodule pixels in the training patches: CT statistics of all ROI pixels")
+        foreground = roi > 0
+    values = np.moveaxis(image, 1, 0)[:, foreground]
+    return {**ct_statistics(values), "window_hu": [float(v) for v in cfg_intensity["window_hu"]]}
 
 
 class PatchBatches(torch.utils.data.Dataset):
@@ -227,11 +230,11 @@ class PatchBatches(torch.utils.data.Dataset):
     so the batches are the same with any number of DataLoader workers."""
 
     def __init__(self, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, label_mode: str,
-                 window_hu, batch_size: int, augment: Mapping[str, Any] | None = None,
+                 intensity: Mapping[str, Any], batch_size: int, augment: Mapping[str, Any] | None = None,
                  seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_last: bool = True):
         self.image, self.mask, self.roi = image, mask, roi
         self.label_mode = label_mode
-        self.window_hu = [float(v) for v in window_hu]
+        self.intensity = dict(intensity)
         self.augment = dict(augment) if augment else None
         self.seed, self.epoch = int(seed), int(epoch)
         n = len(image)
@@ -245,7 +248,7 @@ class PatchBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
         index = self.batches[b]
-        image = _normalize(self.image[index], self.window_hu)
+        image = normalize_intensity(self.image[index], self.intensity)
         mask, roi = self.mask[index], self.roi[index]
         if self.augment:
             image, mask, roi = augment_batch(image, mask, roi, self.augment,
@@ -300,9 +303,12 @@ def _iterate(dataset: PatchBatches, num_workers: int) -> Iterator[dict[str, torc
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, cfg: Mapping,
-             device: torch.device, loss_fn=None, threshold: float = 0.5) -> tuple[float, float]:
-    """(mean loss, Dice) of ``model`` on patches, no augmentation, model in eval mode.
+def evaluate(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, label_mode: str,
+             intensity: Mapping[str, Any], device: torch.device | str = "cpu", loss_fn=None,
+             threshold: float = 0.5) -> tuple[float, float]:
+    """(mean loss, Dice) of ``model`` on patches (``image`` int16 HU (n, c, h, w), ``mask``/``roi``
+    (n, h, w)), normalised with ``intensity`` (a model's intensity block), no augmentation, model
+    in eval mode.
 
     Dice is over all pixels of all patches: nodule probability (positive head for hybrid) above
     ``threshold`` inside the ROI vs the nodule mask; 1.0 when both are empty; NaN without patches.
@@ -310,17 +316,20 @@ def evaluate(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray, roi: n
     if len(image) == 0:
         return float("nan"), float("nan")
     model.eval()
-    data = PatchBatches(image, mask, roi, cfg["label_mode"], cfg["intensity"]["window_hu"], _EVAL_BATCH,
-                        augment=None, shuffle=False, drop_last=False)
+    device = torch.device(device)
+    data = PatchBatches(image, mask, roi, label_mode, intensity, _EVAL_BATCH, augment=None, shuffle=False,
+                        drop_last=False)
+    instance = any(isinstance(m, torch.nn.InstanceNorm2d) for m in model.modules())
+    memory_format = memory_format_for("instance" if instance else "batch")
     total_loss, inter, pred_sum, true_sum = 0.0, 0, 0, 0
     with torch.inference_mode():
         for batch in data:
-            x = batch["image"].to(device).contiguous(memory_format=memory_format_for(cfg.get("model", {}).get("norm", "")))
+            x = batch["image"].to(device).contiguous(memory_format=memory_format)
             logits = model(x).float()
             if loss_fn is not None:
                 loss = loss_fn(logits, batch["target"].to(device), batch["weight"].to(device))
                 total_loss += float(loss) * len(x)
-            prob = nodule_probability(logits, cfg["label_mode"], "positive").cpu()
+            prob = nodule_probability(logits, label_mode, "positive").cpu()
             pred = (prob > threshold) & (batch["weight"][:, 0] > 0)
             true = batch["mask"] > 0
             inter += int((pred & true).sum())
@@ -351,6 +360,21 @@ def _config_hash(cfg: Mapping, fold: int, data_digest: str) -> str:
 
 def _cpu_state(module_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
+
+
+def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` to ``path`` atomically. The temporary file is ``.<name>.<pid>.tmp`` (not
+    ``*.pt``), so nothing that looks like a checkpoint exists before it is complete; stale
+    temporaries of killed runs are removed first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(dict(state), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_checkpoint(path: Path, config_hash: str) -> dict | None:
@@ -453,6 +477,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                             data["val"]["image"], data["val"]["mask"], data["val"]["roi"],
                             np.asarray(fit_scans + ["|"] + val_scans))
     config_hash = _config_hash(cfg, fold, digest)
+    intensity = intensity_block(cfg["intensity"], data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"])
     model_kwargs = {"in_channels": int(data["fit"]["image"].shape[1]),
                     "out_channels": out_channels_for(cfg["label_mode"]), **cfg["model"]}
     checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
@@ -465,7 +490,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
         model = model.to(device).to(memory_format=memory_format)
         optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
         steps = len(PatchBatches(data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"], cfg["label_mode"],
-                                 cfg["intensity"]["window_hu"], int(cfg["batch_size"])))
+                                 intensity, int(cfg["batch_size"])))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=float(cfg["lr"]),
                                                         total_steps=int(cfg["epochs"]) * steps,
                                                         pct_start=_PCT_WARMUP)
@@ -494,7 +519,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
             torch.manual_seed(_seed_of(int(cfg["seed"]), 41, epoch))
             model.train()
             batches = PatchBatches(data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"], cfg["label_mode"],
-                                   cfg["intensity"]["window_hu"], int(cfg["batch_size"]), augment=cfg["augment"],
+                                   intensity, int(cfg["batch_size"]), augment=cfg["augment"],
                                    seed=int(cfg["seed"]), epoch=epoch)
             loss_sum, seen = 0.0, 0
             for batch in _iterate(batches, int(cfg["num_workers"])):
@@ -512,8 +537,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                 loss_sum += float(loss.detach()) * len(x)
                 seen += len(x)
             lr_now = float(optimizer.param_groups[0]["lr"])
-            val_loss, val_dice = evaluate(model, data["val"]["image"], data["val"]["mask"], data["val"]["roi"], cfg,
-                                          device, loss_fn)
+            val_loss, val_dice = evaluate(model, data["val"]["image"], data["val"]["mask"], data["val"]["roi"],
+                                          cfg["label_mode"], intensity, device, loss_fn)
             improved = val_dice > state["best_dice"]
             if improved:
                 state.update(best_dice=val_dice, best_epoch=epoch, best_state=_cpu_state(model.state_dict()),
@@ -532,23 +557,22 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
             if stop_early:
                 log.info("fold %d: early stop after epoch %d (no better validation Dice for %d epochs; best epoch %d)",
                          fold, epoch, state["bad_epochs"], state["best_epoch"])
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(checkpoint_path) as tmp:
-                torch.save({**state, "config_hash": config_hash, "model": _cpu_state(model.state_dict()),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict() if use_amp else {}, "torch": str(torch.__version__)}, tmp)
+            save_checkpoint({**state, "config_hash": config_hash, "model": _cpu_state(model.state_dict()),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict() if use_amp else {}, "torch": str(torch.__version__)},
+                            checkpoint_path)
             if stop_after_epoch is not None and epoch >= int(stop_after_epoch) and not state["finished"]:
                 raise TrainingInterrupted(f"stopped after epoch {epoch} (stop_after_epoch)")
 
         model.load_state_dict(state["best_state"])
         _, heldout_dice = evaluate(model, data["heldout"]["image"], data["heldout"]["mask"], data["heldout"]["roi"],
-                                   cfg, device)
+                                   cfg["label_mode"], intensity, device)
     if math.isnan(heldout_dice):
         log.warning("fold %d: no held-out patches, held-out patch Dice undefined", fold)
     log.info("fold %d: held-out patch Dice %.4f (model of epoch %d, validation Dice %.4f)", fold, heldout_dice,
              state["best_epoch"], state["best_dice"])
 
-    meta = {"model": model_kwargs, "label_mode": cfg["label_mode"], "intensity": cfg["intensity"],
+    meta = {"model": model_kwargs, "label_mode": cfg["label_mode"], "intensity": intensity,
             "context": patch_meta["context"], "patch_size": patch_meta["patch_size"],
             "lung_roi": patch_meta["lung_roi"], "fold": fold, "heldout_patch_dice": float(heldout_dice),
             "best_epoch": int(state["best_epoch"]), "val_dice": float(state["best_dice"]),

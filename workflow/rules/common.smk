@@ -164,6 +164,11 @@ def fold_predictions(wildcards):
     return [f"{base}predictions/fold{k}/candidates.csv" for k in folds_of(wildcards.prefix)]
 
 
+def fold_probabilities(wildcards):
+    base = owner(wildcards, "predict")
+    return [f"{base}predictions/fold{k}/probabilities" for k in folds_of(wildcards.prefix)]
+
+
 def experiment_reports(wildcards):
     """name -> the reports folder of each experiment (the owner of its report stage)."""
     out = {}

@@ -35,6 +35,7 @@ rule report:
     input:
         metrics=fold_reports,
         candidates=fold_predictions,
+        probabilities=fold_probabilities,
         folds=folds_file,
         slices=slice_files,
         annotations=ANNOTATIONS,

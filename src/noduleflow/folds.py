@@ -1,0 +1,196 @@
+"""Stage ``split_folds``: cross-validation folds by scan (or by patient), stratified by nodule presence.
+
+Output ``folds.csv``: ``seriesuid,fold`` (fold 0..K-1), one row per scan, sorted by seriesuid.
+
+The split is scikit-learn's ``StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)``:
+
+* groups are the scans themselves, or the patients of a ``seriesuid,patient`` CSV (``dataset.groups``),
+  so all scans of one patient land in one fold and no slice of a scan is ever on both sides;
+* the class of a scan is whether it has at least one row in ``annotations.csv``, so nodule-bearing
+  scans are spread evenly over the folds (with scans as groups: within one scan per fold).
+
+The scans are sorted by seriesuid before splitting, so the folds depend only on the set of scans,
+the annotations, ``folds`` and ``seed`` — not on the order the scans are listed in.
+When every class has fewer scans than ``folds`` (scikit-learn refuses, e.g. 7 scans in 5 folds with
+3 nodule-bearing ones) a seeded greedy assignment with the same goal is used instead (logged).
+
+A user-supplied split (``cv.split_file``, a ``seriesuid,fold`` CSV) wins: it is validated against
+the scan list and copied (sorted by seriesuid).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from noduleflow.io import InputError, read_annotations, write_csv_atomic
+
+log = logging.getLogger(__name__)
+
+
+def split_folds(annotations_path: str | Path, uids: Sequence[str], out_csv: str | Path,
+                groups_path: str | Path | None = None, folds: int = 5, seed: int = 0,
+                split_file: str | Path | None = None) -> pd.DataFrame:
+    """Assign every scan of ``uids`` to one of ``folds`` folds and write ``out_csv`` (atomically).
+
+    ``annotations_path``: LUNA16 ``annotations.csv`` (world mm; only its ``seriesuid`` column is used
+    here; rows of scans not in ``uids`` are ignored). ``groups_path``: optional CSV
+    ``seriesuid,patient`` (every scan of ``uids`` must be listed). ``split_file``: optional
+    user-supplied ``seriesuid,fold`` CSV that replaces the computed split.
+
+    Returns the written frame (``seriesuid`` str, ``fold`` int), sorted by seriesuid.
+    Raises InputError (naming the file or config key) before anything is written.
+    """
+    uids = _check_uids(uids)
+    folds = int(folds)
+    if folds < 2:
+        raise InputError(f"cv.folds = {folds}: at least 2 folds are needed")
+    if split_file is not None:
+        frame = read_split_file(split_file, uids, folds)
+        log.info("using the user-supplied split %s (%d scans, %d folds)", split_file, len(frame), folds)
+    else:
+        annotations = read_annotations(annotations_path)
+        annotated = set(annotations["seriesuid"])
+        has_nodule = np.array([u in annotated for u in uids], dtype=int)
+        groups = read_groups(groups_path, uids) if groups_path is not None else list(uids)
+        frame = pd.DataFrame({"seriesuid": uids, "fold": assign_folds(has_nodule, groups, folds, int(seed))})
+        if groups_path is not None:
+            log.info("folds grouped by patient (%s): %d patients", groups_path, len(set(groups)))
+        _log_balance(frame, has_nodule, folds)
+    write_csv_atomic(frame, out_csv)
+    log.info("wrote %s (%d scans, %d folds)", out_csv, len(frame), folds)
+    return frame
+
+
+def assign_folds(has_nodule: np.ndarray, groups: Sequence, folds: int, seed: int) -> np.ndarray:
+    """Fold (0..folds-1) of each item: StratifiedGroupKFold over ``groups``, stratified by
+    ``has_nodule`` (0/1 per item). Raises InputError naming ``cv.folds`` when there are fewer groups
+    than folds."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(has_nodule, dtype=int)
+    group_ids = np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
+    n_groups = int(group_ids.max()) + 1 if len(group_ids) else 0
+    what = "scans" if n_groups == len(y) else "patients (dataset.groups)"
+    if n_groups < folds:
+        raise InputError(f"cv.folds = {folds}, but there are only {n_groups} {what}: "
+                         f"every fold needs at least one; lower cv.folds")
+    counts = np.bincount(y, minlength=2)
+    out = np.full(len(y), -1, dtype=int)
+    if np.all(counts[counts > 0] < folds):
+        log.info("fewer than cv.folds = %d scans in each class (%d with nodules, %d without): "
+                 "seeded greedy stratified assignment instead of StratifiedGroupKFold", folds,
+                 counts[1], counts[0])
+        return _greedy_folds(y, group_ids, folds, seed)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for k, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y, group_ids)):
+            out[test] = k
+    return out
+
+
+def _greedy_folds(y: np.ndarray, group_ids: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Groups in a seeded random order, larger (more nodule-bearing) groups first; each goes to the
+    fold with the fewest nodule-bearing items, then the fewest items, then the lowest index."""
+    rng = np.random.default_rng(seed)
+    n_groups = int(group_ids.max()) + 1
+    pos = np.bincount(group_ids, weights=y, minlength=n_groups)
+    size = np.bincount(group_ids, minlength=n_groups)
+    order = rng.permutation(n_groups)
+    order = order[np.lexsort((-size[order], -pos[order]))]
+    fold_pos, fold_size = np.zeros(folds), np.zeros(folds)
+    fold_of_group = np.empty(n_groups, dtype=int)
+    for g in order:
+        k = int(np.lexsort((np.arange(folds), fold_size, fold_pos if pos[g] else fold_size))[0])
+        fold_of_group[g] = k
+        fold_pos[k] += pos[g]
+        fold_size[k] += size[g]
+    return fold_of_group[group_ids]
+
+
+def read_groups(path: str | Path, uids: Sequence[str]) -> list[str]:
+    """Patient of each of ``uids`` from a ``seriesuid,patient`` CSV. Raises InputError naming the file
+    for a missing file or column, a scan listed twice or a scan of ``uids`` that is not listed."""
+    path = Path(path)
+    frame = _read_csv(path, ("seriesuid", "patient"), "dataset.groups")
+    frame["patient"] = frame["patient"].astype(str).str.strip()
+    patients = dict(zip(frame["seriesuid"], frame["patient"]))
+    missing = [u for u in uids if u not in patients]
+    if missing:
+        raise InputError(f"{path}: {len(missing)} scan(s) have no patient, e.g. {missing[0]}")
+    return [patients[u] for u in uids]
+
+
+def read_split_file(path: str | Path, uids: Sequence[str], folds: int) -> pd.DataFrame:
+    """A user-supplied ``seriesuid,fold`` CSV, validated against ``uids`` and ``folds``; sorted by uid.
+
+    Raises InputError naming the file when: it or a column is missing, a scan is listed twice, a
+    scan of ``uids`` is missing, it lists an unknown scan, a fold is not an integer in 0..folds-1,
+    or a fold has no scan.
+    """
+    path = Path(path)
+    frame = _read_csv(path, ("seriesuid", "fold"), "cv.split_file")
+    values = pd.to_numeric(frame["fold"], errors="coerce")
+    bad = values.isna() | (values != values.round()) | (values < 0) | (values >= folds)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(f"{path}: line {row + 2}: fold = {frame['fold'].iloc[row]!r} is not an integer "
+                         f"in 0..{folds - 1} (cv.folds = {folds})")
+    frame["fold"] = values.astype(int)
+    known = set(uids)
+    unknown = sorted(set(frame["seriesuid"]) - known)
+    if unknown:
+        raise InputError(f"{path}: {len(unknown)} seriesuid(s) are not scans of the data set, e.g. {unknown[0]}")
+    missing = sorted(known - set(frame["seriesuid"]))
+    if missing:
+        raise InputError(f"{path}: {len(missing)} scan(s) of the data set have no fold (not listed), "
+                         f"e.g. {missing[0]}")
+    empty = sorted(set(range(folds)) - set(frame["fold"]))
+    if empty:
+        raise InputError(f"{path}: fold {empty[0]} has no scan (cv.folds = {folds}: folds 0..{folds - 1} "
+                         f"must all be used)")
+    return frame[["seriesuid", "fold"]].sort_values("seriesuid", kind="stable").reset_index(drop=True)
+
+
+def _read_csv(path: Path, columns: Sequence[str], key: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"{path}: file not found ({key})")
+    try:
+        frame = pd.read_csv(path, dtype={"seriesuid": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: malformed CSV: {str(exc).strip()}") from exc
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected header {','.join(columns)}")
+    if frame["seriesuid"].isna().any():
+        row = int(np.flatnonzero(frame["seriesuid"].isna().to_numpy())[0])
+        raise InputError(f"{path}: line {row + 2}: empty seriesuid")
+    frame["seriesuid"] = frame["seriesuid"].str.strip()
+    duplicated = frame["seriesuid"].duplicated()
+    if duplicated.any():
+        raise InputError(f"{path}: seriesuid {frame['seriesuid'][duplicated].iloc[0]} is listed twice")
+    return frame
+
+
+def _check_uids(uids: Sequence[str]) -> list[str]:
+    uids = [str(u).strip() for u in uids]
+    if not uids:
+        raise InputError("split_folds: the scan list is empty")
+    if len(set(uids)) != len(uids):
+        seen: set[str] = set()
+        twice = next(u for u in uids if u in seen or seen.add(u))
+        raise InputError(f"split_folds: seriesuid {twice} is listed twice in the scan list")
+    return sorted(uids)
+
+
+def _log_balance(frame: pd.DataFrame, has_nodule: np.ndarray, folds: int) -> None:
+    fold = frame["fold"].to_numpy()
+    for k in range(folds):
+        in_k = fold == k
+        log.info("fold %d: %d scans, %d with nodules", k, int(in_k.sum()), int(has_nodule[in_k].sum()))

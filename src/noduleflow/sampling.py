@@ -1,0 +1,455 @@
+"""Stage ``sample_patches``: balanced 2D training patches from every scan's slice store.
+
+A nodule covers well under 0.1 % of a slice's pixels, so training on whole slices teaches "no
+nodule". This stage draws, from every scan, ``patches_per_scan`` square patches (``patch_size``
+pixels, axial, at the resampled spacing) of three kinds:
+
+* **positive** — centred near a nodule: pick one of the scan's nodules uniformly (so small nodules
+  are not starved by large ones), then one of its voxels uniformly (any slice that shows the
+  nodule can be drawn), then move the centre by a uniform integer jitter of up to
+  ``jitter_fraction * patch_size / 2`` pixels in y and x. The jitter is capped so that the drawn
+  nodule voxel always stays inside the patch: every positive patch contains nodule pixels.
+* **hard_negative** — centred on a lung voxel brighter than ``hard_negative_min_hu`` (vessels,
+  pleura, airway walls: what a detector confuses with nodules), whose patch has no nodule pixel.
+* **negative** — centred on a region-of-interest voxel (the lung mask when ``lung_roi``, else the
+  body: HU > -500 or lung) whose patch has no nodule pixel.
+
+Counts (:func:`patch_counts`): the cohort of S scans gets ``S * patches_per_scan`` patches, of which
+``P = round(S * patches_per_scan * positive_fraction)`` are positive, so the *realised* positive
+fraction is the configured one (to rounding) even though scans without nodules cannot give any
+positives. The negatives are split evenly over all scans, the positives evenly over the
+nodule-bearing scans (which therefore give more than ``patches_per_scan`` patches, the others fewer).
+Of a scan's negatives, ``round(negatives * hard_negative_fraction)`` are hard negatives (fewer when the
+scan has fewer such voxels: each is used once, and plain negatives fill in). Negative centres are
+drawn without replacement (plain negatives with replacement only in a scan with too few voxels).
+
+Each patch has ``c = 2 * context + 1`` channels: the axial slices ``z - context .. z + context``
+(indices clamped at the volume ends, so edge slices repeat). Pixels outside the volume are -1000 HU
+(image) and 0 (masks). With ``lung_roi`` every channel is masked by its own slice's lung mask
+(:func:`noduleflow.intensity.apply_roi`: outside -> -1000 HU), exactly as at inference.
+
+Output ``patches.h5`` (written atomically): ``image`` int16 HU (n, c, h, w), ``mask`` uint8 0/1
+nodule of the centre slice (n, h, w), ``roi`` uint8 (n, h, w) (lung mask of the centre slice, or all
+ones without ``lung_roi``), all chunked one patch per chunk and gzip-compressed; the table
+``seriesuid`` (bytes), ``z``, ``y``, ``x`` (int32 centre voxel, array order), ``kind`` (bytes); attrs
+``context``, ``patch_size``, ``lung_roi``, ``seed`` and the other sampling settings. Patches are stored
+scan by scan in seriesuid order; within a scan positives, then hard negatives, then negatives.
+
+Determinism: every scan draws from its own generator seeded by ``(seed, sha256(seriesuid))``, so the
+file is identical for the same slice stores and settings, whatever the order of ``slice_files``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from noduleflow.intensity import AIR_HU, apply_roi
+from noduleflow.io import InputError, atomic_path, open_h5
+
+log = logging.getLogger(__name__)
+
+KINDS = ("positive", "hard_negative", "negative")
+#: body region without a lung ROI (as at inference): HU above this, or lung
+BODY_MIN_HU = -500
+#: per-patch chunks, compressed (fast gzip level with byte shuffle)
+COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+PATCH_DATASETS = ("image", "mask", "roi")
+TABLE_DATASETS = ("seriesuid", "z", "y", "x", "kind")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Path, lung_roi: bool,
+                            patch_size: int = 64, context: int = 1, patches_per_scan: int = 160,
+                            positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5,
+                            hard_negative_min_hu: float = -500, jitter_fraction: float = 0.35,
+                            seed: int = 0) -> dict:
+    """Sample balanced patches from every slice store in ``slice_files`` into ``out_h5``.
+
+    See the module docstring for the scheme and the file format. ``patch_size`` in pixels,
+    ``hard_negative_min_hu`` in HU. Returns a summary: ``n_patches``, a count per kind, and the
+    realised ``positive_fraction``. Raises InputError (naming the file) for a missing or malformed
+    slice store or a seriesuid found twice, ValueError (naming the ``sampling.*`` key) for a bad
+    setting — before anything is written.
+    """
+    _check_settings(patch_size, context, patches_per_scan, positive_fraction, hard_negative_fraction,
+                    jitter_fraction)
+    scans = survey_slice_stores(slice_files)
+    counts = patch_counts([s["has_nodule"] for s in scans], patches_per_scan, positive_fraction)
+    n_total = sum(p + q for p, q in counts)
+    c = 2 * context + 1
+    started = time.perf_counter()
+    log.info("sampling %d patches of %dx%d px, %d channel(s), from %d scans (%d with nodules); "
+             "planned positive fraction %.4f", n_total, patch_size, patch_size, c, len(scans),
+             sum(s["has_nodule"] for s in scans), sum(p for p, _ in counts) / max(n_total, 1))
+    import h5py
+
+    uid_len = max(len(s["seriesuid"].encode()) for s in scans)
+    tables: list[dict[str, np.ndarray]] = []
+    written = 0
+    with atomic_path(out_h5) as tmp:
+        with h5py.File(tmp, "w") as out:
+            datasets = {
+                name: out.create_dataset(name, shape=(n_total,) + shape, maxshape=(None,) + shape,
+                                         dtype=dtype, chunks=(1,) + shape, track_times=False, **COMPRESSION)
+                for name, shape, dtype in (("image", (c, patch_size, patch_size), np.int16),
+                                           ("mask", (patch_size, patch_size), np.uint8),
+                                           ("roi", (patch_size, patch_size), np.uint8))}
+            for i, (scan, (n_pos, n_neg)) in enumerate(zip(scans, counts), 1):
+                t0 = time.perf_counter()
+                patches, table = sample_scan(scan["path"], lung_roi=lung_roi, n_positive=n_pos,
+                                             n_negative=n_neg, patch_size=patch_size, context=context,
+                                             hard_negative_fraction=hard_negative_fraction,
+                                             hard_negative_min_hu=hard_negative_min_hu,
+                                             jitter_fraction=jitter_fraction, seed=seed)
+                n = len(table["z"])
+                for name in PATCH_DATASETS:
+                    datasets[name][written:written + n] = patches[name]
+                written += n
+                tables.append(table)
+                got = {k: int(np.count_nonzero(table["kind"] == k)) for k in KINDS}
+                log.info("[%d/%d] %s: %d positive, %d hard negative, %d negative (%.2f s)", i, len(scans),
+                         scan["seriesuid"], got["positive"], got["hard_negative"], got["negative"],
+                         time.perf_counter() - t0)
+            for name in PATCH_DATASETS:
+                datasets[name].resize(written, axis=0)
+            table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+            out.create_dataset("seriesuid", data=table["seriesuid"].astype(f"S{uid_len}"), track_times=False)
+            for axis in ("z", "y", "x"):
+                out.create_dataset(axis, data=table[axis].astype(np.int32), track_times=False)
+            out.create_dataset("kind", data=table["kind"].astype(f"S{max(len(k) for k in KINDS)}"),
+                               track_times=False)
+            attrs = {"context": int(context), "patch_size": int(patch_size), "lung_roi": bool(lung_roi),
+                     "seed": int(seed), "patches_per_scan": int(patches_per_scan),
+                     "positive_fraction": float(positive_fraction),
+                     "hard_negative_fraction": float(hard_negative_fraction),
+                     "hard_negative_min_hu": float(hard_negative_min_hu),
+                     "jitter_fraction": float(jitter_fraction), "fill_hu": AIR_HU}
+            for key, value in attrs.items():
+                out.attrs[key] = value
+    summary = {"n_patches": written, **{k: int(np.count_nonzero(table["kind"] == k)) for k in KINDS}}
+    summary["positive_fraction"] = summary["positive"] / max(written, 1)
+    if abs(summary["positive_fraction"] - positive_fraction) > 0.02:
+        log.warning("realised positive fraction %.4f differs from sampling.positive_fraction = %.4f: "
+                    "too few scans with nodules", summary["positive_fraction"], positive_fraction)
+    log.info("wrote %s: %d patches (%d positive = %.4f, %d hard negative, %d negative) in %.1f s", out_h5,
+             written, summary["positive"], summary["positive_fraction"], summary["hard_negative"],
+             summary["negative"], time.perf_counter() - started)
+    return summary
+
+
+def _check_settings(patch_size: int, context: int, patches_per_scan: int, positive_fraction: float,
+                    hard_negative_fraction: float, jitter_fraction: float) -> None:
+    if int(patch_size) < 2:
+        raise ValueError(f"sampling.patch_size = {patch_size}: must be at least 2 pixels")
+    if int(context) < 0:
+        raise ValueError(f"sampling.context = {context}: must be >= 0")
+    if int(patches_per_scan) < 1:
+        raise ValueError(f"sampling.patches_per_scan = {patches_per_scan}: must be >= 1")
+    for key, value in (("positive_fraction", positive_fraction),
+                       ("hard_negative_fraction", hard_negative_fraction), ("jitter_fraction", jitter_fraction)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"sampling.{key} = {value}: must be in [0, 1]")
+
+
+def survey_slice_stores(slice_files: Iterable[str | Path]) -> list[dict]:
+    """One cheap pass over the slice stores (no volumes read when a ``slice_table`` is present):
+    ``[{"seriesuid", "path", "has_nodule"}]`` sorted by seriesuid. Raises InputError naming the file
+    for a missing store or attribute, or a seriesuid found in two stores."""
+    scans: dict[str, dict] = {}
+    for path in slice_files:
+        path = Path(path)
+        with open_h5(path) as store:
+            missing = [n for n in ("image", "lung", "nodule") if n not in store]
+            if missing or "seriesuid" not in store.attrs:
+                what = ", ".join(missing + ([] if "seriesuid" in store.attrs else ["attribute seriesuid"]))
+                raise InputError(f"{path}: not a noduleflow slice store (missing {what})")
+            uid = store.attrs["seriesuid"]
+            uid = uid.decode() if isinstance(uid, bytes) else str(uid)
+            has_nodule = _has_nodule(store)
+        if uid in scans:
+            raise InputError(f"{path}: seriesuid {uid} is also in {scans[uid]['path']}")
+        scans[uid] = {"seriesuid": uid, "path": path, "has_nodule": has_nodule}
+    if not scans:
+        raise InputError("sample_patches: no slice stores given")
+    return [scans[u] for u in sorted(scans)]
+
+
+def _has_nodule(store) -> bool:
+    table = store.get("slice_table")
+    try:
+        if table is not None and "nodule_pixels" in (table.dtype.names or ()):
+            return bool(np.any(table["nodule_pixels"][()] > 0))
+        if table is not None and hasattr(table, "keys") and "nodule_pixels" in table:
+            return bool(np.any(table["nodule_pixels"][()] > 0))
+    except (AttributeError, TypeError):
+        pass
+    nodule = store["nodule"]
+    return any(np.any(nodule[z]) for z in range(nodule.shape[0]))
+
+
+def patch_counts(has_nodule: Sequence[bool], patches_per_scan: int,
+                 positive_fraction: float) -> list[tuple[int, int]]:
+    """(positives, negatives) per scan, scans in the given order, so that the cohort's positive
+    fraction is ``positive_fraction`` although scans without nodules give no positives.
+
+    With S scans of which m have nodules and n = ``patches_per_scan``: the cohort has S * n patches,
+    ``P = round(S * n * positive_fraction)`` of them positive. The S * n - P negatives are split evenly
+    over all scans (every scan shows the model the same amount of normal anatomy); the P positives
+    evenly over the m nodule-bearing scans (so these give more than n patches, the others fewer).
+    Remainders go one each to the first scans. Without any nodule-bearing scan every scan gives n
+    negatives (a warning says so).
+    """
+    has = np.asarray(has_nodule, dtype=bool)
+    n_scans, n = len(has), int(patches_per_scan)
+    bearing = np.flatnonzero(has)
+    positives = np.zeros(n_scans, dtype=np.int64)
+    negatives = np.full(n_scans, n, dtype=np.int64)
+    wanted = int(round(n_scans * n * positive_fraction))
+    if len(bearing) == 0:
+        if wanted:
+            log.warning("no scan has nodule pixels: no positive patches (sampling.positive_fraction = %s)",
+                        positive_fraction)
+        return [(0, int(v)) for v in negatives]
+    base, extra = divmod(wanted, len(bearing))
+    positives[bearing] = base
+    positives[bearing[:extra]] += 1
+    base, extra = divmod(n_scans * n - wanted, n_scans)
+    negatives[:] = base
+    negatives[:extra] += 1
+    return [(int(p), int(q)) for p, q in zip(positives, negatives)]
+
+
+# --------------------------------------------------------------------------- one scan
+
+
+def scan_rng(seed: int, uid: str) -> np.random.Generator:
+    """The generator of one scan: seeded by (seed, sha256 of the seriesuid), order-independent."""
+    digest = hashlib.sha256(uid.encode()).digest()
+    words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+    return np.random.default_rng([int(seed), *words])
+
+
+def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: int, patch_size: int = 64,
+                context: int = 1, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
+                jitter_fraction: float = 0.35,
+                seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
+    "kind"}``): ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
+    negatives, of which a ``hard_negative_fraction`` share hard ones. Generator: :func:`scan_rng`."""
+    from noduleflow.slices import read_slice_store
+
+    path = Path(path)
+    image, lung, nodule, _ = read_slice_store(path)
+    with open_h5(path) as store:
+        uid = store.attrs["seriesuid"]
+        uid = uid.decode() if isinstance(uid, bytes) else str(uid)
+    for name, array in (("lung", lung), ("nodule", nodule)):
+        if array.shape != image.shape:
+            raise InputError(f"{path}: {name} {array.shape} and image {image.shape} differ in shape (z, y, x)")
+    rng = scan_rng(seed, uid)
+    centres, kinds = choose_centres(image, lung, nodule, rng, lung_roi=lung_roi, n_positive=n_positive,
+                                    n_negative=n_negative, patch_size=patch_size,
+                                    hard_negative_fraction=hard_negative_fraction,
+                                    hard_negative_min_hu=hard_negative_min_hu, jitter_fraction=jitter_fraction)
+    if len(kinds) < n_positive + n_negative:
+        log.warning("%s: only %d of %d patches (%s)", uid, len(kinds), n_positive + n_negative,
+                    "no nodule voxel" if n_positive and "positive" not in kinds else "too few voxels")
+    patches = cut_patches(image, lung, nodule, centres, patch_size=patch_size, context=context, lung_roi=lung_roi)
+    table = {"seriesuid": np.full(len(kinds), uid, dtype=object).astype(str),
+             "z": centres[:, 0], "y": centres[:, 1], "x": centres[:, 2], "kind": np.asarray(kinds, dtype=str)}
+    return patches, table
+
+
+def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rng: np.random.Generator,
+                   lung_roi: bool, n_positive: int, n_negative: int, patch_size: int,
+                   hard_negative_fraction: float, hard_negative_min_hu: float,
+                   jitter_fraction: float) -> tuple[np.ndarray, list[str]]:
+    """Patch centres (k, 3) int64 voxel indices (z, y, x) and their kinds (positives, then hard
+    negatives, then negatives). Volumes (z, y, x): image HU, lung 0/1, nodule ids."""
+    positives = positive_centres(nodule, rng, n_positive, patch_size, jitter_fraction)
+    n_neg = int(n_negative)
+    n_hard = int(round(n_neg * hard_negative_fraction))
+    blocked = nodule_windows(nodule, patch_size)  # z -> centres whose patch holds a nodule pixel
+
+    def nodule_free(candidates: np.ndarray) -> np.ndarray:
+        for z, block in blocked.items():
+            candidates[z] &= ~block
+        return candidates
+
+    lung_b = lung > 0
+    hard = np.zeros((0, 3), dtype=np.int64)
+    if n_hard:
+        hard = _draw(nodule_free(lung_b & (image > hard_negative_min_hu)), n_hard, rng, replace=False)
+    n_plain = n_neg - len(hard)
+    plain = np.zeros((0, 3), dtype=np.int64)
+    if n_plain:
+        roi = nodule_free(lung_b if lung_roi else (lung_b | (image > BODY_MIN_HU)))
+        plain = _draw(roi, n_plain, rng, replace=True)
+    if len(plain) < n_plain:  # no ROI voxel with a nodule-free patch: anywhere nodule-free
+        more = _draw(nodule_free(np.ones(nodule.shape, dtype=bool)), n_plain - len(plain), rng, replace=True)
+        plain = np.concatenate([plain, more])
+    centres = np.concatenate([positives, hard, plain]).astype(np.int64)
+    kinds = ["positive"] * len(positives) + ["hard_negative"] * len(hard) + ["negative"] * len(plain)
+    return centres, kinds
+
+
+def positive_centres(nodule: np.ndarray, rng: np.random.Generator, n: int, patch_size: int,
+                     jitter_fraction: float) -> np.ndarray:
+    """``n`` positive centres (z, y, x): a nodule id uniformly, one of its voxels uniformly, then a
+    uniform in-plane jitter of at most ``jitter_fraction * patch_size / 2`` px (capped so that the
+    voxel stays inside the patch), clamped to the volume. Empty when there is no nodule voxel."""
+    if n <= 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    zs = np.flatnonzero(nodule.reshape(nodule.shape[0], -1).any(axis=1))
+    if zs.size == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    sub = nodule[zs]  # the slices that show a nodule; flat order as in the whole volume
+    flat = np.flatnonzero(sub)
+    labels = sub.ravel()[flat]
+    ids, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")  # voxels grouped by nodule, flat order inside
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    which = rng.integers(len(ids), size=n)
+    voxel = flat[order[starts[which] + rng.integers(0, counts[which])]]
+    centres = np.stack(np.unravel_index(voxel, sub.shape), axis=1).astype(np.int64)
+    centres[:, 0] = zs[centres[:, 0]]
+    max_jitter = min(int(jitter_fraction * patch_size / 2), patch_size - 1 - patch_size // 2)
+    if max_jitter > 0:
+        centres[:, 1:] += rng.integers(-max_jitter, max_jitter + 1, size=(n, 2))
+    centres[:, 1] = np.clip(centres[:, 1], 0, nodule.shape[1] - 1)
+    centres[:, 2] = np.clip(centres[:, 2], 0, nodule.shape[2] - 1)
+    return centres
+
+
+def window_bounds(centre: np.ndarray | int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and one-past-last pixel of the patch window along one axis: ``[c - p//2, c - p//2 + p)``."""
+    start = np.asarray(centre) - patch_size // 2
+    return start, start + patch_size
+
+
+def nodule_windows(nodule: np.ndarray, patch_size: int) -> dict[int, np.ndarray]:
+    """For each slice z that shows a nodule: bool (y, x), True where a patch centred on that pixel
+    would contain a nodule pixel of the slice (separable running sums along y, then x). Other
+    slices block nothing."""
+    blocked: dict[int, np.ndarray] = {}
+    per_slice = nodule.reshape(nodule.shape[0], -1).any(axis=1)
+    _, h, w = nodule.shape
+    y0, y1 = (np.clip(b, 0, h) for b in window_bounds(np.arange(h), patch_size))
+    x0, x1 = (np.clip(b, 0, w) for b in window_bounds(np.arange(w), patch_size))
+    for z in np.flatnonzero(per_slice):
+        run = np.zeros((h + 1, w), dtype=np.int32)
+        np.cumsum(nodule[z] > 0, axis=0, dtype=np.int32, out=run[1:])
+        rows = (run[y1] - run[y0]) > 0  # any nodule pixel in the window's rows, per column
+        run = np.zeros((h, w + 1), dtype=np.int32)
+        np.cumsum(rows, axis=1, dtype=np.int32, out=run[:, 1:])
+        blocked[int(z)] = (run[:, x1] - run[:, x0]) > 0
+    return blocked
+
+
+def _draw(candidates: np.ndarray, n: int, rng: np.random.Generator, replace: bool) -> np.ndarray:
+    """Up to ``n`` voxels (z, y, x) drawn uniformly from the True voxels of ``candidates``: without
+    replacement (all of them if fewer), or with replacement only when there are fewer than ``n``.
+    Memory-light: picks ranks, then finds each rank's slice and position."""
+    if n <= 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    per_slice = np.count_nonzero(candidates.reshape(candidates.shape[0], -1), axis=1)
+    total = int(per_slice.sum())
+    if total == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    if total >= n:
+        ranks = np.sort(rng.choice(total, size=n, replace=False))
+    elif replace:
+        ranks = np.sort(rng.integers(0, total, size=n))
+    else:
+        ranks = np.arange(total)
+    ends = np.cumsum(per_slice)
+    zs = np.searchsorted(ends, ranks, side="right")
+    out = np.empty((len(ranks), 3), dtype=np.int64)
+    for z in np.unique(zs):
+        rows = np.flatnonzero(zs == z)
+        flat = np.flatnonzero(candidates[z])[ranks[rows] - (ends[z] - per_slice[z])]
+        out[rows, 0] = z
+        out[rows, 1], out[rows, 2] = np.unravel_index(flat, candidates.shape[1:])
+    return out
+
+
+def cut_patches(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, centres: np.ndarray, patch_size: int,
+                context: int, lung_roi: bool) -> dict[str, np.ndarray]:
+    """``image`` int16 (k, c, p, p) (ROI applied per channel when ``lung_roi``), ``mask`` and ``roi``
+    uint8 (k, p, p) of the centre slice, for centres (k, 3) (z, y, x). Outside the volume: -1000 HU
+    and 0; channels are slices ``z - context .. z + context`` clamped to the volume."""
+    k, p, c = len(centres), patch_size, 2 * context + 1
+    depth, h, w = image.shape
+    img = np.full((k, c, p, p), AIR_HU, dtype=np.int16)
+    lng = np.zeros((k, c, p, p), dtype=np.uint8)
+    nod = np.zeros((k, p, p), dtype=np.uint8)
+    offsets = np.arange(-context, context + 1)
+    for i, (z, y, x) in enumerate(centres):
+        zs = np.clip(z + offsets, 0, depth - 1)
+        (ya, yb), (xa, xb) = window_bounds(y, p), window_bounds(x, p)
+        y0, y1, x0, x1 = max(ya, 0), min(yb, h), max(xa, 0), min(xb, w)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        dst = (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
+        img[i, :, dst[0], dst[1]] = image[zs, y0:y1, x0:x1]
+        lng[i, :, dst[0], dst[1]] = lung[zs, y0:y1, x0:x1] > 0
+        nod[i, dst[0], dst[1]] = nodule[z, y0:y1, x0:x1] > 0
+    if lung_roi:
+        img = apply_roi(img, lng)
+        roi = lng[:, context].copy()
+    else:
+        roi = np.ones((k, p, p), dtype=np.uint8)
+    return {"image": img, "mask": nod, "roi": roi}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_patches(path: str | Path, uids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """All patches of ``patches.h5`` in memory (or only those of the scans ``uids``; uids without
+    patches are ignored): ``image`` int16 (n, c, h, w), ``mask``/``roi`` uint8 (n, h, w),
+    ``seriesuid``/``kind`` str arrays, ``z``/``y``/``x`` int centre voxels; file order."""
+    path = Path(path)
+    with open_h5(path) as store:
+        missing = [n for n in PATCH_DATASETS + TABLE_DATASETS if n not in store]
+        if missing:
+            raise InputError(f"{path}: not a patches file (missing {', '.join(missing)})")
+        seriesuid = store["seriesuid"][()].astype(str)
+        if uids is None:
+            out = {name: store[name][()] for name in PATCH_DATASETS + ("z", "y", "x", "kind")}
+        else:
+            keep = np.flatnonzero(np.isin(seriesuid, np.asarray(list(uids), dtype=str)))
+            runs = _runs(keep)
+            out = {}
+            for name in PATCH_DATASETS + ("z", "y", "x", "kind"):
+                dset = store[name]
+                parts = [dset[a:b] for a, b in runs]
+                out[name] = np.concatenate(parts) if parts else np.zeros((0,) + dset.shape[1:], dset.dtype)
+            seriesuid = seriesuid[keep]
+    out["seriesuid"] = seriesuid
+    out["kind"] = out["kind"].astype(str)
+    return out
+
+
+def read_patch_attrs(path: str | Path) -> dict:
+    """The settings a patches file was sampled with (``context``, ``patch_size``, ``lung_roi``, ``seed``, ...)."""
+    with open_h5(path) as store:
+        return {key: (value.item() if hasattr(value, "item") else value) for key, value in store.attrs.items()}
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted indices -> [(start, stop)] of their contiguous runs."""
+    if len(index) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1)
+    starts = np.concatenate([[index[0]], index[breaks + 1]])
+    stops = np.concatenate([index[breaks] + 1, [index[-1] + 1]])
+    return list(zip(starts.tolist(), stops.tolist()))

@@ -1,0 +1,291 @@
+"""Balanced patch sampling (noduleflow.sampling) on small hand-built slice stores."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from noduleflow.io import Geometry
+from noduleflow.sampling import load_patches, patch_counts, sample_balanced_patches
+from noduleflow.slices import slice_table_of
+
+SPACING = (1.0, 1.0, 1.0)
+
+
+def make_store(path: Path, uid: str, seed: int, nodules: list[tuple[int, int, int, int]]) -> Path:
+    """A 24x96x96 scan: body ~40 HU, one lung box -850 HU with bright 'vessels', spherical nodules
+    (z, y, x, radius) labelled 1, 2, ..."""
+    rng = np.random.default_rng(seed)
+    shape = (24, 96, 96)
+    image = np.full(shape, 40, dtype=np.int16)
+    image[:, :4, :] = -1000  # outside air
+    lung = np.zeros(shape, dtype=np.uint8)
+    lung[:, 12:84, 10:86] = 1
+    image[lung > 0] = -850
+    for _ in range(12):  # vessels: bright short tubes along z
+        y, x = rng.integers(16, 80, size=2)
+        image[:, y - 1:y + 2, x - 1:x + 2] = 30
+    image = (image + rng.normal(0, 15, shape)).astype(np.int16)
+    nodule = np.zeros(shape, dtype=np.uint8)
+    zz, yy, xx = np.indices(shape)
+    for label, (z, y, x, r) in enumerate(nodules, 1):
+        ball = (zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+        nodule[ball] = label
+        image[ball] = 20
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=image, chunks=(1, 96, 96))
+        f.create_dataset("lung", data=lung, chunks=(1, 96, 96))
+        f.create_dataset("nodule", data=nodule, chunks=(1, 96, 96))
+        f.create_dataset("slice_table", data=slice_table_of(lung, nodule))
+        f.attrs.update({"seriesuid": uid, **Geometry(SPACING, (-100.0, -120.0, -300.0)).as_attrs()})
+    return path
+
+
+@pytest.fixture()
+def stores(tmp_path):
+    return [
+        make_store(tmp_path / "a.h5", "1.1", 0, [(10, 40, 40, 4), (15, 70, 70, 2)]),
+        make_store(tmp_path / "b.h5", "1.2", 1, []),
+        make_store(tmp_path / "c.h5", "1.3", 2, [(5, 30, 60, 3)]),
+        make_store(tmp_path / "d.h5", "1.4", 3, []),
+    ]
+
+
+def sample(stores, out, **kwargs):
+    cfg = dict(patch_size=32, context=1, patches_per_scan=60, positive_fraction=0.5,
+               hard_negative_fraction=0.5, hard_negative_min_hu=-500, jitter_fraction=0.35, seed=3)
+    cfg.update(kwargs)
+    sample_balanced_patches(stores, out, lung_roi=cfg.pop("lung_roi", True), **cfg)
+    return load_patches(out)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7])
+def test_realised_positive_fraction_matches_config_despite_scans_without_nodules(stores, tmp_path, fraction):
+    patches = sample(stores, tmp_path / "p.h5", positive_fraction=fraction)
+    realised = np.mean(patches["kind"] == "positive")
+    assert abs(realised - fraction) <= 0.02
+
+
+def test_positive_patches_hold_nodule_pixels_and_negatives_none(stores, tmp_path):
+    patches = sample(stores, tmp_path / "p.h5")
+    has_nodule = patches["mask"].reshape(len(patches["mask"]), -1).any(axis=1)
+    positive = patches["kind"] == "positive"
+    assert positive.any() and has_nodule[positive].all()
+    assert not has_nodule[~positive].any()
+    # positives are not always centred: the jitter moves centres off the nodule
+    centre = patches["mask"][:, 16, 16]
+    assert (centre[positive] == 0).any()
+
+
+def test_hard_negatives_are_centred_on_bright_lung_voxels(stores, tmp_path):
+    patches = sample(stores, tmp_path / "p.h5", hard_negative_min_hu=-500)
+    hard = np.flatnonzero(patches["kind"] == "hard_negative")
+    assert len(hard) > 0
+    by_uid = {}
+    for path in stores:
+        with h5py.File(path, "r") as f:
+            by_uid[f.attrs["seriesuid"]] = (f["image"][...], f["lung"][...])
+    for i in hard:
+        image, lung = by_uid[patches["seriesuid"][i]]
+        z, y, x = patches["z"][i], patches["y"][i], patches["x"][i]
+        assert lung[z, y, x] == 1 and image[z, y, x] >= -500
+
+
+def test_context_channels_are_the_neighbouring_slices_with_roi_applied(stores, tmp_path):
+    patches = sample(stores, tmp_path / "p.h5", context=2)
+    assert patches["image"].shape[1:] == (5, 32, 32)
+    with h5py.File(stores[0], "r") as f:
+        image, lung = f["image"][...], f["lung"][...]
+    i = int(np.flatnonzero(patches["seriesuid"] == "1.1")[0])
+    z, y, x = patches["z"][i], patches["y"][i], patches["x"][i]
+    for channel, dz in enumerate(range(-2, 3)):
+        zz = min(max(z + dz, 0), image.shape[0] - 1)
+        expected = np.full((32, 32), -1000, dtype=np.int16)
+        y0, x0 = y - 16, x - 16
+        ys, xs = slice(max(y0, 0), min(y0 + 32, 96)), slice(max(x0, 0), min(x0 + 32, 96))
+        window = np.where(lung[zz, ys, xs] > 0, image[zz, ys, xs], -1000)
+        expected[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = window
+        np.testing.assert_array_equal(patches["image"][i, channel], expected)
+
+
+def test_without_lung_roi_the_whole_body_is_seen(stores, tmp_path):
+    patches = sample(stores, tmp_path / "p.h5", lung_roi=False)
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        assert not f.attrs["lung_roi"]
+    # body pixels outside the lung keep their HU (no -1000 fill) and count as ROI
+    assert (patches["image"] > -500).any()
+    assert patches["roi"].mean() > 0.5
+
+
+def test_sampling_is_deterministic_and_independent_of_file_order(stores, tmp_path):
+    first = sample(stores, tmp_path / "p1.h5")
+    second = sample(list(reversed(stores)), tmp_path / "p2.h5")
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
+    other = sample(stores, tmp_path / "p3.h5", seed=4)
+    assert not np.array_equal(first["y"], other["y"])
+
+
+def test_load_patches_restricts_to_uids(stores, tmp_path):
+    sample(stores, tmp_path / "p.h5")
+    some = load_patches(tmp_path / "p.h5", uids=["1.2"])
+    assert set(some["seriesuid"]) == {"1.2"} and len(some["image"]) == len(some["z"]) > 0
+
+
+def test_patch_counts_spread_positives_over_nodule_scans():
+    counts = patch_counts([True, False, True, False], patches_per_scan=10, positive_fraction=0.5)
+    assert counts == [(10, 5), (0, 5), (10, 5), (0, 5)]
+    positives = sum(p for p, _ in counts)
+    assert positives / sum(p + n for p, n in counts) == 0.5
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+def test_nodule_windows_match_a_brute_force_search():
+    from noduleflow.sampling import nodule_windows, window_bounds
+
+    rng = np.random.default_rng(0)
+    nodule = np.zeros((3, 23, 19), dtype=np.uint8)
+    nodule[1][rng.random((23, 19)) > 0.985] = 2
+    for p in (6, 7):
+        blocked = nodule_windows(nodule, p)
+        assert set(blocked) == {1}
+        for y in range(23):
+            for x in range(19):
+                (ya, yb), (xa, xb) = window_bounds(y, p), window_bounds(x, p)
+                expect = nodule[1, max(ya, 0):yb, max(xa, 0):xb].any()
+                assert blocked[1][y, x] == expect
+
+
+def test_border_patches_are_padded_with_air_and_context_slices_clamp():
+    from noduleflow.sampling import cut_patches
+
+    image = (np.arange(3 * 6 * 6).reshape(3, 6, 6) - 50).astype(np.int16)
+    lung = np.ones((3, 6, 6), dtype=np.uint8)
+    lung[1, 0, 0] = 0
+    nodule = np.zeros((3, 6, 6), dtype=np.uint8)
+    nodule[0, 0, 1] = 1
+    out = cut_patches(image, lung, nodule, np.array([[0, 0, 0]]), patch_size=4, context=1, lung_roi=True)
+    img, mask, roi = out["image"][0], out["mask"][0], out["roi"][0]
+    # window rows/cols -2..1: the first two are outside the volume
+    assert (img[:, :2, :] == -1000).all() and (img[:, :, :2] == -1000).all()
+    assert not mask[:2].any() and not roi[:2].any() and not roi[:, :2].any()
+    np.testing.assert_array_equal(img[0, 2:, 2:], image[0, :2, :2])  # channel z-1 clamps to slice 0
+    np.testing.assert_array_equal(img[1, 2:, 2:], image[0, :2, :2])
+    np.testing.assert_array_equal(img[2, 2:, 2:], np.where(lung[1, :2, :2] > 0, image[1, :2, :2], -1000))
+    assert mask[2, 3] == 1 and mask.sum() == 1
+    plain = cut_patches(image, lung, nodule, np.array([[0, 0, 0]]), patch_size=4, context=1, lung_roi=False)
+    assert (plain["roi"] == 1).all()
+    np.testing.assert_array_equal(plain["image"][0, 2, 2:, 2:], image[1, :2, :2])  # no ROI fill
+
+
+def test_small_nodules_get_as_many_positives_as_large_ones_and_jitter_is_bounded():
+    from noduleflow.sampling import positive_centres
+
+    shape = (30, 80, 80)
+    zz, yy, xx = np.indices(shape)
+    nodule = np.zeros(shape, dtype=np.uint8)
+    nodule[(zz - 15) ** 2 + (yy - 30) ** 2 + (xx - 30) ** 2 <= 49] = 1   # ~1400 voxels
+    nodule[(zz - 10) ** 2 + (yy - 60) ** 2 + (xx - 60) ** 2 <= 1] = 2    # 7 voxels
+    rng = np.random.default_rng(0)
+    centres = positive_centres(nodule, rng, 400, patch_size=32, jitter_fraction=0.0)
+    labels = nodule[tuple(centres.T)]
+    assert (labels > 0).all()
+    assert 0.4 < np.mean(labels == 2) < 0.6
+    # every slice that shows a nodule is eligible: all 3 slices of the small one, nearly all 15 of the big one
+    assert set(centres[labels == 2, 0]) == {9, 10, 11}
+    assert len(np.unique(centres[labels == 1, 0])) >= 13
+    jittered = positive_centres(nodule, np.random.default_rng(1), 400, patch_size=32, jitter_fraction=0.35)
+    j = int(0.35 * 32 / 2)
+    for z, y, x in jittered:
+        assert nodule[z, y - j:y + j + 1, x - j:x + j + 1].any()
+    assert (nodule[tuple(jittered.T)] == 0).any()
+
+
+def test_patch_counts_without_nodule_scans_give_only_negatives_and_round_globally():
+    counts = patch_counts([False, False], patches_per_scan=7, positive_fraction=0.5)
+    assert counts == [(0, 7), (0, 7)]
+    counts = patch_counts([True, False, False], patches_per_scan=5, positive_fraction=0.3)
+    assert sum(p for p, _ in counts) == round(15 * 0.3) and sum(n for _, n in counts) == 15 - round(15 * 0.3)
+    assert max(n for _, n in counts) - min(n for _, n in counts) <= 1
+
+
+def test_a_scan_without_bright_lung_voxels_fills_hard_negatives_with_plain_ones(tmp_path):
+    path = make_store(tmp_path / "a.h5", "2.1", 0, [(10, 40, 40, 3)])
+    with h5py.File(path, "r+") as f:
+        image = f["image"][...]
+        image[(f["lung"][...] > 0) & (f["nodule"][...] == 0)] = -850
+        f["image"][...] = image
+    patches = sample([path], tmp_path / "p.h5", patches_per_scan=40)
+    assert len(patches["kind"]) == 40 and np.sum(patches["kind"] == "positive") == 20
+    assert np.sum(patches["kind"] == "negative") == 20
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def test_patches_file_layout_and_identical_bytes(stores, tmp_path):
+    import hashlib
+
+    sample(stores, tmp_path / "p1.h5")
+    sample(stores, tmp_path / "p2.h5")
+    digests = [hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in ("p1.h5", "p2.h5")]
+    assert digests[0] == digests[1]
+    with h5py.File(tmp_path / "p1.h5", "r") as f:
+        n = f["image"].shape[0]
+        assert f["image"].dtype == np.int16 and f["image"].shape == (n, 3, 32, 32)
+        assert f["image"].chunks == (1, 3, 32, 32) and f["image"].compression == "gzip"
+        assert f["mask"].dtype == np.uint8 and f["roi"].shape == (n, 32, 32)
+        for key in ("seriesuid", "z", "y", "x", "kind"):
+            assert f[key].shape == (n,)
+        assert f["kind"].dtype.kind == "S" and f["seriesuid"].dtype.kind == "S"
+        assert (f.attrs["context"], f.attrs["patch_size"], bool(f.attrs["lung_roi"]), f.attrs["seed"]) == (1, 32, True, 3)
+    patches = load_patches(tmp_path / "p1.h5")
+    assert set(np.unique(patches["mask"])) <= {0, 1} and set(np.unique(patches["roi"])) <= {0, 1}
+    # the ROI is applied: every pixel outside it is air
+    assert (patches["image"][:, 1][patches["roi"] == 0] == -1000).all()
+
+
+def test_load_patches_subset_equals_the_rows_of_the_full_load(stores, tmp_path):
+    full = sample(stores, tmp_path / "p.h5")
+    some = load_patches(tmp_path / "p.h5", uids=["1.3", "1.1", "7.7"])
+    rows = np.isin(full["seriesuid"], ["1.1", "1.3"])
+    for key in full:
+        np.testing.assert_array_equal(some[key], full[key][rows])
+    none = load_patches(tmp_path / "p.h5", uids=[])
+    assert none["image"].shape == (0, 3, 32, 32) and len(none["seriesuid"]) == 0
+
+
+def test_bad_inputs_raise_before_writing(stores, tmp_path):
+    from noduleflow.io import InputError
+
+    out = tmp_path / "p.h5"
+    with pytest.raises(InputError, match="b.h5.*1.1"):
+        sample([stores[0], make_store(tmp_path / "b.h5", "1.1", 5, [])], out)
+    with pytest.raises(InputError, match="missing.h5"):
+        sample([stores[0], tmp_path / "missing.h5"], out)
+    with pytest.raises(ValueError, match="sampling.positive_fraction"):
+        sample(stores, out, positive_fraction=1.5)
+    assert not out.exists()
+
+
+def test_sampling_through_the_slice_store_writer(tmp_path):
+    """End to end from .mha volumes through noduleflow.slices.extract_slices."""
+    from noduleflow.io import write_image
+    from noduleflow.slices import extract_slices
+
+    make_store(tmp_path / "src.h5", "3.1", 0, [(12, 50, 50, 4)])
+    with h5py.File(tmp_path / "src.h5", "r") as f:
+        arrays = {name: f[name][...] for name in ("image", "lung", "nodule")}
+    geometry = Geometry(SPACING, (-100.0, -120.0, -300.0))
+    for name, array in arrays.items():
+        write_image(array, geometry, tmp_path / f"{name}.mha")
+    extract_slices(tmp_path / "image.mha", tmp_path / "lung.mha", tmp_path / "nodule.mha", "3.1",
+                   tmp_path / "3.1.h5")
+    via_writer = sample([tmp_path / "3.1.h5"], tmp_path / "p.h5", patches_per_scan=30)
+    direct = sample([tmp_path / "src.h5"], tmp_path / "q.h5", patches_per_scan=30)
+    for key in direct:
+        np.testing.assert_array_equal(via_writer[key], direct[key])
+    assert np.sum(via_writer["kind"] == "positive") == 15
