@@ -32,7 +32,7 @@ def copy_workflow(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "config.yaml"):
         shutil.copy2(REPO_ROOT / name, dest / name)
-    for name in ("workflow", "profiles", "config"):
+    for name in ("workflow", "profiles", "config", "envs"):
         if (REPO_ROOT / name).exists():
             shutil.copytree(REPO_ROOT / name, dest / name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__"))

@@ -56,8 +56,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".part" + suffix, dir=path.parent)
+    # seriesuids are full of dots: only a known double suffix counts as one
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else (path.suffix or ".tmp")
+    fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part" + suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -276,8 +277,9 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compres
     path = Path(path)
     if path.suffix.lower() == ".mhd":
         # a header + .raw pair: write both under temporary names, then rename the data first
+        # (the inner context exits first), so a header never points at a missing data file
         raw = path.with_suffix(".raw")
-        with atomic_path(raw) as tmp_raw, atomic_path(path) as tmp_mhd:
+        with atomic_path(path) as tmp_mhd, atomic_path(raw) as tmp_raw:
             tmp_base = tmp_mhd.with_name(tmp_mhd.name[: -len(".mhd")])
             sitk.WriteImage(image, str(tmp_base) + ".mhd", False)
             os.replace(str(tmp_base) + ".raw", tmp_raw)

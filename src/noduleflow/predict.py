@@ -4,7 +4,7 @@ For each held-out scan (``folds.csv``), the 2D U-Net runs over every axial slice
 (``lung_roi`` true) or body (``lung_roi`` false: any voxel above -500 HU), with the same inputs as
 in training: ``2*context+1`` neighbouring slices as channels (edge slices repeated at the volume
 border), pixels outside the lung set to -1000 HU when ``lung_roi`` (:func:`noduleflow.intensity.apply_roi`),
-then :func:`noduleflow.intensity.normalize_hu` with the model's window. Each slice is cropped
+then :func:`noduleflow.intensity.normalize_intensity` with the model's ``intensity`` block, as in training. Each slice is cropped
 in-plane to the bounding box of the region (lung or body over the whole scan) plus a margin, and
 padded with -1000 HU to a multiple of ``2**depth``; voxels outside the box get probability 0. With
 ``lung_roi`` the probability outside the lung mask is 0.
@@ -173,7 +173,7 @@ def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_
     """
     import torch
 
-    from noduleflow.intensity import apply_roi, normalize_hu
+    from noduleflow.intensity import apply_roi, normalize_intensity
     from noduleflow.model import nodule_probability
 
     image = np.asarray(image)
@@ -186,7 +186,7 @@ def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_
         return out
     depth = int(meta.get("model", {}).get("depth", 0))
     context = int(meta.get("context", 0))
-    window = meta.get("intensity", {}).get("window_hu", [-1000, 400])
+    intensity = meta.get("intensity", {"window_hu": [-1000, 400]})
     label_mode = meta.get("label_mode", "positive")
     ys, xs, pad_y, pad_x = _box(region, 2 ** depth)
 
@@ -195,7 +195,7 @@ def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_
     hu = apply_roi(crop, roi_crop.astype(np.uint8), fill_hu=FILL_HU) if lung_roi else crop.astype(np.int16)
     if pad_y or pad_x:
         hu = np.pad(hu, ((0, 0), (0, pad_y), (0, pad_x)), constant_values=FILL_HU)
-    volume = normalize_hu(hu, window).astype(np.float32, copy=False)
+    volume = normalize_intensity(hu, intensity).astype(np.float32, copy=False)
     offsets = np.arange(-context, context + 1)
     h, w = crop.shape[1], crop.shape[2]
     with torch.inference_mode():

@@ -404,7 +404,10 @@ def _ellipsoid_sdf(x, y, z, c, s):
 
 def _occ(d, width):
     """Soft occupancy of a signed distance (mm): 1 inside, 0 outside, a linear ramp ``width`` wide."""
-    return np.clip(0.5 - d * (1.0 / width), 0.0, 1.0)
+    out = d * (-1.0 / width)
+    out += 0.5
+    np.maximum(out, 0.0, out=out)
+    return np.minimum(out, 1.0, out=out)
 
 
 def _round64(value: float) -> float:
@@ -943,7 +946,7 @@ def _render_nodule(vol, lung_q, labels, grid: _Grid, nodule: NodulePlan, label: 
 
 
 class _SliceRenderer:
-    """Anatomy of one axial sub-slice at a time, on 2-D arrays (y, x)."""
+    """Anatomy of one axial sub-slice at a time, on 2-D arrays (y, x) of a window around the body."""
 
     def __init__(self, plan: ScanPlan, grid: _Grid):
         a = plan.anatomy
@@ -951,51 +954,74 @@ class _SliceRenderer:
         self.grid = grid
         self.width = float(grid.spacing[0])
         f32 = np.float32
-        self.u1 = (grid.x - a.cx).astype(f32)[None, :]
-        self.v1 = (grid.y - a.cy).astype(f32)[:, None]
-        u, v = np.broadcast_arrays(self.u1, self.v1)
-        self.u2 = (self.u1 * self.u1)
-        self.r = np.sqrt(self.u2 + self.v1 * self.v1).astype(f32)
-        theta = np.arctan2(u, v).astype(f32)          # 0 posterior, +-pi anterior, < 0 right
-        abs_t = np.abs(theta)
         wl = a.wall
-        muscle = (wl["m_lat"] + wl["m_back"] * np.exp(-(theta / 0.42) ** 2)
-                  + wl["m_pec"] * np.exp(-((abs_t - 2.35) / 0.4) ** 2))
+        # the window: every voxel the body may reach at any height
+        w_max = (wl["rib"] + wl["m_lat"] + wl["m_back"] + wl["m_pec"] + 1.3 * wl["fat"] + wl["fat_post"]) * 1.35
+        reach_u = a.A0 * (1 + 1.5 * a.egg) + w_max + 5
+        self.v_flat = a.B0 + wl["rib"] + 0.8 * wl["m_back"] + wl["fat"]
+        box = grid.box((a.cx - reach_u, a.cy - a.B0 - w_max - 5, grid.z[0]),
+                       (a.cx + reach_u, a.cy + self.v_flat + 3, grid.z[0]), pad=2)
+        self.ys, self.xs = box[1], box[2]
+        self.x = grid.x[self.xs]
+        self.y = grid.y[self.ys]
+        self.u1 = (self.x - a.cx).astype(f32)[None, :]
+        self.v1 = (self.y - a.cy).astype(f32)[:, None]
+        u, v = np.broadcast_arrays(self.u1.astype(float), self.v1.astype(float))
+        self.u2 = self.u1 * self.u1
+        self.r = np.sqrt(self.u2 + self.v1 * self.v1).astype(f32)
+        theta = np.arctan2(u, v)          # 0 posterior, +-pi anterior, < 0 patient's right
+        abs_t = np.abs(theta)
+        muscle = (wl["m_lat"] + wl["m_back"] * np.exp(-(theta / 0.55) ** 2)
+                  + wl["m_pec"] * np.exp(-((abs_t - 2.45) / 0.45) ** 2))
         fat = (wl["fat"] * (1 + 0.3 * np.cos(theta - wl["fat_phase"]))
-               + wl["fat_post"] * np.exp(-((abs_t - 0.9) / 0.6) ** 2))
+               + wl["fat_post"] * np.exp(-((abs_t - 1.1) / 0.6) ** 2))
         self.w_muscle = (wl["rib"] + muscle).astype(f32)
         self.w_body = (wl["rib"] + muscle + fat).astype(f32)
-        self.abs_theta = abs_t
+        # a fat plane between the superficial and the deep muscles (pectoral and back muscles)
+        self.w_plane = (wl["rib"] + 0.45 * muscle).astype(f32)
+        self.plane_weight = (np.exp(-(theta / 0.5) ** 2) + np.exp(-((abs_t - 2.45) / 0.35) ** 2)).astype(f32)
+        self.plane_weight *= (muscle > 12 * a.g)
+        self.abs_theta = abs_t.astype(f32)
         rb = a.ribs
         self.rib_s = (abs_t * rb["r_mean"] * rb["slope"]).astype(f32)
         self.rib_arc = ((abs_t > 0.24) & (abs_t < 2.45)).astype(f32)
         self.cartilage_arc = ((abs_t >= 2.45) & (abs_t < 2.85)).astype(f32)
-        self.scapula_t = abs_t
-        # apex / diaphragm height fields (both sides combined) and their slope normalisation
         self.apex_z, self.apex_n = self._height_field(u, v, "apex")
         self.dome_z, self.dome_n = self._height_field(u, v, "dome")
         # lung texture: a coarse random lattice (about 7 mm) interpolated smoothly
         rng = np.random.default_rng(plan.seeds["texture"])
         cell = 7.0
         self.tex_cell = cell
-        nyl = int(len(grid.y) * grid.spacing[1] / cell) + 3
-        nxl = int(len(grid.x) * grid.spacing[0] / cell) + 3
+        nyl = int(len(self.y) * grid.spacing[1] / cell) + 3
+        nxl = int(len(self.x) * grid.spacing[0] / cell) + 3
         nzl = int(len(grid.z) * grid.spacing[2] / cell) + 3
         self.tex = rng.standard_normal((nzl, nyl, nxl)).astype(f32)
-        self.tex_wx = self._interp_weights(grid.x - grid.x[0], cell)
-        self.tex_wy = self._interp_weights(grid.y - grid.y[0], cell)
-        # table below the back (constant along z)
-        body_bottom = a.cy + a.B0 + a.wall["rib"] + a.wall["m_back"] + a.wall["fat"] + 2.0
-        curve = body_bottom - 18.0 * (u / (a.A0 * 1.3)) ** 2
-        yy = v + a.cy
-        self.table = (_occ(curve - yy, self.width) * _occ(yy - (curve + 7.0), self.width)).astype(f32)
-        self.table *= (np.abs(u) < a.A0 * 1.35)
+        self.tex_wx = self._interp_weights(self.x - self.x[0], cell)
+        self.tex_wy = self._interp_weights(self.y - self.y[0], cell)
+        # the table under the flattened back (constant along z), full width
+        uu = (grid.x - a.cx)[None, :]
+        yy = grid.y[:, None]
+        top = a.cy + self.v_flat + 1.0 - 22.0 * (uu / (a.A0 * 1.4)) ** 2
+        table = _occ(top - yy, self.width) * _occ(yy - (top + 8.0), self.width) * (np.abs(uu) < a.A0 * 1.45)
+        rows = np.flatnonzero(table.max(axis=1) > 0)
+        self.table_rows = slice(rows[0], rows[-1] + 1) if len(rows) else slice(0, 0)
+        self.table = table[self.table_rows].astype(f32)
         n = plan.shape[1]
         if plan.fov_padding is not None:
             ii = np.arange(n, dtype=f32) - (n - 1) / 2
             self.outside_fov = (ii[None, :] ** 2 + ii[:, None] ** 2) > (n / 2) ** 2
         else:
             self.outside_fov = None
+
+    def local(self, box):
+        """Window-relative (ys, xs) of a grid box, or None when it misses the window."""
+        out = []
+        for s, w in ((box[1], self.ys), (box[2], self.xs)):
+            i0, i1 = max(s.start, w.start) - w.start, min(s.stop, w.stop) - w.start
+            if i0 >= i1:
+                return None
+            out.append(slice(i0, i1))
+        return tuple(out)
 
     @staticmethod
     def _interp_weights(offsets, cell):
@@ -1039,62 +1065,66 @@ class _SliceRenderer:
         return rows[iy] * (1 - fy)[:, None] + rows[iy + 1] * fy[:, None]
 
     def render(self, z: float, texture: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """HU (float32) and lung occupancy of the sub-slice at world height ``z``."""
+        """HU (float32) and lung occupancy of the window at world height ``z``."""
         a, w = self.a, self.width
         hu = a.hu
-        zeta = a.zeta(z)
+        f32 = np.float32
+        zeta = float(a.zeta(z))
         A, B = a.cavity_axes(zeta)
         A, B = float(A), float(B)
         v1 = self.v1
-        inv_a2 = (1.0 / (A * (1.0 + a.egg * np.clip(v1 / B, -1.5, 1.5))) ** 2).astype(np.float32)
-        rho = np.sqrt(self.u2 * inv_a2 + (v1 * np.float32(1 / B)) ** 2)
-        d_cav = (rho - 1) * self.r / np.maximum(rho, np.float32(1e-3))
-        wall_scale = np.float32(1.0 + 0.35 * min(max((zeta - 0.8) / 0.3, 0.0), 1.0))
-        w_body = self.w_body * wall_scale
-        w_muscle = self.w_muscle * wall_scale
+        inv_a2 = (1.0 / (A * (1.0 + a.egg * np.clip(v1 / B, -1.5, 1.5))) ** 2).astype(f32)
+        rho = np.sqrt(self.u2 * inv_a2 + (v1 * f32(1 / B)) ** 2)
+        d_cav = (rho - 1) * self.r / np.maximum(rho, f32(1e-3))
+        wall_scale = f32(1.0 + 0.35 * min(max((zeta - 0.8) / 0.3, 0.0), 1.0))
 
-        # body: air -> subcutaneous fat -> skin -> muscle -> cavity content
-        body = _occ(d_cav - w_body, w)
-        img = np.float32(-1000.0) + (np.float32(hu["fat"] + 1000.0)) * body
-        skin = body - _occ(d_cav - (w_body - 1.5), w)
-        img += (np.float32(hu["muscle"] - 10) - img) * skin
-        img += (np.float32(hu["muscle"]) - img) * _occ(d_cav - w_muscle, w)
+        # body: air -> subcutaneous fat -> skin -> muscle (with a fat plane) -> cavity content
+        d_body = d_cav - self.w_body * wall_scale
+        np.maximum(d_body, v1 - f32(self.v_flat), out=d_body)        # the back flattened on the table
+        body = _occ(d_body, w)
+        img = f32(-1000.0) + f32(hu["fat"] + 1000.0) * body
+        skin = body - _occ(d_body + f32(1.5), w)
+        img += (f32(hu["muscle"] - 10) - img) * skin
+        d_mus = d_cav - self.w_muscle * wall_scale
+        np.maximum(d_mus, v1 - f32(self.v_flat - 4.0), out=d_mus)
+        img += (f32(hu["muscle"]) - img) * _occ(d_mus, w)
+        plane = _occ(np.abs(d_cav - self.w_plane * wall_scale) - f32(0.9), w) * self.plane_weight
+        img += (f32(hu["fat"]) - img) * plane
         cavity = _occ(d_cav, w)
         below_dome = _occ((z - self.dome_z) * self.dome_n, w)
-        fill = np.float32(hu["mediastinal_fat"]) + np.float32(hu["organ"] - hu["mediastinal_fat"]) * below_dome
+        fill = f32(hu["mediastinal_fat"]) + f32(hu["organ"] - hu["mediastinal_fat"]) * below_dome
         img += (fill - img) * cavity
 
         # mediastinum: drawn structures, and the distance the lungs keep from them
-        d_med = np.abs(self.u1) - np.float32(a.band) + np.zeros_like(v1)
+        d_med = np.abs(self.u1) - f32(a.band) + np.zeros_like(v1)
         for prim in a.prims:
             lo, hi = prim.bounds()
             m = prim.margin + 2 * w
             if z < lo[2] - m or z > hi[2] + m:
                 continue
             box = self.grid.box(lo - m, hi + m)
-            if box is None:
+            loc = self.local(box) if box is not None else None
+            if loc is None:
                 continue
-            _, ys, xs = box
-            x = self.grid.x[xs].astype(np.float32)[None, :]
-            y = self.grid.y[ys].astype(np.float32)[:, None]
-            d = prim.sdf(x, y, np.float32(z))
+            ys, xs = loc
+            x = self.x[xs].astype(f32)[None, :]
+            y = self.y[ys].astype(f32)[:, None]
+            d = prim.sdf(x, y, f32(z))
             if prim.margin > 0:
-                np.minimum(d_med[ys, xs], d - np.float32(prim.margin), out=d_med[ys, xs])
+                np.minimum(d_med[ys, xs], d - f32(prim.margin), out=d_med[ys, xs])
             if prim.hu is not None:
                 win = img[ys, xs]
-                win += (np.float32(prim.hu) - win) * _occ(d, w)
+                win += (f32(prim.hu) - win) * _occ(d, w)
         self._spine(img, z)
-        self._ribs(img, z, zeta, d_cav)
+        self._chest_wall_bones(img, z, zeta, d_cav)
 
         # lungs
         d_lung = np.maximum(d_cav, -d_med)
         np.maximum(d_lung, (z - self.apex_z) * self.apex_n, out=d_lung)
         np.maximum(d_lung, (self.dome_z - z) * self.dome_n, out=d_lung)
         lung = _occ(d_lung, w)
-        paren = (np.float32(hu["lung"]) + np.float32(hu["lung_gradient"] / a.B0) * v1
-                 + np.float32(hu["lung_texture"]) * texture)
+        paren = (f32(hu["lung"]) + f32(hu["lung_gradient"] / a.B0) * v1 + f32(hu["lung_texture"]) * texture)
         img += (paren - img) * lung
-        img += (np.float32(hu["table"]) - img) * self.table
         return img, lung
 
     def _spine(self, img, z):
@@ -1103,60 +1133,70 @@ class _SliceRenderer:
         lo = np.array([a.cx - 45 * g, a.cy + sp["v_vb"] - sp["r_vb"] - 3, z])
         hi = np.array([a.cx + 45 * g, a.cy + sp["v_canal"] + 45 * g, z])
         box = self.grid.box(lo, hi)
-        if box is None:
+        loc = self.local(box) if box is not None else None
+        if loc is None:
             return
-        _, ys, xs = box
+        ys, xs = loc
         u = self.u1[:, xs]
         v = self.v1[ys, :]
         win = img[ys, xs]
         hu = a.hu
+        f32 = np.float32
         phase = (z - a.z_base + sp["phase"]) % sp["period"]
-        disc = phase < sp["disc"]
-        d_vb = np.sqrt(u * u + (v - sp["v_vb"]) ** 2) - sp["r_vb"]
+        d_vb = np.sqrt(u * u + (v - f32(sp["v_vb"])) ** 2) - f32(sp["r_vb"])
         body = _occ(d_vb, w)
-        if disc:
-            win += (np.float32(hu["disc"]) - win) * body
+        if phase < sp["disc"]:
+            win += (f32(hu["disc"]) - win) * body
         else:
-            win += (np.float32(hu["cortex"]) - win) * body
-            win += (np.float32(hu["marrow"]) - win) * _occ(d_vb + 1.5, w)
+            win += (f32(hu["cortex"]) - win) * body
+            win += (f32(hu["marrow"]) - win) * _occ(d_vb + f32(1.5), w)
         vc, rc = sp["v_canal"], sp["r_canal"]
-        d_canal = np.sqrt(u * u + (v - vc) ** 2)
-        bone_hu = np.float32(0.55 * hu["cortex"] + 0.45 * hu["marrow"])
-        arch = _occ(d_canal - (rc + 5.0 * g), w) * np.clip((v - vc + 3.0 * g) / (2.0 * g), 0, 1)
-        spinous = _occ(np.sqrt((u / (4.0 * g)) ** 2 + ((v - vc - 20.0 * g) / (16.0 * g)) ** 2) * 4.0 * g - 4.0 * g, w)
-        transverse = _occ(np.sqrt(((np.abs(u) - 20.0 * g) / (12.0 * g)) ** 2 + ((v - vc + 2.0 * g) / (5.0 * g)) ** 2)
-                          * 5.0 * g - 5.0 * g, w)
+        d_canal = np.sqrt(u * u + (v - f32(vc)) ** 2)
+        bone_hu = f32(0.55 * hu["cortex"] + 0.45 * hu["marrow"])
+        arch = _occ(d_canal - f32(rc + 5.0 * g), w) * np.clip((v - f32(vc - 3.0 * g)) * f32(1 / (2.0 * g)), 0, 1)
+        spinous = _occ(np.sqrt((u * f32(1 / (4.0 * g))) ** 2 + ((v - f32(vc + 20.0 * g)) * f32(1 / (16.0 * g))) ** 2)
+                       * f32(4.0 * g) - f32(4.0 * g), w)
+        transverse = _occ(np.sqrt(((np.abs(u) - f32(20.0 * g)) * f32(1 / (12.0 * g))) ** 2
+                                  + ((v - f32(vc - 2.0 * g)) * f32(1 / (5.0 * g))) ** 2) * f32(5.0 * g) - f32(5.0 * g), w)
         bone = np.maximum(np.maximum(arch, spinous), transverse)
         win += (bone_hu - win) * bone
-        win += (np.float32(hu["muscle"] - 25) - win) * _occ(d_canal - rc, w)
+        win += (f32(hu["muscle"] - 25) - win) * _occ(d_canal - f32(rc), w)
 
-    def _ribs(self, img, z, zeta, d_cav):
+    def _chest_wall_bones(self, img, z, zeta, d_cav):
+        """Ribs, costal cartilage, sternum and scapulae, computed on the ring of the chest wall only."""
         a, w, rb = self.a, self.width, self.a.ribs
         if zeta < -0.25 or zeta > 1.02:
             return
         hu = a.hu
         g = a.g
-        # ribs descend anteriorly: height of the nearest rib centre line at this arc position
-        phase = (np.float32(z - a.z_base + rb["phase"]) + self.rib_s) % np.float32(rb["pitch"])
-        dz = (phase - np.float32(rb["pitch"] / 2)) * np.float32(1 / rb["half_height"])
-        dr = (d_cav - np.float32(rb["depth"])) * np.float32(1 / rb["half_radial"])
+        f32 = np.float32
+        ring = np.flatnonzero(((d_cav > -2 * w) & (d_cav < a.wall["rib"] + 12 * g)).ravel())
+        if len(ring) == 0:
+            return
+        dc = d_cav.ravel()[ring]
+        tt = self.abs_theta.ravel()[ring]
+        out = img.ravel()[ring]
+        # ribs descend anteriorly: the nearest rib centre line at this arc position
+        phase = (f32(z - a.z_base + rb["phase"]) + self.rib_s.ravel()[ring]) % f32(rb["pitch"])
+        dz = (phase - f32(rb["pitch"] / 2)) * f32(1 / rb["half_height"])
+        dr = (dc - f32(rb["depth"])) * f32(1 / rb["half_radial"])
         q = np.sqrt(dz * dz + dr * dr)
-        rib = _occ((q - 1) * np.float32(rb["half_radial"]), w)
-        marrow = _occ((q - 0.6) * np.float32(rb["half_radial"]), w)
-        bone = rib * self.rib_arc
-        img += (np.float32(hu["cortex"] * 0.85) - img) * bone
-        img += (np.float32(hu["marrow"]) - img) * (marrow * self.rib_arc)
-        img += (np.float32(hu["cartilage"]) - img) * (rib * self.cartilage_arc)
-        # sternum (anterior midline) and scapulae (posterior, upper chest)
-        if 0.12 < zeta < 0.9:
-            band = _occ(np.abs(self.u1) - 14.0 * g, w) * _occ(np.abs(d_cav - 6.0 * g) - 5.0 * g, w)
-            band = band * (self.abs_theta > 2.9)
-            img += (np.float32(0.5 * hu["cortex"] + 0.5 * hu["marrow"]) - img) * band
-        if zeta > 0.52:
+        rib = _occ((q - 1) * f32(rb["half_radial"]), w)
+        marrow = _occ((q - 0.6) * f32(rb["half_radial"]), w)
+        arc = self.rib_arc.ravel()[ring]
+        out += (f32(hu["cortex"] * 0.85) - out) * (rib * arc)
+        out += (f32(hu["marrow"]) - out) * (marrow * arc)
+        out += (f32(hu["cartilage"]) - out) * (rib * self.cartilage_arc.ravel()[ring])
+        if 0.12 < zeta < 0.9:   # sternum
+            uu = np.abs(np.broadcast_to(self.u1, img.shape).ravel()[ring])
+            band = _occ(uu - f32(14.0 * g), w) * _occ(np.abs(dc - f32(6.0 * g)) - f32(5.0 * g), w) * (tt > 2.9)
+            out += (f32(0.5 * hu["cortex"] + 0.5 * hu["marrow"]) - out) * band
+        if zeta > 0.52:         # scapulae, outside the ribs in the upper chest
             reach = 0.45 + 0.8 * min((zeta - 0.52) / 0.15, 1.0)
-            plate = _occ(np.abs(d_cav - (a.wall["rib"] + 6.0 * g)) - 2.2 * g, w)
-            ang = np.clip((reach - self.abs_theta) / 0.05, 0, 1) * np.clip((self.abs_theta - 0.42) / 0.05, 0, 1)
-            img += (np.float32(0.6 * hu["cortex"] + 0.4 * hu["marrow"]) - img) * (plate * ang)
+            plate = _occ(np.abs(dc - f32(a.wall["rib"] + 6.0 * g)) - f32(2.2 * g), w)
+            ang = np.clip((f32(reach) - tt) * f32(20), 0, 1) * np.clip((tt - f32(0.42)) * f32(20), 0, 1)
+            out += (f32(0.6 * hu["cortex"] + 0.4 * hu["marrow"]) - out) * (plate * ang)
+        img.ravel()[ring] = out
 
 
 @dataclass
@@ -1181,6 +1221,7 @@ def render_scan(plan: ScanPlan) -> RenderedScan:
     renderer = _SliceRenderer(plan, grid)
     k_a = max(1, math.ceil(t / 1.25 - 1e-9))
     offsets = ((np.arange(k_a) + 0.5) / k_a - 0.5) * t
+    win = (renderer.ys, renderer.xs)
     for iz in range(nz):
         tex = renderer.texture(iz)
         acc_img, acc_lung = None, None
@@ -1194,8 +1235,13 @@ def render_scan(plan: ScanPlan) -> RenderedScan:
         if k_a > 1:
             acc_img *= np.float32(1 / k_a)
             acc_lung *= np.float32(1 / k_a)
-        vol[iz] = acc_img
-        lung_q[iz] = np.rint(acc_lung * 255)
+        plane = vol[iz]
+        plane.fill(-1000.0)
+        plane[win] = acc_img
+        rows = plane[renderer.table_rows]
+        rows += (np.float32(plan.anatomy.hu["table"]) - rows) * renderer.table
+        lung_q[iz].fill(0)
+        lung_q[iz][win] = np.rint(acc_lung * 255)
 
     a = plan.anatomy
     k_v = max(1, math.ceil(t / 0.6 - 1e-9))

@@ -138,6 +138,16 @@ def slice_files(wildcards):
     return [f"{owner(wildcards, 'extract_slices')}slices/{u}.h5" for u in UIDS]
 
 
+def split_inputs(wildcards):
+    """annotations.csv, plus the user's split file and patient groups when configured."""
+    inputs = {"annotations": ANNOTATIONS}
+    if RUNS[wildcards.prefix]["cv"]["split_file"]:
+        inputs["split_file"] = RUNS[wildcards.prefix]["cv"]["split_file"]
+    if config["dataset"]["groups"]:
+        inputs["groups"] = config["dataset"]["groups"]
+    return inputs
+
+
 def folds_file(wildcards):
     return f"{owner(wildcards, 'split_folds')}folds.csv"
 

@@ -3,13 +3,12 @@
 
 rule split_folds:
     input:
-        annotations=ANNOTATIONS,
+        unpack(split_inputs),
     output:
         folds="{prefix}folds.csv",
     params:
         cfg=params_of("split_folds"),
         uids=UIDS,
-        groups=config["dataset"]["groups"],
         code=code_digest("split_folds"),
     log:
         "{prefix}logs/split_folds.log",
