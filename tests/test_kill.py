@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 def start(workdir: Path, *args: str) -> subprocess.Popen:
     """snakemake in its own process group, like a batch job whose whole group gets the signal."""
     log = open(workdir / "snakemake.out", "w")
-    return subprocess.Popen([*SNAKEMAKE, "--cores", "2", "--configfile", "tiny.yaml", *args], cwd=workdir,
+    return subprocess.Popen([*SNAKEMAKE, *args, "--cores", "2", "--configfile", "tiny.yaml"], cwd=workdir,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
@@ -106,7 +106,7 @@ def test_sigterm_during_preprocessing_leaves_no_half_written_file(reference, tmp
         with h5py.File(path, "r") as f:
             _ = f["image"][...]
 
-    snakemake(workdir, "--cores", "2", "--configfile", "tiny.yaml", "preprocess")
+    snakemake(workdir, "preprocess", "--cores", "2", "--configfile", "tiny.yaml")
     leftovers = [p for p in (workdir / "results").rglob("*") if ".part" in p.name]
     assert leftovers == []
     for path in sorted((reference / "results" / "slices").glob("*.h5")):

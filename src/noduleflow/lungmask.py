@@ -41,6 +41,7 @@ from scipy import ndimage as ndi
 from noduleflow.io import read_image, write_image
 
 log = logging.getLogger(__name__)
+MIN_PIECE = 2
 
 #: in-plane 8-connectivity, no connection across slices: labels every axial slice on its own
 _SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
@@ -252,7 +253,7 @@ def closing_additions(mask: np.ndarray, spacing_xyz: Sequence[float], radius_mm:
     if radius_mm <= 0 or not mask.any():
         return np.zeros(mask.shape, dtype=bool)
     spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
-    coarse = radius_mm / 6.0 if coarse_mm is None else coarse_mm
+    coarse = min(radius_mm / 6.0, 2.0) if coarse_mm is None else coarse_mm
     factors = [max(1, int(np.floor(coarse / s))) for s in spacing_zyx]
     low_spacing = spacing_zyx * factors
     low = _block_mean(mask, factors) >= 0.5
@@ -261,7 +262,7 @@ def closing_additions(mask: np.ndarray, spacing_xyz: Sequence[float], radius_mm:
         pieces, _ = ndi.label(added)
         sizes = np.bincount(pieces.ravel())
         sizes[0] = 0
-        added = (sizes >= 2)[pieces]
+        added = (sizes >= MIN_PIECE)[pieces]
     if not added.any():
         return np.zeros(mask.shape, dtype=bool)
     if margin_mm > 0:

@@ -468,7 +468,7 @@ def plan_scan(index: int, cfg: Mapping, uid: str | None = None) -> ScanPlan:
     # ---- body size first, then a field of view that fits it (spacing = FOV / 512)
     person = float(rng_anat.uniform(0.86, 1.10))
     A0s, B0s = rng_anat.uniform(118, 134), rng_anat.uniform(80, 94)
-    wall = {"rib": 12.0, "m_lat": rng_anat.uniform(6, 13), "m_back": rng_anat.uniform(26, 40),
+    wall = {"rib": 10.5, "m_lat": rng_anat.uniform(6, 13), "m_back": rng_anat.uniform(26, 40),
             "m_pec": rng_anat.uniform(8, 20), "fat": rng_anat.uniform(5, 26),
             "fat_post": rng_anat.uniform(0, 15), "fat_phase": rng_anat.uniform(-0.6, 0.6)}
     width0 = 2 * (A0s + wall["rib"] + wall["m_lat"] + wall["fat"] * 1.1)
@@ -546,12 +546,12 @@ def _plan_anatomy(rng, cx, cy, z_base, H, A0, B0, g, wall) -> Anatomy:
 
     cap("vertebral_body", (0, v_vb, bottom), (0, v_vb, top), r_vb, hu_=None, margin=5.0)
     cap("esophagus", (8, v_es, bottom), (4, v_es, top), 7.0, hu_=muscle, margin=3.0)
-    cap("descending_aorta", (u_da, v_da, bottom), (u_da, v_da, zeta_arch), r_ao, hu_=blood, margin=3.0)
-    cap("ascending_aorta", (-12, v_asc, 0.40), (-12, v_asc, zeta_arch), r_ao + 2, r_ao, hu_=blood, margin=4.0)
+    cap("descending_aorta", (u_da, v_da, bottom), (u_da, v_da, zeta_arch), r_ao, hu_=blood, margin=5.0)
+    cap("ascending_aorta", (-12, v_asc, 0.40), (-12, v_asc, zeta_arch), r_ao + 2, r_ao, hu_=blood, margin=6.0)
     arch_mid = (r_tr + r_ao + 3.0, v_tr + 2.0, zeta_arch + 0.3 * r_ao / H)
-    cap("aortic_arch_1", (-12, v_asc, zeta_arch), arch_mid, r_ao, hu_=blood, margin=3.0)
-    cap("aortic_arch_2", arch_mid, (u_da, v_da, zeta_arch), r_ao, hu_=blood, margin=3.0)
-    cap("svc", (-30, v_tr - 22, 0.42), (-30, v_tr - 22, top), 9.0, hu_=blood, margin=3.0)
+    cap("aortic_arch_1", (-12, v_asc, zeta_arch), arch_mid, r_ao, hu_=blood, margin=5.0)
+    cap("aortic_arch_2", arch_mid, (u_da, v_da, zeta_arch), r_ao, hu_=blood, margin=5.0)
+    cap("svc", (-30, v_tr - 22, 0.42), (-30, v_tr - 22, top), 9.0, hu_=blood, margin=5.0)
     cap("brachiocephalic", (-8, v_tr - 28, zeta_arch), (-14, v_tr - 24, top), 6.0, hu_=blood, margin=3.0)
     cap("left_carotid", (6, v_tr - 24, zeta_arch), (10, v_tr - 22, top), 4.5, hu_=blood, margin=3.0)
     cap("left_subclavian", (18, v_tr - 8, zeta_arch), (26, v_tr - 10, top), 5.0, hu_=blood, margin=3.0)
@@ -566,8 +566,13 @@ def _plan_anatomy(rng, cx, cy, z_base, H, A0, B0, g, wall) -> Anatomy:
     lpv_end = (44, v_es - 22, zeta_la + 0.025)
     cap("right_pv", la, rpv_end, 8.0, 6.5, hu_=blood, margin=2.5)
     cap("left_pv", la, lpv_end, 8.0, 6.5, hu_=blood, margin=2.5)
-    heart_c = w(0.12 * A0 / g, -0.10 * B0 / g, 0.28)
-    prims.append(Prim("heart", "ellipsoid", heart_c, (0.48 * A0, 0.52 * B0, 0.21 * H), hu=blood, margin=5.0 * g))
+    heart_c = w(0.15 * A0 / g, -0.30 * B0 / g, 0.27)
+    prims.append(Prim("heart", "ellipsoid", heart_c, (0.50 * A0, 0.56 * B0, 0.21 * H), hu=blood, margin=7.0 * g))
+    # the mediastinal fat envelope between the lungs (shapes the lungs, drawn as the cavity's fat)
+    env_c = w(2.0, 0.5 * (v_asc + v_vb) - 8.0, 0.80)
+    env_half = float(u01(20, 30))
+    prims.append(Prim("mediastinum", "ellipsoid", env_c, (env_half * g, (0.5 * (v_vb - v_asc) + 22.0) * g, 0.42 * H),
+                      hu=None, margin=1.0 * g))
     for k in range(int(rng.integers(3, 7))):
         side = -1 if k % 2 == 0 else 1
         c = w(side * u01(12, 30), v_tr + u01(-18, 12), dz_car(u01(-15, 25)))
@@ -585,10 +590,10 @@ def _plan_anatomy(rng, cx, cy, z_base, H, A0, B0, g, wall) -> Anatomy:
         cap(name, p0, p1, r0, r1, hu_=None, margin=2.0)
         main_airways.append((prims[-1], 0.8))
 
-    apex = {"r": (-0.50 * A0, 0.15 * B0, 0.36 * H / (0.62 * A0) ** 2),
-            "l": (0.50 * A0, 0.15 * B0, 0.36 * H / (0.62 * A0) ** 2)}
-    dome = {"r": (-0.45 * A0, -0.15 * B0, 0.78 * A0, 1.25 * B0, float(u01(0.26, 0.32)) * H),
-            "l": (0.45 * A0, -0.15 * B0, 0.78 * A0, 1.25 * B0, float(u01(0.20, 0.26)) * H)}
+    curvature = 0.3 * H / (0.55 * A0) ** 2
+    apex = {"r": (-0.50 * A0, 0.15 * B0, curvature), "l": (0.50 * A0, 0.15 * B0, curvature)}
+    dome = {"r": (-0.40 * A0, -0.15 * B0, 0.62 * A0, 1.2 * B0, float(u01(0.24, 0.30)) * H),
+            "l": (0.40 * A0, -0.15 * B0, 0.62 * A0, 1.2 * B0, float(u01(0.19, 0.25)) * H)}
     spine = {"v_vb": v_vb * g, "r_vb": r_vb * g, "period": float(u01(24, 28)) * H / 240.0,
              "disc": 5.0, "phase": float(u01(0, 30)), "v_canal": (v_vb + r_vb + 7.0) * g, "r_canal": 7.0 * g}
     ribs = {"pitch": float(u01(21, 26)) * H / 240.0, "slope": float(u01(0.30, 0.45)),
@@ -623,30 +628,31 @@ def _grow_tree(rng, root: np.ndarray, points: np.ndarray, r_leaf: float):
     """Space-filling tree from ``root`` by recursive bisection of the territory ``points``.
 
     Returns node positions (m, 3), node radii (m,) and parents (m,) (-1 for the root). A branch
-    heads part of the way to its territory's centroid, then splits it unevenly along its main
-    axis; radii follow Murray's law (r^3 = r1^3 + r2^3, so r ~ points^(1/3)).
+    heads part of the way to its territory's centroid, then splits it unevenly across its longest
+    extent; radii follow Murray's law (r^3 = r1^3 + r2^3, so r ~ points^(1/3)).
     """
-    pos = [root]
+    pos = [np.asarray(root, float)]
     rad = [r_leaf * len(points) ** (1 / 3)]
     par = [-1]
     stack = [(0, points)]
     while stack:
         node, pts = stack.pop()
-        start = pos[node]
-        r = r_leaf * len(pts) ** (1 / 3)
-        if len(pts) == 1:
+        n = len(pts)
+        r = r_leaf * n ** (1 / 3)
+        if n == 1:
             pos.append(pts[0])
             rad.append(r)
             par.append(node)
             continue
-        centroid = pts.mean(axis=0)
+        start = pos[node]
+        centroid = pts.sum(axis=0) / n
         step = centroid - start
-        dist = float(np.linalg.norm(step))
-        frac = rng.uniform(0.35, 0.6) if len(pts) > 3 else rng.uniform(0.6, 0.9)
+        dist = math.sqrt(float(step @ step))
+        u = rng.random(4)
+        frac = 0.35 + 0.25 * u[0] if n > 3 else 0.6 + 0.3 * u[0]
         end = start + step * frac
-        if dist * frac > 14.0:  # a gentle bend halfway
-            mid = start + step * frac * 0.5
-            mid = mid + rng.normal(0, 0.07 * dist * frac, 3)
+        if dist * frac > 8.0:  # a gentle bend part of the way
+            mid = start + step * (frac * (0.35 + 0.3 * u[1])) + rng.normal(0, 0.12 * dist * frac, 3)
             pos.append(mid)
             rad.append(r)
             par.append(node)
@@ -655,13 +661,16 @@ def _grow_tree(rng, root: np.ndarray, points: np.ndarray, r_leaf: float):
         rad.append(r)
         par.append(node)
         here = len(pos) - 1
+        if n == 2:
+            stack.append((here, pts[:1]))
+            stack.append((here, pts[1:]))
+            continue
         centred = pts - centroid
-        cov = centred.T @ centred
-        _, vecs = np.linalg.eigh(cov)
-        axis = _unit(vecs[:, -1] + rng.normal(0, 0.35, 3))
+        far = centred[int(np.argmax((centred * centred).sum(axis=1)))]
+        axis = far / max(math.sqrt(float(far @ far)), 1e-9) + rng.normal(0, 0.35, 3)
         proj = centred @ axis
         order = np.argsort(proj, kind="stable")
-        cut = int(np.clip(round(len(pts) * rng.uniform(0.22, 0.5)), 1, len(pts) - 1))
+        cut = min(max(int(round(n * (0.22 + 0.28 * u[2]))), 1), n - 1)
         stack.append((here, pts[order[:cut]]))
         stack.append((here, pts[order[cut:]]))
     return np.array(pos), np.array(rad), np.array(par)
@@ -683,11 +692,11 @@ def _plan_trees(rng, anatomy: Anatomy) -> tuple[Segments, Segments]:
     vessels, airways = [], []
     blood = anatomy.hu["blood"]
     for side, key in ((-1, "right"), (1, "left")):
-        for kind, n_points in (("pa", 300), ("pv", 260)):
+        for kind, n_points in (("pa", 640), ("pv", 560)):
             prim = by_name[f"{key}_{kind}"]
             root = np.asarray(prim.b, float) + np.array([side * 7.0 * anatomy.g, 0.0, 0.0])
             points = _sample_in_lung(rng, anatomy, side, n_points, margin=4.0)
-            r_leaf = rng.uniform(0.62, 0.75)
+            r_leaf = rng.uniform(0.60, 0.70)
             pos, rad, par = _grow_tree(rng, root, points, r_leaf)
             vessels.append(_tree_segments(pos, rad, par, blood + rng.uniform(-4, 4)))
             if kind == "pa":
@@ -884,7 +893,7 @@ def _average_z(array: np.ndarray, k: int) -> np.ndarray:
     return array.reshape(nzk // k, k, ny, nx).mean(axis=1)
 
 
-def _render_tubes(vol, lung_q, grid: _Grid, seg: Segments, hu, k: int, width: float,
+def _render_tubes(vol, lung_q, grid: _Grid, seg: Segments, k: int, width: float,
                   clip_to_lung: bool, radius_scale: float = 1.0, hu_override=None, record=None) -> None:
     """Composite tapered tubes into ``vol`` (partial volume over ``k`` sub-slices)."""
     z_lo, z_hi = grid.z[0] - grid.spacing[2], grid.z[-1] + grid.spacing[2]
@@ -942,7 +951,11 @@ def _render_nodule(vol, lung_q, labels, grid: _Grid, nodule: NodulePlan, label: 
     target *= 1 - clipped
     target += weighted * ratio
     lab = labels[box]
-    lab[(clipped >= 0.5) & (lab == 0)] = label
+    inside = (clipped >= 0.5) & (lab == 0)
+    if not inside.any():  # smaller than a voxel after partial volume: keep its most covered voxel
+        inside = np.zeros_like(inside)
+        inside.flat[int(np.argmax(np.where(lab == 0, clipped, -1.0)))] = True
+    lab[inside] = label
 
 
 class _SliceRenderer:
@@ -1250,17 +1263,17 @@ def render_scan(plan: ScanPlan) -> RenderedScan:
                     np.array([p.r0 for p, _ in a.main_airways]), np.array([p.r1 for p, _ in a.main_airways]),
                     np.full(len(a.main_airways), a.hu["muscle"] - 10))
     airway_occ = np.zeros(plan.shape, np.float32) if len(main) else None
-    _render_tubes(vol, lung_q, grid, main, None, k_v, width, clip_to_lung=False, record=airway_occ)
+    _render_tubes(vol, lung_q, grid, main, k_v, width, clip_to_lung=False, record=airway_occ)
     ratio = a.main_airways[0][1] if a.main_airways else 0.8
-    _render_tubes(vol, lung_q, grid, main, None, k_v, width, clip_to_lung=False, radius_scale=ratio,
+    _render_tubes(vol, lung_q, grid, main, k_v, width, clip_to_lung=False, radius_scale=ratio,
                   hu_override=-1000.0)
     lung_q[airway_occ >= 0.5] = 0
     del airway_occ
     # intrapulmonary bronchi, vessels, nodules
-    _render_tubes(vol, lung_q, grid, plan.airways, None, k_v, width, clip_to_lung=True)
-    _render_tubes(vol, lung_q, grid, plan.airways, None, k_v, width, clip_to_lung=True,
+    _render_tubes(vol, lung_q, grid, plan.airways, k_v, width, clip_to_lung=True)
+    _render_tubes(vol, lung_q, grid, plan.airways, k_v, width, clip_to_lung=True,
                   radius_scale=plan.airway_lumen_ratio, hu_override=-990.0)
-    _render_tubes(vol, lung_q, grid, plan.vessels, None, k_v, width, clip_to_lung=True)
+    _render_tubes(vol, lung_q, grid, plan.vessels, k_v, width, clip_to_lung=True)
     labels = np.zeros(plan.shape, np.uint8)
     for i, nodule in enumerate(plan.nodules, start=1):
         _render_nodule(vol, lung_q, labels, grid, nodule, i, width)
@@ -1342,12 +1355,12 @@ def synthesize_scan(uid: str, cfg: Mapping, out_scan: str | Path, out_mask: str 
 
 def merge_annotations(nodule_csvs: Iterable[str | Path], out_csv: str | Path) -> None:
     """Concatenate per-scan annotation files (in the order given) into one ``annotations.csv``."""
-    frames = [read_annotations(path) for path in nodule_csvs]
+    paths = list(nodule_csvs)
+    frames = [read_annotations(path) for path in paths]
     frames = [f[ANNOTATION_COLUMNS] for f in frames if len(f)]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ANNOTATION_COLUMNS)
     write_csv_atomic(table, out_csv)
-    log.info("annotations: %d nodule(s) from %d scan file(s) -> %s", len(table), len(list(nodule_csvs))
-             if isinstance(nodule_csvs, (list, tuple)) else -1, out_csv)
+    log.info("annotations: %d nodule(s) from %d scan file(s) -> %s", len(table), len(paths), out_csv)
 
 
 def synthesize_cohort(cfg: Mapping, output: str | Path | None = None, n_scans: int | None = None) -> list[str]:

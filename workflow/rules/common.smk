@@ -185,6 +185,6 @@ def experiment_reports(wildcards):
     for prefix in RUNS:
         if prefix == BASE_PREFIX:
             continue
-        name = prefix.rstrip("/").split("/")[-1]
+        name = Path(prefix).name
         out[name] = f"{stage_owner(RUNS, prefix, 'report')}reports/summary.csv"
     return out
