@@ -114,3 +114,24 @@ def test_a_changed_module_reruns_its_stage_and_what_follows(tiny_run, tmp_path):
     froc.write_text(froc.read_text() + "\n# a changed line\n")
     rules = planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml", env=env))
     assert set(rules) == {"evaluate", "report"}, rules
+
+
+def test_experiments_with_training_overrides_reuse_preprocessing_and_patches(tiny_run):
+    experiments = {"experiments": {
+        "complementary": {"train": {"label_mode": "complementary", "loss": "dice"}},
+        "hybrid_pos": {"train": {"label_mode": "hybrid"}, "predict": {"hybrid_output": "positive"}},
+        "hybrid_neg": {"train": {"label_mode": "hybrid"}, "predict": {"hybrid_output": "negative"}},
+        "no_roi": {"preprocess": {"lung_roi": False}},
+    }}
+    write_config(tiny_run, deep_update(TINY_CONFIG, experiments), name="experiments.yaml")
+    jobs = planned_jobs(tiny_run, "experiments", "--configfile", "experiments.yaml")
+    rules = planned_rules(jobs)
+    assert not PREPROCESS & set(rules), rules
+    assert "split_folds" not in rules
+    # only no_roi samples new patches (lung_roi changes what a patch shows)
+    assert rules["sample_patches"] == 1
+    assert {w["prefix"] for r, w in jobs if r == "sample_patches"} == {"results/experiments/no_roi/"}
+    folds = TINY_CONFIG["cv"]["folds"]
+    # complementary, one shared hybrid training, no_roi
+    assert rules["train"] == 3 * folds
+    assert rules["predict"] == 4 * folds and rules["compare_experiments"] == 1
