@@ -183,12 +183,43 @@ def test_augmentation_moves_image_and_mask_together_and_is_seeded():
     assert 0 < np.abs(jittered - image).max() <= 0.1 * 1 + 0.1 + 1e-6
 
 
+def test_zoom_magnifies_image_and_mask_together():
+    yy, xx = np.mgrid[:32, :32]
+    disc = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 36).astype(np.uint8)
+    image = np.repeat(np.where(disc, 0.8, 0.1).astype(np.float32)[None, None], 3, axis=1).repeat(4, axis=0)
+    mask, roi = np.repeat(disc[None], 4, axis=0), np.ones((4, 32, 32), np.uint8)
+    cfg = {"flips": False, "rot90": False, "intensity_jitter": 0.0, "zoom": [1.5, 1.5]}
+    out_image, out_mask, out_roi = augment_batch(image, mask, roi, cfg, np.random.default_rng(0))
+    assert out_roi.all()
+    for i in range(4):
+        area = out_mask[i].sum()
+        assert 1.8 * disc.sum() < area < 2.7 * disc.sum()  # 1.5x in each direction
+        bright = out_image[i, 1] > 0.45
+        assert (bright & (out_mask[i] > 0)).sum() / (bright | (out_mask[i] > 0)).sum() > 0.9
+
+
+def test_contrast_scales_differences_from_the_parenchyma_inside_the_roi_only():
+    rng = np.random.default_rng(0)
+    image = (0.1 + 0.01 * rng.standard_normal((2, 3, 16, 16))).astype(np.float32)
+    image[:, :, 6:10, 6:10] = 0.7  # a solid nodule
+    roi = np.ones((2, 16, 16), np.uint8)
+    roi[:, :, :3] = 0
+    image[:, :, roi[0] == 0] = 0.0  # outside the ROI: filled with air
+    mask = np.zeros((2, 16, 16), np.uint8)
+    cfg = {"flips": False, "rot90": False, "intensity_jitter": 0.0, "contrast": [0.25, 0.25]}
+    out, _, _ = augment_batch(image, mask, roi, cfg, np.random.default_rng(0))
+    assert np.array_equal(out[:, :, roi[0] == 0], image[:, :, roi[0] == 0])
+    ref = np.median(image[0, 1][roi[0] > 0])
+    assert np.allclose(out[0, :, 8, 8], ref + 0.25 * (0.7 - ref))  # a faint, ground-glass-like nodule
+
+
 def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(data):
     with h5py.File(data[0], "r") as h5:
         image, mask, roi = h5["image"][()], h5["mask"][()], h5["roi"][()]
     window = {"window_hu": [-1000, 400]}
     make = lambda epoch: PatchBatches(image, mask, roi, "positive", window, 16,  # noqa: E731
-                                      {"flips": True, "rot90": True, "intensity_jitter": 0.05}, seed=0, epoch=epoch)
+                                      {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1, 1.4],
+                                       "contrast": [0.3, 1.2]}, seed=0, epoch=epoch)
     first, again, other = make(1), make(1), make(2)
     assert torch.equal(first[3]["image"], again[3]["image"]) and not torch.equal(first[3]["image"], other[3]["image"])
     loader = torch.utils.data.DataLoader(first, batch_size=None, num_workers=1)
@@ -210,6 +241,8 @@ def test_bad_inputs_are_named_and_nothing_is_written(data, tmp_path):
         run(data, tmp_path, fold=7)
     with pytest.raises(InputError, match="train.learning_rate"):
         run(data, tmp_path, learning_rate=0.1)
+    with pytest.raises(InputError, match="train.augment.zoom"):
+        run(data, tmp_path, augment={"zoom": [0.5, 1.0]})
     with pytest.raises(InputError, match="missing.h5"):
         run((tmp_path / "missing.h5", data[1]), tmp_path)
     assert not any(tmp_path.rglob("*.pt")) and not any(tmp_path.rglob("*.csv"))

@@ -47,7 +47,7 @@ def test_lint_is_clean(tiny_run):
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"preprocess": {"spacing_mm": [1.25, 1.25, 1.25]}},
+    ({"preprocess": {"spacing_mm": [2.5, 2.5, 2.5]}},
      PREPROCESS | AFTER_PATCHES),
     ({"lungmask": {"closing_mm": 8}},
      {"lung_mask", "extract_slices"} | AFTER_PATCHES),

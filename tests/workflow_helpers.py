@@ -17,7 +17,9 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 #: a few small synthetic scans, 2 folds, a very short training: the whole workflow in ~1-2 min
 TINY_CONFIG = {
-    "synthetic": {"n_scans": 4, "seed": 7, "full_size": False, "min_nodules": 1, "max_nodules": 3},
+    "synthetic": {"n_scans": 4, "seed": 7, "full_size": False, "min_nodules": 1, "max_nodules": 3,
+                  "matrix_size": 192},
+    "preprocess": {"spacing_mm": [2.0, 2.0, 2.0]},
     "cv": {"folds": 2, "seed": 0},
     "sampling": {"patch_size": 32, "patches_per_scan": 24, "context": 1, "seed": 0},
     "train": {"epochs": 3, "batch_size": 16, "early_stopping_patience": 5,

@@ -48,6 +48,9 @@ TEXTURES = ("solid", "part_solid", "ground_glass")
 LOCATIONS = ("parenchymal", "juxta_pleural", "juxta_vascular")
 #: most scan indices searched when mapping a seriesuid back to its index
 MAX_INDEX = 100_000
+#: largest juxta-pleural nodule (mm): the pleural notch it leaves in a thresholded lung mask must stay
+#: narrow enough for a ~12 mm closing to fill; larger nodules drawn as juxta-pleural become parenchymal
+JUXTA_PLEURAL_MAX_MM = 16.0
 
 DEFAULTS: dict = {
     "seed": 20210521,
@@ -259,6 +262,7 @@ class NodulePlan:
     lobes: tuple[tuple[float, float, float, float, float], ...]
     texture_waves: tuple[tuple[float, float, float, float], ...]  # (kx, ky, kz [rad/mm], phase)
     texture_hu: float
+    spicules: tuple[tuple[float, float, float, float, float], ...] = ()  # (unit x, y, z, length, radius) mm
 
     @property
     def radius_mm(self) -> float:
@@ -744,6 +748,8 @@ def _plan_nodules(rng, plan: ScanPlan, cfg: dict) -> list[NodulePlan]:
         diameter = float(sample_nodule_diameters(rng, 1, cfg["diameter_quantiles_mm"])[0])
         texture = str(rng.choice(tex_names, p=tex_p))
         location = str(rng.choice(loc_names, p=loc_p))
+        if location == "juxta_pleural" and diameter > JUXTA_PLEURAL_MAX_MM:
+            location = "parenchymal"
         shape = _nodule_shape(rng, diameter, texture)
         placed = None
         for loc in (location, "parenchymal"):
@@ -763,7 +769,7 @@ def _nodule_shape(rng, diameter: float, texture: str) -> dict:
     size_factor = min(1.0, 0.35 + diameter / 20.0)
     for order in (2, 3, 4):
         axis = _unit(rng.normal(0, 1, 3))
-        amp = float(rng.uniform(0.0, 0.10 if order == 2 else 0.07)) * size_factor
+        amp = float(rng.uniform(0.0, 0.12 if order == 2 else 0.10)) * size_factor
         lobes.append((float(axis[0]), float(axis[1]), float(axis[2]), float(order), amp))
     if texture == "solid":
         hu = float(np.clip(rng.normal(25, 35), -100, 100))
@@ -772,15 +778,21 @@ def _nodule_shape(rng, diameter: float, texture: str) -> dict:
         hu = float(rng.uniform(-650, -430))
         core_hu, core_fraction, tex_hu = float(rng.uniform(-40, 60)), float(rng.uniform(0.35, 0.6)), 25.0
     else:
-        hu = float(rng.uniform(-750, -400))
+        hu = float(rng.uniform(-700, -400))  # within the -750..-400 of ground glass, visible through noise
         core_hu, core_fraction, tex_hu = hu, 0.0, 30.0
     waves = []
     for _ in range(3):
         k = _unit(rng.normal(0, 1, 3)) * (2 * math.pi / rng.uniform(2.5, 6.0))
         waves.append((float(k[0]), float(k[1]), float(k[2]), float(rng.uniform(0, 2 * math.pi))))
+    spicules = []
+    if texture == "solid" and diameter >= 8.0 and rng.random() < 0.3:
+        for _ in range(int(rng.integers(5, 11))):
+            d = _unit(rng.normal(0, 1, 3))
+            spicules.append((float(d[0]), float(d[1]), float(d[2]), float(rng.uniform(0.4, 1.0) * diameter / 2),
+                             float(rng.uniform(0.35, 0.6))))
     return {"diameter_mm": diameter, "texture": texture, "hu": hu, "core_hu": core_hu,
             "core_fraction": core_fraction, "lobes": tuple(lobes), "texture_waves": tuple(waves),
-            "texture_hu": tex_hu}
+            "texture_hu": tex_hu, "spicules": tuple(spicules)}
 
 
 def _place_nodule(rng, plan: ScanPlan, shape: dict, location: str, others: list[NodulePlan],
@@ -846,6 +858,21 @@ def _place_nodule(rng, plan: ScanPlan, shape: dict, location: str, others: list[
 # =========================================================================== rendering
 
 
+def nodule_spicules(nodules: Sequence[NodulePlan]) -> Segments:
+    """The spicules of spiculated nodules as thin tubes (outside the nodule labels, as readers draw them)."""
+    parts = []
+    for n in nodules:
+        if not n.spicules:
+            continue
+        dirs = np.array([sp[:3] for sp in n.spicules])
+        length = np.array([sp[3] for sp in n.spicules])
+        start = np.asarray(n.center) + dirs * (nodule_radius(n, dirs) * 0.85)[:, None]
+        end = start + dirs * length[:, None]
+        r0 = np.array([sp[4] for sp in n.spicules])
+        parts.append(Segments(start, end, r0, np.full(len(r0), 0.15), np.full(len(r0), n.hu)))
+    return Segments.concat(parts)
+
+
 class _Grid:
     """World coordinates of a scan's voxel centres: x (nx,), y (ny,), z (nz,), float64."""
 
@@ -894,8 +921,10 @@ def _average_z(array: np.ndarray, k: int) -> np.ndarray:
 
 
 def _render_tubes(vol, lung_q, grid: _Grid, seg: Segments, k: int, width: float,
-                  clip_to_lung: bool, radius_scale: float = 1.0, hu_override=None, record=None) -> None:
-    """Composite tapered tubes into ``vol`` (partial volume over ``k`` sub-slices)."""
+                  clip_to_lung: bool, radius_scale: float = 1.0, hu_override=None,
+                  exclude_from_lung: bool = False) -> None:
+    """Composite tapered tubes into ``vol`` (partial volume over ``k`` sub-slices); optionally only
+    inside the lung (``clip_to_lung``) or taking the tubes out of the lung (``exclude_from_lung``)."""
     z_lo, z_hi = grid.z[0] - grid.spacing[2], grid.z[-1] + grid.spacing[2]
     for i in range(len(seg)):
         a, b = seg.start[i], seg.end[i]
@@ -912,8 +941,9 @@ def _render_tubes(vol, lung_q, grid: _Grid, seg: Segments, k: int, width: float,
         occ = _average_z(_occ(d, width), k)
         if clip_to_lung:
             occ = np.minimum(occ, lung_q[box] * np.float32(1 / 255))
-        if record is not None:
-            np.maximum(record[box], occ, out=record[box])
+        if exclude_from_lung:
+            lq = lung_q[box]
+            lq[occ >= 0.5] = 0
         value = float(hu_override if hu_override is not None else seg.hu[i])
         target = vol[box]
         target += (value - target) * occ
@@ -1200,10 +1230,12 @@ class _SliceRenderer:
         out += (f32(hu["cortex"] * 0.85) - out) * (rib * arc)
         out += (f32(hu["marrow"]) - out) * (marrow * arc)
         out += (f32(hu["cartilage"]) - out) * (rib * self.cartilage_arc.ravel()[ring])
-        if 0.12 < zeta < 0.9:   # sternum
-            uu = np.abs(np.broadcast_to(self.u1, img.shape).ravel()[ring])
-            band = _occ(uu - f32(14.0 * g), w) * _occ(np.abs(dc - f32(6.0 * g)) - f32(5.0 * g), w) * (tt > 2.9)
-            out += (f32(0.5 * hu["cortex"] + 0.5 * hu["marrow"]) - out) * band
+        if 0.12 < zeta < 0.9:   # sternum: a flat oval bone with a marrow core
+            uu = np.broadcast_to(self.u1, img.shape).ravel()[ring]
+            q = np.sqrt((uu * f32(1 / (15.0 * g))) ** 2 + ((dc - f32(6.0 * g)) * f32(1 / (4.5 * g))) ** 2)
+            front = tt > 2.7
+            out += (f32(hu["cortex"] * 0.8) - out) * (_occ((q - 1) * f32(4.5 * g), w) * front)
+            out += (f32(hu["marrow"]) - out) * (_occ((q - 0.7) * f32(4.5 * g), w) * front)
         if zeta > 0.52:         # scapulae, outside the ribs in the upper chest
             reach = 0.45 + 0.8 * min((zeta - 0.52) / 0.15, 1.0)
             plate = _occ(np.abs(dc - f32(a.wall["rib"] + 6.0 * g)) - f32(2.2 * g), w)
@@ -1262,18 +1294,17 @@ def render_scan(plan: ScanPlan) -> RenderedScan:
     main = Segments(np.array([p.a for p, _ in a.main_airways]), np.array([p.b for p, _ in a.main_airways]),
                     np.array([p.r0 for p, _ in a.main_airways]), np.array([p.r1 for p, _ in a.main_airways]),
                     np.full(len(a.main_airways), a.hu["muscle"] - 10))
-    airway_occ = np.zeros(plan.shape, np.float32) if len(main) else None
-    _render_tubes(vol, lung_q, grid, main, k_v, width, clip_to_lung=False, record=airway_occ)
+    _render_tubes(vol, lung_q, grid, main, k_v, width, clip_to_lung=False, exclude_from_lung=True)
     ratio = a.main_airways[0][1] if a.main_airways else 0.8
     _render_tubes(vol, lung_q, grid, main, k_v, width, clip_to_lung=False, radius_scale=ratio,
                   hu_override=-1000.0)
-    lung_q[airway_occ >= 0.5] = 0
-    del airway_occ
     # intrapulmonary bronchi, vessels, nodules
     _render_tubes(vol, lung_q, grid, plan.airways, k_v, width, clip_to_lung=True)
     _render_tubes(vol, lung_q, grid, plan.airways, k_v, width, clip_to_lung=True,
                   radius_scale=plan.airway_lumen_ratio, hu_override=-990.0)
     _render_tubes(vol, lung_q, grid, plan.vessels, k_v, width, clip_to_lung=True)
+    spicules = nodule_spicules(plan.nodules)
+    _render_tubes(vol, lung_q, grid, spicules, k_v, width, clip_to_lung=True)
     labels = np.zeros(plan.shape, np.uint8)
     for i, nodule in enumerate(plan.nodules, start=1):
         _render_nodule(vol, lung_q, labels, grid, nodule, i, width)

@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "validation_fraction": 0.2,
     "early_stopping_patience": 6,
     "intensity": {"mode": "window", "window_hu": [-1000, 400]},
-    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05},
+    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 1.0], "contrast": [1.0, 1.0]},
     "model": {"depth": 3, "base_filters": 16, "norm": "batch", "dropout": 0.0},
     "device": "auto",
     "amp": True,
@@ -118,6 +118,10 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
     window = cfg["intensity"]["window_hu"]
     if len(window) != 2 or not float(window[0]) < float(window[1]):
         raise InputError(f"config train.intensity.window_hu: {window!r} must be [low, high] with low < high")
+    for key, lowest in (("zoom", 1.0), ("contrast", 0.0)):
+        span = cfg["augment"][key]
+        if not isinstance(span, (list, tuple)) or len(span) != 2 or not lowest <= float(span[0]) <= float(span[1]):
+            raise InputError(f"config train.augment.{key}: {span!r} must be [low, high] with {lowest:g} <= low <= high")
     if cfg["intensity"]["mode"] not in ("window", "ct"):
         raise InputError(f"config train.intensity.mode: {cfg['intensity']['mode']!r} is not window or ct")
     return json.loads(json.dumps(cfg))  # plain builtins (stored in model.pt and hashed)
@@ -261,18 +265,33 @@ class PatchBatches(torch.utils.data.Dataset):
 
 def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment: Mapping[str, Any],
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random flips (y and x), 90-degree rotations and intensity jitter per patch.
+    """Random per-patch augmentation; ``image`` (n, c, h, w) float32 (normalised), ``mask``/``roi``
+    (n, h, w) 0/1. Geometry changes are applied to all three alike. Returns new arrays.
 
-    ``image`` (n, c, h, w) float32, ``mask``/``roi`` (n, h, w); geometry changes are applied to all
-    three alike (rotations need h == w). Returns new arrays."""
-    n = len(image)
+    In this order, each off when its setting is off:
+
+    * ``zoom: [low, high]``: magnify by a factor drawn uniformly from the range (>= 1; [1, 1] = off)
+      around a random centre that keeps the view inside the patch (bilinear; mask and roi
+      resampled bilinearly and thresholded at 0.5), so nodules are seen larger than they are;
+    * ``flips``: flip y and x, each with probability 1/2;
+    * ``rot90``: rotate by a random multiple of 90 degrees (square patches);
+    * ``contrast: [low, high]``: inside the ROI, scale every pixel's difference from the patch's
+      median ROI value (the lung parenchyma) by a factor drawn uniformly from the range ([1, 1] =
+      off), so solid nodules are also seen as faint, ground-glass-like ones;
+    * ``intensity_jitter: j``: ``x * (1 + a) + b`` with ``a, b`` uniform in ``[-j, j]``.
+    """
+    n, _, h, w = image.shape
     flips = bool(augment.get("flips", True))
-    rot = bool(augment.get("rot90", True)) and image.shape[-1] == image.shape[-2]
+    rot = bool(augment.get("rot90", True)) and h == w
     jitter = float(augment.get("intensity_jitter", 0.0))
+    zoom = [float(v) for v in augment.get("zoom", (1.0, 1.0))]
+    contrast = [float(v) for v in augment.get("contrast", (1.0, 1.0))]
     draws = rng.random((n, 3))
     turns = (draws[:, 0] * 4).astype(int) if rot else np.zeros(n, dtype=int)
     flip_y = (draws[:, 1] < 0.5) & flips
     flip_x = (draws[:, 2] < 0.5) & flips
+    if zoom != [1.0, 1.0]:
+        image, mask, roi = _zoom(image, mask, roi, rng.uniform(zoom[0], zoom[1], n), rng.uniform(-1, 1, (n, 2)))
     out_image, out_mask, out_roi = np.empty_like(image), np.empty_like(mask), np.empty_like(roi)
     for i in range(n):
         im, ma, ro = image[i], mask[i], roi[i]
@@ -283,11 +302,40 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
         if turns[i]:
             im, ma, ro = (np.rot90(im, turns[i], axes=(1, 2)), np.rot90(ma, turns[i]), np.rot90(ro, turns[i]))
         out_image[i], out_mask[i], out_roi[i] = im, ma, ro
+    if contrast != [1.0, 1.0]:
+        factors = rng.uniform(contrast[0], contrast[1], n).astype(np.float32)
+        middle = out_image.shape[1] // 2
+        for i in range(n):
+            inside = out_roi[i] > 0
+            if inside.any():
+                ref = np.median(out_image[i, middle][inside])
+                out_image[i] = np.where(inside, ref + (out_image[i] - ref) * factors[i], out_image[i])
     if jitter > 0:
         scale = 1.0 + rng.uniform(-jitter, jitter, n).astype(np.float32)
         shift = rng.uniform(-jitter, jitter, n).astype(np.float32)
         out_image = out_image * scale[:, None, None, None] + shift[:, None, None, None]
     return out_image.astype(np.float32, copy=False), out_mask, out_roi
+
+
+def _zoom(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, factors: np.ndarray,
+          centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Magnify patch i by ``factors[i]`` (>= 1) about a centre at ``centres[i]`` (y, x in [-1, 1],
+    scaled so the view stays inside the patch); one batched bilinear resampling."""
+    import torch.nn.functional as F
+
+    n = len(image)
+    scale = 1.0 / np.maximum(factors, 1.0)
+    theta = np.zeros((n, 2, 3), np.float32)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, 0, 2] = centres[:, 1] * (1.0 - scale)  # x
+    theta[:, 1, 2] = centres[:, 0] * (1.0 - scale)  # y
+    stacked = torch.from_numpy(np.concatenate([image, mask[:, None].astype(np.float32),
+                                               roi[:, None].astype(np.float32)], axis=1))
+    grid = F.affine_grid(torch.from_numpy(theta), list(stacked.shape), align_corners=False)
+    out = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False).numpy()
+    c = image.shape[1]
+    return (np.ascontiguousarray(out[:, :c]), (out[:, c] > 0.5).astype(mask.dtype),
+            (out[:, c + 1] > 0.5).astype(roi.dtype))
 
 
 def _iterate(dataset: PatchBatches, num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
