@@ -60,7 +60,6 @@ def plot(folder: Path, uids: list[str], path: Path, max_rows: int = 4) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    annotations = read_annotations(folder / "annotations.csv") if (folder / "annotations.csv").is_file() else None
     chosen = []
     for uid in uids:
         rows = read_annotations(folder / "nodules" / f"{uid}.csv")
@@ -70,7 +69,6 @@ def plot(folder: Path, uids: list[str], path: Path, max_rows: int = 4) -> None:
             break
     if not chosen:
         chosen = [(uids[0], None)]
-    del annotations
     fig, axes = plt.subplots(len(chosen), 4, figsize=(20, 5 * len(chosen)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1, 1, 1.2]})
     for row, (uid, nodules) in zip(axes, chosen):
@@ -78,7 +76,7 @@ def plot(folder: Path, uids: list[str], path: Path, max_rows: int = 4) -> None:
         labels, _ = read_image(folder / "masks" / f"{uid}.mha")
         lungs, _ = read_image(folder / "lungs" / f"{uid}.mha")
         if nodules is not None:
-            pick = nodules.iloc[int(np.argmax(nodules["diameter_mm"].to_numpy() < 100))]
+            pick = nodules.iloc[0]
             z, y, x = np.rint(world_to_voxel(pick[["coordX", "coordY", "coordZ"]].to_numpy(float), geometry)).astype(int)
             title = f"{pick['diameter_mm']:.1f} mm nodule"
         else:

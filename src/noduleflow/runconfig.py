@@ -44,7 +44,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "predict": ("predict", "model", "intensity", "slices", "io"),
     "evaluate": ("evaluate", "froc", "segmetrics", "predict", "io"),
     "report": ("report", "evaluate", "froc", "segmetrics", "slices"),
-    "compare": ("experiments",),
+    "compare": ("experiments", "report"),
 }
 
 

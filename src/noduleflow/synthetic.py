@@ -365,7 +365,6 @@ class ScanPlan:
     geometry: Geometry
     shape: tuple[int, int, int]        # (z, y, x)
     noise_sigma: float
-    noise_blur: bool
     fov_padding: int | None            # HU outside the reconstruction circle (None: no circle)
     anatomy: Anatomy
     vessels: Segments                  # pulmonary arteries and veins inside the lungs
@@ -507,7 +506,7 @@ def plan_scan(index: int, cfg: Mapping, uid: str | None = None) -> ScanPlan:
     padding = int(rng_misc.choice([-3024, -2000])) if rng_misc.random() < 0.35 else None
 
     plan = ScanPlan(uid=uid, index=index, geometry=geometry, shape=(nz, n, n), noise_sigma=noise_sigma,
-                    noise_blur=True, fov_padding=padding, anatomy=anatomy, vessels=Segments.empty(),
+                    fov_padding=padding, anatomy=anatomy, vessels=Segments.empty(),
                     airways=Segments.empty(), airway_lumen_ratio=0.72, nodules=[],
                     seeds={"noise": int(rng_noise.integers(2**31)), "texture": int(rng_misc.integers(2**31))})
     plan.vessels, plan.airways = _plan_trees(rng_vessel, anatomy)

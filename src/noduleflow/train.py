@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 32,
     "lr": 0.002,
     "weight_decay": 0.0001,
+    "ema_decay": 0.99,
     "validation_fraction": 0.2,
     "early_stopping_patience": 6,
     "intensity": {"mode": "window", "window_hu": [-1000, 400]},
@@ -452,6 +453,44 @@ def _init_head_prior(model: UNet2d, mask: np.ndarray, roi: np.ndarray, label_mod
             model.head.bias[channel] = math.log(prior / (1.0 - prior))
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers (BatchNorm statistics), the
+    model that is validated and saved: it smooths the epoch-to-epoch swings of a short training.
+
+    After update ``t`` (1-based) the average moves towards the model by ``1 - d_t`` with
+    ``d_t = min(decay, t / (t + 9))``, so the first updates are not dominated by the initial
+    weights. ``decay = 0`` keeps no average: ``model`` is the trained model itself."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        self.updates = 0
+        self.model = copy.deepcopy(model) if self.decay > 0 else model
+        for parameter in self.model.parameters() if self.decay > 0 else ():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        if self.decay <= 0:
+            return
+        self.updates += 1
+        decay = min(self.decay, self.updates / (self.updates + 9.0))
+        averaged = [t for t in self.model.state_dict().values()]
+        current = [t for t in model.state_dict().values()]
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - decay)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "model": _cpu_state(self.model.state_dict()) if self.decay > 0 else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        if self.decay > 0:
+            self.model.load_state_dict(state["model"])
+
+
 @contextlib.contextmanager
 def _torch_settings(threads: int, device: torch.device) -> Iterator[None]:
     """Thread count (CPU) and deterministic algorithms for the duration of a training; restored after."""
@@ -543,6 +582,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                                                         total_steps=int(cfg["epochs"]) * steps,
                                                         pct_start=_PCT_WARMUP)
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        ema = WeightAverage(model, float(cfg["ema_decay"]))
         loss_fn = make_loss(cfg["loss"], float(cfg["pos_weight"]), float(cfg["focal_gamma"]))
 
         state = {"epoch": 0, "best_dice": -math.inf, "best_epoch": 0, "best_state": None, "bad_epochs": 0,
@@ -550,6 +590,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
         saved = _load_checkpoint(checkpoint_path, config_hash)
         if saved is not None:
             model.load_state_dict(saved["model"])
+            ema.load_state_dict(saved["ema"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             if use_amp and saved.get("scaler"):
@@ -582,14 +623,15 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                ema.update(model)
                 loss_sum += float(loss.detach()) * len(x)
                 seen += len(x)
             lr_now = float(optimizer.param_groups[0]["lr"])
-            val_loss, val_dice = evaluate(model, data["val"]["image"], data["val"]["mask"], data["val"]["roi"],
+            val_loss, val_dice = evaluate(ema.model, data["val"]["image"], data["val"]["mask"], data["val"]["roi"],
                                           cfg["label_mode"], intensity, device, loss_fn)
             improved = val_dice > state["best_dice"]
             if improved:
-                state.update(best_dice=val_dice, best_epoch=epoch, best_state=_cpu_state(model.state_dict()),
+                state.update(best_dice=val_dice, best_epoch=epoch, best_state=_cpu_state(ema.model.state_dict()),
                              bad_epochs=0)
             else:
                 state["bad_epochs"] += 1
@@ -606,6 +648,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                 log.info("fold %d: early stop after epoch %d (no better validation Dice for %d epochs; best epoch %d)",
                          fold, epoch, state["bad_epochs"], state["best_epoch"])
             save_checkpoint({**state, "config_hash": config_hash, "model": _cpu_state(model.state_dict()),
+                             "ema": ema.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict() if use_amp else {}, "torch": str(torch.__version__)},
                             checkpoint_path)

@@ -180,11 +180,16 @@ def fold_probabilities(wildcards):
 
 
 def experiment_reports(wildcards):
-    """name -> the reports folder of each experiment (the owner of its report stage)."""
+    """name -> summary.csv of each experiment (under the owner of its report stage), plus
+    ``name__froc`` / ``name__metrics``: the pooled curve and metrics beside it."""
     out = {}
     for prefix in RUNS:
         if prefix == BASE_PREFIX:
             continue
         name = Path(prefix).name
-        out[name] = f"{stage_owner(RUNS, prefix, 'report')}reports/summary.csv"
+        reports = f"{stage_owner(RUNS, prefix, 'report')}reports"
+        out[name] = f"{reports}/summary.csv"
+        # read beside summary.csv by the comparison: the pooled curve and the run's settings
+        out[f"{name}__froc"] = f"{reports}/froc_pooled.csv"
+        out[f"{name}__metrics"] = f"{reports}/metrics_pooled.json"
     return out

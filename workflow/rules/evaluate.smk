@@ -43,6 +43,9 @@ rule report:
         summary="{prefix}reports/summary.csv",
         plot=report("{prefix}reports/froc.png", category="FROC", subcategory="pooled"),
         html="{prefix}reports/report.html",
+        pooled_froc="{prefix}reports/froc_pooled.csv",
+        pooled_nodules="{prefix}reports/nodules_pooled.csv",
+        pooled_metrics="{prefix}reports/metrics_pooled.json",
     params:
         cfg=lambda wc: {"evaluate": RUNS[wc.prefix]["evaluate"]},
         excluded=EXCLUDED,
