@@ -82,3 +82,11 @@ def test_code_digest_changes_with_the_module_source(tmp_path, monkeypatch):
     assert runconfig.code_digest("fake_stage") == before
     fake.write_text("x = 2\n")
     assert runconfig.code_digest("fake_stage") != before
+
+
+def test_stage_params_do_not_depend_on_the_order_of_keys_in_a_config_file(base_config):
+    reordered = dict(reversed(list(base_config.items())))
+    reordered["train"] = dict(reversed(list(base_config["train"].items())))
+    for stage in runconfig.STAGES:
+        a, b = stage_params(base_config, stage), stage_params(reordered, stage)
+        assert a == b and repr(a) == repr(b)  # Snakemake compares the text of params

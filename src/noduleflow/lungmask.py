@@ -41,7 +41,6 @@ from scipy import ndimage as ndi
 from noduleflow.io import read_image, write_image
 
 log = logging.getLogger(__name__)
-MIN_PIECE = 2
 
 #: in-plane 8-connectivity, no connection across slices: labels every axial slice on its own
 _SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
@@ -237,37 +236,104 @@ def _upsample(low: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> 
     return up[: shape[0], : shape[1], : shape[2]]
 
 
+def _coarse_closing(mask: np.ndarray, spacing_zyx: np.ndarray, radius_mm: float, coarse_mm: float
+                    ) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray]:
+    """Closing additions on a grid of about ``coarse_mm``: (pieces labels, piece sizes in coarse
+    voxels, factors, coarse spacing). A half-voxel slack drops the one-voxel staircase notches a
+    discrete ball leaves on oblique surfaces."""
+    factors = [max(1, int(np.floor(coarse_mm / s))) for s in spacing_zyx]
+    low_spacing = spacing_zyx * factors
+    low = _block_mean(mask, factors) >= 0.5
+    added = _closing_added(low, low_spacing, radius_mm, slack_mm=0.5 * float(low_spacing.min()))
+    pieces, _ = ndi.label(added)
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    return pieces, sizes, factors, low_spacing
+
+
+def _merge_boxes(boxes: list[list[list[int]]]) -> list[list[list[int]]]:
+    """Merge overlapping boxes ([[lo, hi] per axis]) until none overlap."""
+    boxes = list(boxes)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if all(a[k][0] < b[k][1] and b[k][0] < a[k][1] for k in range(3)):
+                    boxes[i] = [[min(a[k][0], b[k][0]), max(a[k][1], b[k][1])] for k in range(3)]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return boxes
+
+
 def closing_additions(mask: np.ndarray, spacing_xyz: Sequence[float], radius_mm: float,
-                      margin_mm: float = 0.0, coarse_mm: float | None = None) -> np.ndarray:
+                      margin_mm: float = 0.0, coarse_mm: float = 2.0) -> np.ndarray:
     """Voxels (z, y, x) that a 3-D closing with a ball of ``radius_mm`` adds to ``mask``, grown by
     ``margin_mm``.
 
-    The closing runs on a grid of about ``coarse_mm`` (default radius / 6) with two Maurer distance
-    maps; additions of a single coarse voxel (staircase notches of a discrete ball on oblique
-    surfaces, not concavities) are dropped, the rest is grown by ``margin_mm`` on the coarse grid
-    and brought back by nearest neighbour. The coarse grid misses up to a coarse voxel at the
-    base of a concavity; the margin covers it. Beyond the volume the mask continues as at its
-    faces. A 12 mm closing of a full-size scan takes well under a second this way (tens of
-    seconds at full resolution).
+    A closing on a grid of about ``coarse_mm`` finds where the closing adds anything (pieces of
+    two coarse voxels or more: concavities such as juxta-pleural nodules and the hilum, not
+    staircase notches); the exact closing is then computed at full resolution only in boxes
+    around those places, each with a margin of twice the radius (all a closing at a voxel
+    depends on). Beyond the volume the mask continues as at its faces. A 12 mm ball closing of a
+    whole full-size scan at full resolution would take tens of seconds; this takes about one.
     """
     if radius_mm <= 0 or not mask.any():
         return np.zeros(mask.shape, dtype=bool)
     spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
-    coarse = min(radius_mm / 6.0, 2.0) if coarse_mm is None else coarse_mm
-    factors = [max(1, int(np.floor(coarse / s))) for s in spacing_zyx]
-    low_spacing = spacing_zyx * factors
-    low = _block_mean(mask, factors) >= 0.5
-    added = _closing_added(low, low_spacing, radius_mm, slack_mm=0.5 * float(low_spacing.min()))
-    if factors != [1, 1, 1]:
-        pieces, _ = ndi.label(added)
-        sizes = np.bincount(pieces.ravel())
-        sizes[0] = 0
-        added = (sizes >= MIN_PIECE)[pieces]
-    if not added.any():
+    grow = _ellipsoid(margin_mm, spacing_zyx) if margin_mm > 0 else None
+    if min(spacing_zyx) * 1.5 > coarse_mm:            # the grid is coarse already
+        added = _closing_added(mask, spacing_zyx, radius_mm)
+        return ndi.binary_dilation(added, grow) & ~mask if grow is not None and added.any() else added
+    pieces, sizes, factors, _ = _coarse_closing(mask, spacing_zyx, radius_mm, coarse_mm)
+    grow_voxels = [int(np.ceil(margin_mm / (s * f))) + 1 for s, f in zip(spacing_zyx, factors)]
+    cores = []
+    for label, box in enumerate(ndi.find_objects(pieces), start=1):
+        if box is None or sizes[label] < 2:
+            continue
+        cores.append([[max((b.start - g) * f, 0), min((b.stop + g) * f, n)]
+                      for b, g, f, n in zip(box, grow_voxels, factors, mask.shape)])
+    cores = _merge_boxes(cores)
+    margin = [int(np.ceil(2 * radius_mm / s)) + 2 for s in spacing_zyx]
+    added = np.zeros(mask.shape, dtype=bool)
+    for core in cores:
+        outer = tuple(slice(max(lo - m, 0), min(hi + m, n)) for (lo, hi), m, n in zip(core, margin, mask.shape))
+        local = _closing_added(mask[outer], spacing_zyx, radius_mm)
+        if grow is not None and local.any():
+            local = ndi.binary_dilation(local, grow) & ~mask[outer]
+        inner = tuple(slice(lo - o.start, hi - o.start) for (lo, hi), o in zip(core, outer))
+        added[tuple(slice(lo, hi) for lo, hi in core)] |= local[inner]
+    log.debug("closing %.0f mm: %d region(s) computed at full resolution", radius_mm, len(cores))
+    return added
+
+
+def nodule_concavities(mask: np.ndarray, spacing_xyz: Sequence[float], radius_mm: float, max_ml: float,
+                       margin_mm: float = 0.0, coarse_mm: float = 3.0) -> np.ndarray:
+    """Nodule-sized dents of the lung surface (z, y, x): the pieces a closing with a large ball of
+    ``radius_mm`` adds that are at most ``max_ml`` each, grown by ``margin_mm``, on a grid of about
+    ``coarse_mm``.
+
+    A nodule of 2-3 cm sunk into the chest wall holds a 12 mm ball, so the ordinary closing leaves
+    it out; a ball much larger than the nodule rolls over it. The same ball would also fill the
+    large concavities (heart, diaphragm dome, hilum): those pieces are larger than any nodule and
+    are dropped.
+    """
+    if radius_mm <= 0 or max_ml <= 0 or not mask.any():
         return np.zeros(mask.shape, dtype=bool)
+    spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
+    pieces, sizes, factors, low_spacing = _coarse_closing(mask, spacing_zyx, radius_mm, coarse_mm)
+    volume_ml = sizes * float(np.prod(low_spacing)) / 1000.0
+    keep = (sizes >= 2) & (volume_ml <= max_ml)
+    if not keep.any():
+        return np.zeros(mask.shape, dtype=bool)
+    log.info("%d nodule-sized dent(s) of the lung surface filled (%s ml)", int(keep.sum()),
+             ", ".join(f"{v:.1f}" for v in volume_ml[keep]))
+    added = keep[pieces]
     if margin_mm > 0:
-        # grown into the coarse lung voxels too: the tissue part of a mixed block at the base
-        # of a concavity (a juxta-pleural nodule's flank) is exactly what the coarse grid misses
         added = ndi.binary_dilation(added, _ellipsoid(margin_mm, low_spacing))
     return _upsample(added, factors, mask.shape) & ~mask
 
@@ -290,7 +356,8 @@ def _ellipsoid(radius_mm: float, spacing_zyx: Sequence[float]) -> np.ndarray:
 
 def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], threshold_hu: float = -400,
                   min_component_ml: float = 30, trachea_max_area_mm2: float = 700, closing_mm: float = 12,
-                  closing_margin_mm: float = 3, dilation_mm: float = 0) -> np.ndarray:
+                  closing_margin_mm: float = 5, nodule_closing_mm: float = 40, nodule_max_ml: float = 25,
+                  dilation_mm: float = 0) -> np.ndarray:
     """Lung mask (uint8 0/1, z, y, x) of a CT volume in HU with voxel size ``spacing_xyz`` (mm).
 
     See the module docstring for the steps. Parameters are in HU, ml, mm^2 and mm.
@@ -315,7 +382,8 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
         log.warning("no air region of %s ml or more inside the body: empty lung mask", min_component_ml)
         return out
 
-    margin = [int(np.ceil((closing_mm + closing_margin_mm + dilation_mm) / s)) + 2 for s in spacing_zyx]
+    margin = [int(np.ceil((max(closing_mm, nodule_closing_mm) + closing_margin_mm + dilation_mm) / s)) + 2
+              for s in spacing_zyx]
     box = _bounding_box(candidates, margin)
     cand = candidates[box]
     airway = find_airways(cand, spacing_xyz, trachea_max_area_mm2)
@@ -332,8 +400,11 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
     for label, lung_box in enumerate(ndi.find_objects(labels), start=1):
         outer = tuple(slice(max(b.start - m, 0), min(b.stop + m, n))
                       for b, m, n in zip(lung_box, margin, lungs.shape))
-        lungs[outer] |= closing_additions(labels[outer] == label, spacing_xyz, closing_mm,
-                                          margin_mm=closing_margin_mm)
+        lung = labels[outer] == label
+        added = closing_additions(lung, spacing_xyz, closing_mm, margin_mm=closing_margin_mm)
+        added |= nodule_concavities(lung, spacing_xyz, nodule_closing_mm, nodule_max_ml,
+                                    margin_mm=closing_margin_mm)
+        lungs[outer] |= added
     if dilation_mm > 0:
         lungs = ndi.binary_dilation(lungs, structure=_ellipsoid(dilation_mm, spacing_zyx))
     out[box] = lungs
@@ -342,13 +413,15 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
 
 def lung_mask_file(image_path: str | Path, out_mask: str | Path, threshold_hu: float = -400,
                    min_component_ml: float = 30, trachea_max_area_mm2: float = 700, closing_mm: float = 12,
-                   closing_margin_mm: float = 3, dilation_mm: float = 0) -> np.ndarray:
+                   closing_margin_mm: float = 5, nodule_closing_mm: float = 40, nodule_max_ml: float = 25,
+                   dilation_mm: float = 0) -> np.ndarray:
     """Read a resampled scan (int16 HU), segment its lungs, write ``out_mask`` (uint8 0/1, same grid)
     atomically. Returns the mask (z, y, x)."""
     image, geometry = read_image(image_path)
     mask = segment_lungs(image, geometry.spacing, threshold_hu=threshold_hu, min_component_ml=min_component_ml,
                          trachea_max_area_mm2=trachea_max_area_mm2, closing_mm=closing_mm,
-                         closing_margin_mm=closing_margin_mm, dilation_mm=dilation_mm)
+                         closing_margin_mm=closing_margin_mm, nodule_closing_mm=nodule_closing_mm,
+                         nodule_max_ml=nodule_max_ml, dilation_mm=dilation_mm)
     volume_ml = float(mask.sum()) * float(np.prod(geometry.spacing)) / 1000.0
     log.info("%s: lung mask %.0f ml (%.1f%% of the volume)", image_path, volume_ml, 100.0 * mask.mean())
     write_image(mask, geometry, out_mask, compression_level=1)

@@ -106,7 +106,13 @@ def stage_params(config: Mapping, stage: str) -> dict:
             params.setdefault(block, {})[key] = copy.deepcopy(_lookup(config, dotted))
         else:
             params[block] = copy.deepcopy(config.get(block, {}))
-    return json.loads(json.dumps(params))
+    return canonical(params)
+
+
+def canonical(value: Any) -> Any:
+    """``value`` as plain builtins with dict keys sorted at every level. Snakemake compares params by
+    their text, so the order keys happen to have in a config file must not matter."""
+    return json.loads(json.dumps(value, sort_keys=True))
 
 
 def _stage_signature(config: Mapping, stage: str) -> str:

@@ -458,8 +458,8 @@ class WeightAverage:
     model that is validated and saved: it smooths the epoch-to-epoch swings of a short training.
 
     After update ``t`` (1-based) the average moves towards the model by ``1 - d_t`` with
-    ``d_t = min(decay, t / (t + 9))``, so the first updates are not dominated by the initial
-    weights. ``decay = 0`` keeps no average: ``model`` is the trained model itself."""
+    ``d_t = min(decay, (t - 1) / t)``: a plain mean of the first ``1 / (1 - decay)`` updates, then
+    an exponential average, so the initial weights do not linger. ``decay = 0`` keeps no average: ``model`` is the trained model itself."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = float(decay)
@@ -473,7 +473,7 @@ class WeightAverage:
         if self.decay <= 0:
             return
         self.updates += 1
-        decay = min(self.decay, self.updates / (self.updates + 9.0))
+        decay = min(self.decay, (self.updates - 1.0) / self.updates)
         averaged = [t for t in self.model.state_dict().values()]
         current = [t for t in model.state_dict().values()]
         floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]

@@ -5,6 +5,7 @@ from pathlib import Path
 from noduleflow.io import InputError, discover_scans, read_annotations, read_uid_list
 from noduleflow.runconfig import (
     BASE_PREFIX,
+    canonical,
     check_config,
     code_digest,
     run_configs,

@@ -12,7 +12,7 @@ rule synthesize:
         nodules=f"{SYN_OUT}/nodules/{{uid}}.csv",
     params:
         # n_scans is left out: adding scans must not regenerate the existing ones
-        cfg={k: v for k, v in config["synthetic"].items() if k != "n_scans"},
+        cfg=canonical({k: v for k, v in config["synthetic"].items() if k != "n_scans"}),
         code=code_digest("synthesize"),
     log:
         f"{SYN_OUT}/logs/{{uid}}.log",

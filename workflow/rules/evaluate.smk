@@ -47,7 +47,7 @@ rule report:
         pooled_nodules="{prefix}reports/nodules_pooled.csv",
         pooled_metrics="{prefix}reports/metrics_pooled.json",
     params:
-        cfg=lambda wc: {"evaluate": RUNS[wc.prefix]["evaluate"]},
+        cfg=lambda wc: canonical({"evaluate": RUNS[wc.prefix]["evaluate"]}),
         excluded=EXCLUDED,
         code=code_digest("report"),
     log:
