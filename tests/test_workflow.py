@@ -104,12 +104,12 @@ def test_a_changed_module_reruns_its_stage_and_what_follows(tiny_run, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO_ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     module = src / "noduleflow" / "lungmask.py"
-    module.write_text(module.read_text() + "\n# a changed line\n")
+    original = module.read_text()
+    module.write_text(original + "\n# a changed line\n")
     env = {"PYTHONPATH": str(src)}
     rules = planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml", env=env))
     assert set(rules) == {"lung_mask", "extract_slices"} | AFTER_PATCHES, rules
-    module = src / "noduleflow" / "lungmask.py"
-    module.write_text((REPO_ROOT / "src" / "noduleflow" / "lungmask.py").read_text())
+    module.write_text(original)
     froc = src / "noduleflow" / "froc.py"
     froc.write_text(froc.read_text() + "\n# a changed line\n")
     rules = planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml", env=env))
