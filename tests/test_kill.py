@@ -97,9 +97,11 @@ def test_sigterm_during_preprocessing_leaves_no_half_written_file(reference, tmp
     proc = start(workdir, "preprocess")
     wait_for(lambda: resampled.is_dir() and any(resampled.iterdir()), proc)
     terminate(proc)
-    # whatever exists under a final name is complete: every image and slice store reads back
+    # whatever exists under a final name is complete: every image and slice store reads back,
+    # and the killed jobs removed their temporary files
     import SimpleITK as sitk
 
+    assert [p for p in (workdir / "results").rglob("*") if ".part" in p.name] == []
     for path in (workdir / "results").rglob("*.mha"):
         sitk.ReadImage(str(path))
     for path in (workdir / "results").rglob("*.h5"):

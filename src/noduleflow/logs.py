@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -15,7 +16,9 @@ def logging_to(log_path: str | Path, level: int = logging.INFO) -> Iterator[logg
     """Send the ``noduleflow`` loggers (and warnings) to ``log_path`` for the duration of the block.
 
     An exception raised inside the block is written to the log with its traceback and re-raised,
-    so the Snakemake log shows the message that names the bad file.
+    so the Snakemake log shows the message that names the bad file. SIGTERM (what Snakemake and
+    SLURM send a job they stop) becomes a ``SystemExit`` inside the block, so ``finally`` clauses
+    run: temporary files of atomic writes are removed and no half-written file is left behind.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,12 +32,19 @@ def logging_to(log_path: str | Path, level: int = logging.INFO) -> Iterator[logg
     root.addHandler(handler)
     root.addHandler(stream)
     logging.captureWarnings(True)
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+
+    def _terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         yield root
     except BaseException as exc:
         root.error("failed: %s\n%s", exc, traceback.format_exc())
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         root.removeHandler(handler)
         root.removeHandler(stream)
         root.setLevel(old_level)
