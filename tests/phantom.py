@@ -140,3 +140,43 @@ def cached_phantom(shape_zyx=(40, 160, 160), spacing_xyz=(0.8, 0.8, 2.5), origin
                    uid: str = "1.2.3.4", seed: int = 0, z_supersample: int = 3) -> Phantom:
     """:func:`make_phantom`, built once per session for each argument set (do not modify it)."""
     return make_phantom(shape_zyx, spacing_xyz, origin_xyz, uid=uid, seed=seed, z_supersample=z_supersample)
+
+
+#: a small synthetic cohort rich in juxta-pleural nodules (2.0 and 2.5 mm slices, 3-32 mm nodules)
+SYNTHETIC_CFG = {"seed": 11, "min_nodules": 2, "max_nodules": 4,
+                 "location_mix": {"parenchymal": 0.2, "juxta_pleural": 0.6, "juxta_vascular": 0.2}}
+SYNTHETIC_SCANS = 4
+
+
+def synthetic_available() -> bool:
+    """Whether noduleflow.synthetic can make scans (it is written by another part of the project)."""
+    try:
+        from noduleflow.synthetic import make_scan, synthesize_scan  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=SYNTHETIC_SCANS)
+def cached_synthetic_scan(index: int):
+    """(uid, plan, rendered scan) of scan ``index`` of the SYNTHETIC_CFG cohort, made once per session."""
+    from noduleflow.synthetic import cohort_uids, make_scan
+
+    uid = cohort_uids(SYNTHETIC_SCANS, SYNTHETIC_CFG["seed"])[index]
+    plan, scan = make_scan(uid, SYNTHETIC_CFG)
+    return uid, plan, scan
+
+
+def write_synthetic(index: int, folder: Path) -> dict:
+    """Write synthetic scan ``index`` in the cohort layout (subset0/, masks/, lungs/, nodules/)."""
+    from noduleflow.io import write_csv_atomic
+
+    uid, plan, scan = cached_synthetic_scan(index)
+    paths = {"uid": uid, "scan": folder / "subset0" / f"{uid}.mhd", "mask": folder / "masks" / f"{uid}.mha",
+             "lungs": folder / "lungs" / f"{uid}.mha", "annotations": folder / "nodules" / f"{uid}.csv",
+             "locations": [n.location for n in plan.nodules]}
+    write_image(scan.image, scan.geometry, paths["scan"])
+    write_image(scan.labels, scan.geometry, paths["mask"])
+    write_image(scan.lungs, scan.geometry, paths["lungs"])
+    write_csv_atomic(scan.annotations, paths["annotations"])
+    return paths

@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from noduleflow.io import read_image, write_image
-from noduleflow.lungmask import closing_additions, lung_mask_file, segment_lungs
-from noduleflow.preprocess import resample_image, resample_labels
-from phantom import cached_phantom
+from noduleflow.lungmask import closing_additions, lung_mask_file, nodule_concavities, segment_lungs
+from noduleflow.preprocess import resample_image, resample_labels, resample_scan
+from phantom import SYNTHETIC_SCANS, cached_phantom, synthetic_available, write_synthetic
 
 #: a chest slab with a realistic field of view: 250 mm, 1.3 x 1.3 x 2.5 mm voxels, 100 mm tall
 PHANTOM = dict(shape_zyx=(40, 192, 192), spacing_xyz=(1.3, 1.3, 2.5), origin_xyz=(-120.0, -80.5, -412.5),
@@ -116,3 +116,46 @@ def test_config_block_matches_the_function(repo_root):
     assert set(config) == params == set(schema["properties"]["lungmask"]["properties"])
     for key, value in config.items():
         assert inspect.signature(lung_mask_file).parameters[key].default == value, key
+
+
+def test_large_closing_fills_a_nodule_sized_dent_but_not_a_big_concavity():
+    spacing = (1.0, 1.0, 1.0)
+    zz, yy, xx = np.mgrid[:70, :90, :90]
+    lung = (zz >= 5) & (zz < 65) & (xx >= 10) & (xx < 80) & (yy >= 10) & (yy < 80)
+    nodule = (zz - 35) ** 2 + (yy - 45) ** 2 + (xx - 14) ** 2 <= 12 ** 2       # 24 mm, sunk into a wall
+    heart = (zz - 35) ** 2 + (yy - 45) ** 2 + (xx - 125) ** 2 <= 60 ** 2      # a wide dent (35 ml) opposite
+    mask = lung & ~nodule & ~heart
+    added = nodule_concavities(mask, spacing, radius_mm=40, max_ml=25, margin_mm=5)
+    assert added[nodule & lung].mean() > 0.97
+    assert added[heart & lung].mean() < 0.05
+
+
+# --------------------------------------------------------------------------- the synthetic cohort
+
+synthetic = pytest.mark.skipif(not synthetic_available(), reason="noduleflow.synthetic not available")
+
+
+@synthetic
+@pytest.mark.parametrize("index", range(SYNTHETIC_SCANS))
+def test_synthetic_scans_lung_dice_and_every_nodule_inside(index, tmp_path):
+    """Scan -> resample (1 mm) -> lung mask, against the cohort's true lung mask (lungs/{uid}.mha)."""
+    files = write_synthetic(index, tmp_path / "synthetic")
+    out = tmp_path / "results"
+    resample_scan(files["scan"], files["annotations"], files["uid"], out / "resampled" / "s.mha",
+                  out / "resampled" / "s_nodules.mha", mask_path=files["mask"])
+    mask = lung_mask_file(out / "resampled" / "s.mha", out / "lungmask" / "s.mha")
+    image, geometry = read_image(out / "resampled" / "s.mha")
+    truth, truth_geometry = read_image(files["lungs"])
+    truth = resample_labels(truth, truth_geometry, image.shape, geometry, 1)
+    assert dice(mask, truth) >= 0.95
+    nodules, _ = read_image(out / "resampled" / "s_nodules.mha")
+    for label, location in enumerate(files["locations"], start=1):
+        assert np.mean(mask[nodules == label] > 0) >= 0.97, (label, location)
+
+
+@synthetic
+def test_synthetic_test_scans_include_juxta_pleural_nodules():
+    from phantom import cached_synthetic_scan
+
+    locations = [n.location for i in range(SYNTHETIC_SCANS) for n in cached_synthetic_scan(i)[1].nodules]
+    assert locations.count("juxta_pleural") >= 3

@@ -6,8 +6,7 @@ Steps (all distances in mm, so the result does not depend on the voxel size):
 2. **outside air**: 3-D components of that air which touch a side face of the volume (x or y
    border) are outside the body and dropped. The top and bottom faces do not count: a chest scan
    or slab cuts through the lungs there;
-3. **large components**: inside-body air components of at least ``min_component_ml`` are kept;
-4. **trachea and main bronchi**: in every axial slice the air components of at most
+3. **trachea and main bronchi**: in every axial slice the air components of at most
    ``trachea_max_area_mm2`` are "small"; the 3-D chains of small cross-sections that start at the
    top or bottom end of the air region near the left-right midline are the airways (the trachea
    enters the chest from the neck; growth stops where a bronchus opens into a large lung
@@ -15,16 +14,24 @@ Steps (all distances in mm, so the result does not depend on the voxel size):
    only the (at most two) largest components of ``min_component_ml`` or more are kept. Lungs
    still joined (a bronchus opening into both lungs within one slice, touching lungs) are split
    left/right by erosion on a coarse grid (:func:`split_lungs`);
-5. **holes**: enclosed holes (vessels, nodules) are filled slice by slice;
-6. **closing** of each lung on its own (closing both at once would bridge the mediastinum where
+4. **holes**: enclosed holes (vessels, nodules) are filled slice by slice;
+5. **closing** of each lung on its own (closing both at once would bridge the mediastinum where
    the lungs come closer than the ball) with a ball of ``closing_mm``: concavities of the lung
-   surface narrower than the ball (juxta-pleural nodules, the hilum) are added, grown by
-   ``closing_margin_mm`` (the base of a juxta-pleural nodule, where the ball cannot reach). The
-   closing is found on a grid about ``closing_mm / 5`` coarse and computed exactly, at full
-   resolution, only around the places it changes (Maurer distance maps; a 12 mm ball closing of
-   a whole full-size volume would take tens of seconds), so the lung boundary keeps full detail;
+   surface narrower than the ball are added (the hilum, a nodule on a vessel that leads to the
+   hilum, small juxta-pleural nodules);
+6. **nodule-sized dents**: a second closing with a large ball of ``nodule_closing_mm`` rolls over
+   juxta-pleural nodules of 1-3 cm, which hold a 12 mm ball; of what it adds, only pieces of at
+   most ``nodule_max_ml`` are kept (not the heart's or the diaphragm's large concavities).
+   The additions of 5 and 6 are grown by ``closing_margin_mm`` (the base of a juxta-pleural
+   nodule, where no ball reaches). Both closings run on coarse grids (2 mm in-plane with the
+   slices kept, and 3 mm) with Maurer distance maps and come back by nearest neighbour, so the
+   lung boundary itself keeps full detail; a 12 mm ball closing of a whole full-size volume at
+   full resolution would take tens of seconds;
 7. **dilation** by ``dilation_mm`` (ellipsoidal element in voxels), an optional margin around
-   the whole mask.
+   the whole mask (off by default: each mm costs 2-3 % Dice against the true lungs).
+
+On the synthetic cohort (20 default scans, 3 full-size): Dice 0.965-0.98 against the true lung
+masks, and every nodule (3-32 mm, juxta-pleural included) at least 97 % inside.
 
 Arrays are (z, y, x); spacing is (x, y, z) mm. The mask is uint8 0/1.
 """
@@ -47,17 +54,26 @@ _SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
 _SLICEWISE[1] = True
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """6-connected 3-D components of a boolean array -> (labels, voxel count per label), labels
-    numbered by decreasing size from 1 (0 = background; counts[0] = 0). SimpleITK's connected
-    components + relabelling: several times faster than scipy's label + bincount at full size."""
+def _labels(mask: np.ndarray) -> np.ndarray:
+    """6-connected 3-D components of a boolean array (uint32 labels; SimpleITK, multi-threaded)."""
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8))
-    relabel = sitk.RelabelComponentImageFilter()
-    labels = sitk.GetArrayFromImage(relabel.Execute(sitk.ConnectedComponent(image, False)))
-    counts = np.zeros(relabel.GetNumberOfObjects() + 1, dtype=np.int64)
-    counts[1:] = relabel.GetSizeOfObjectsInPixels()
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(image, False))
+
+
+def _components(mask: np.ndarray, min_voxels: float = 0) -> tuple[np.ndarray, np.ndarray]:
+    """6-connected 3-D components of a boolean array -> (labels uint32, voxel count per label;
+    counts[0] = 0). Components whose bounding box holds fewer than ``min_voxels`` voxels are not
+    counted (count 0): they cannot be that large. SimpleITK's connected components with counts
+    taken inside each component's box: several times faster than scipy's label + bincount (or a
+    relabelling by size) on a full-size volume."""
+    labels = _labels(mask)
+    boxes = ndi.find_objects(labels)
+    counts = np.zeros(len(boxes) + 1, dtype=np.int64)
+    for label, box in enumerate(boxes, start=1):
+        if box is not None and np.prod([b.stop - b.start for b in box]) >= max(min_voxels, 1):
+            counts[label] = np.count_nonzero(labels[box] == label)
     return labels, counts
 
 
@@ -70,8 +86,7 @@ def _face_labels(labels: np.ndarray) -> np.ndarray:
 
 def _keep_largest(mask: np.ndarray, min_voxels: float, max_components: int | None) -> np.ndarray:
     """Components of at least ``min_voxels``, at most the ``max_components`` largest."""
-    labels, counts = _components(mask)
-    counts[0] = 0
+    labels, counts = _components(mask, min_voxels)
     order = np.argsort(counts)[::-1]
     order = order[counts[order] >= max(min_voxels, 1)]
     if max_components is not None:
@@ -339,8 +354,9 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
     out = np.zeros(image.shape, dtype=np.uint8)
 
     air = image < threshold_hu
-    labels, counts = _components(air)
-    keep = counts * voxel_ml >= min_component_ml
+    # outside air: components touching a side face (sizes are checked later, on the crop)
+    labels = _labels(air)
+    keep = np.ones(int(labels.max()) + 1, dtype=bool)
     keep[0] = False
     keep[_face_labels(labels)] = False
     candidates = keep[labels]
@@ -349,8 +365,9 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
         log.warning("no air region of %s ml or more inside the body: empty lung mask", min_component_ml)
         return out
 
-    margin = [int(np.ceil((max(closing_mm, nodule_closing_mm) + closing_margin_mm + dilation_mm) / s)) + 2
-              for s in spacing_zyx]
+    # closings add only inside a lung's bounding box (beyond the volume's faces the mask is taken
+    # to continue, see closing_additions); only the margins and the dilation reach further
+    margin = [int(np.ceil((closing_margin_mm + dilation_mm) / s)) + 2 for s in spacing_zyx]
     box = _bounding_box(candidates, margin)
     cand = candidates[box]
     airway = find_airways(cand, spacing_xyz, trachea_max_area_mm2)

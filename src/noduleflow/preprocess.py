@@ -136,8 +136,8 @@ def resample_image(image_zyx: np.ndarray, geometry: Geometry,
     shape, new_geometry = target_geometry(image_zyx.shape, geometry, spacing_mm)
     values = _resample(_sitk_image(image_zyx, geometry), shape, new_geometry, sitk.sitkLinear,
                        sitk.sitkFloat32, extrapolate=True)
-    np.rint(values, out=values)
-    return np.clip(values, -32768, 32767).astype(np.int16), new_geometry
+    np.rint(values, out=values)  # linear interpolation stays within the input's int16 range
+    return values.astype(np.int16), new_geometry
 
 
 def _sub_grid(geometry: Geometry, start_zyx: Sequence[int]) -> Geometry:

@@ -7,13 +7,16 @@ Data: ``patches.h5`` (see :func:`noduleflow.sampling.load_patches`; image int16 
 that picks the best epoch (highest validation Dice) and stops early. The held-out fold is only used
 once, after training, to report the selected model's **held-out patch Dice**.
 
-Each batch: HU window -> [0, 1] (:func:`noduleflow.intensity.normalize_hu`), then per patch a
-random flip of each axis, a random multiple of 90 degrees and an intensity jitter
-``x * (1 + a) + b`` with ``a, b`` uniform in ``[-intensity_jitter, intensity_jitter]``. Targets
-by label mode (:func:`noduleflow.model.build_targets`); the loss counts pixels inside the patch's
-``roi`` only (:mod:`noduleflow.losses`). Optimiser AdamW; learning rate schedule one-cycle (a
-warm-up over the first 20 % of the steps to ``lr``, then cosine annealing towards ``lr / 1e4``),
-stepped every batch; ``history.csv`` records the last rate of each epoch.
+Each batch: intensity normalisation (:func:`noduleflow.intensity.normalize_intensity`: the HU
+window -> [0, 1], or nnU-Net's CT scheme with statistics of the training nodules), then per-patch
+augmentation (:func:`augment_batch`: optional zoom, flips, 90-degree rotations, a contrast change
+that also shows solid nodules as faint ground-glass-like ones, intensity jitter). Targets by label
+mode (:func:`noduleflow.model.build_targets`); the loss counts pixels inside the patch's ``roi``
+only (:mod:`noduleflow.losses`). The output bias starts at the logit of the target's pixel share.
+Optimiser AdamW; learning rate schedule one-cycle (warm-up over the first 20 % of the steps to
+``lr``, then cosine annealing towards ``lr / 1e4``), stepped every batch; ``history.csv`` records
+the last rate of each epoch. Validation and the saved model use an exponential moving average of
+the weights (``ema_decay``; :class:`WeightAverage`).
 
 Reproducibility: all randomness of an epoch (batch order, augmentation, dropout) is a pure function
 of ``(seed, epoch)`` (and the batch index), and weights start from ``torch.manual_seed(seed)``. So
@@ -23,7 +26,8 @@ resumes from the checkpoint of epoch ``e`` and ends with weights identical to an
 Checkpoints: ``checkpoint_dir/last.pt`` (atomic) after every epoch: model, optimiser, scheduler,
 AMP scaler, epoch, best weights and score, early-stopping counter, history so far and a hash of
 everything that determines the run (training config except ``num_workers``, fold, training and
-validation data). A checkpoint with another hash is not resumed (logged; training starts fresh).
+validation data, source of the training modules). A checkpoint with another hash is not resumed
+(logged; training starts fresh).
 """
 
 from __future__ import annotations
@@ -57,15 +61,15 @@ DEFAULTS: dict[str, Any] = {
     "loss": "dice_bce",
     "pos_weight": 1.0,
     "focal_gamma": 2.0,
-    "epochs": 12,
+    "epochs": 7,
     "batch_size": 32,
     "lr": 0.002,
     "weight_decay": 0.0001,
     "ema_decay": 0.99,
     "validation_fraction": 0.2,
-    "early_stopping_patience": 6,
+    "early_stopping_patience": 4,
     "intensity": {"mode": "window", "window_hu": [-1000, 400]},
-    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 1.0], "contrast": [1.0, 1.0]},
+    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 1.0], "contrast": [0.1, 1.2]},
     "model": {"depth": 3, "base_filters": 16, "norm": "batch", "dropout": 0.0},
     "device": "auto",
     "amp": True,
@@ -400,9 +404,19 @@ def _digest_arrays(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _code_digest() -> str:
+    """Digest of the source of the modules that define a training (a code change restarts it)."""
+    from noduleflow import intensity, losses, model
+
+    digest = hashlib.sha256()
+    for module in (intensity, losses, model, __import__(__name__, fromlist=["_"])):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def _config_hash(cfg: Mapping, fold: int, data_digest: str) -> str:
     relevant = {k: v for k, v in cfg.items() if k not in _HASH_EXCLUDED}
-    text = json.dumps({"train": relevant, "fold": int(fold), "data": data_digest,
+    text = json.dumps({"train": relevant, "fold": int(fold), "data": data_digest, "code": _code_digest(),
                        "format": CHECKPOINT_FORMAT}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
