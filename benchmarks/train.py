@@ -6,9 +6,10 @@
    U-Net at depth 4 with features base*(1, 2, 4, 8, 16), in the memory format training uses
    (:func:`noduleflow.model.memory_format_for`); MONAI is timed in its default memory format and
    in channels_last, and the ratio is taken against the faster of the two.
-2. The patch loader (``load_patches`` from patches.h5, HU window, flips/rot90/jitter, targets) vs
-   the training step's consumption with the default ``train:`` config: images/s and the ratio
-   (the loader must be >= 5x faster so training never waits on data).
+2. The patch loader (``load_patches`` from patches.h5, HU window, the default augmentation,
+   targets) vs the training step's consumption with the default ``train:`` config, in float32 and
+   in the mixed precision training uses on this CPU (bfloat16 where the CPU has it): images/s and
+   the ratio to the fastest step (the loader must be >= 5x faster so training never waits on data).
 
 Usage::
 
@@ -35,6 +36,7 @@ import torch
 
 from noduleflow.losses import make_loss
 from noduleflow.model import UNet2d, build_targets, memory_format_for
+from noduleflow.model import autocast_dtype
 from noduleflow.train import DEFAULTS, PatchBatches, _load_patch_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +70,8 @@ class _Step:
     """One optimiser step of a model on a fixed batch."""
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, amp_dtype: torch.dtype | None = None):
+        self.amp_dtype = amp_dtype
         self.model = model.to(memory_format=memory_format)
         self.x = x.contiguous(memory_format=memory_format)
         self.target = target
@@ -78,7 +81,9 @@ class _Step:
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(self.x), self.target)
+        with torch.autocast("cpu", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits = self.model(self.x)
+        loss = self.loss(logits, self.target)
         loss.backward()
         self.optimizer.step()
 
@@ -98,7 +103,8 @@ def _time_rounds(steps: dict[str, _Step], rounds: int, per_round: int, batch: in
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def compare_with_monai(batch: int, size: int, base: int, norm: str, rounds: int, per_round: int) -> list[tuple]:
+def compare_with_monai(batch: int, size: int, base: int, norm: str, rounds: int, per_round: int,
+                       amp_dtype: torch.dtype | None = None) -> list[tuple]:
     from monai.networks.nets import BasicUNet
 
     gen = torch.Generator().manual_seed(0)
@@ -108,20 +114,23 @@ def compare_with_monai(batch: int, size: int, base: int, norm: str, rounds: int,
     monai_norm = ("batch", {}) if norm == "batch" else ("instance", {"affine": True})
     torch.manual_seed(0)
     steps = {
-        "ours": _Step(UNet2d(3, 1, depth=4, base_filters=base, norm=norm), x, target, memory_format_for(norm)),
+        "ours": _Step(UNet2d(3, 1, depth=4, base_filters=base, norm=norm), x, target, memory_format_for(norm),
+                      amp_dtype),
         "monai": _Step(BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=features, norm=monai_norm),
-                       x, target),
+                       x, target, torch.contiguous_format, amp_dtype),
         "monai_cl": _Step(BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=features,
-                                    norm=monai_norm), x, target, torch.channels_last),
+                                    norm=monai_norm), x, target, torch.channels_last, amp_dtype),
     }
     rate = _time_rounds(steps, rounds, per_round, batch)
     best_monai = max(rate["monai"], rate["monai_cl"])
-    label = f"features {features[:5]}, {norm} norm, batch {batch}x3x{size}x{size}"
+    precision = str(amp_dtype).replace("torch.", "") + " autocast" if amp_dtype else "float32"
+    label = f"features {features[:5]}, {norm} norm, batch {batch}x3x{size}x{size}, {precision}"
     return [(label, rate["ours"], rate["monai"], rate["monai_cl"], rate["ours"] / best_monai)]
 
 
-def loader_vs_step(patches: Path, rounds: int) -> tuple[float, float, float, dict]:
-    """(loader images/s incl. reading the file, training-step images/s, file read seconds, config)."""
+def loader_vs_step(patches: Path, rounds: int) -> tuple[float, dict[str, float], float, dict]:
+    """(loader images/s incl. reading the file, training-step images/s by precision, file read
+    seconds, config)."""
     cfg = DEFAULTS
     start = time.perf_counter()
     arrays, _ = _load_patch_file(patches)
@@ -140,9 +149,14 @@ def loader_vs_step(patches: Path, rounds: int) -> tuple[float, float, float, dic
                           augment=cfg["augment"], seed=0, epoch=1)[0]
     torch.manual_seed(0)
     model = UNet2d(image.shape[1], 1, **cfg["model"])
-    step = _Step(model, sample["image"], build_targets(sample["mask"], sample["weight"][:, 0], "positive"),
-                 memory_format_for(cfg["model"]["norm"]))
-    step_rate = _time_rounds({"ours": step}, 5, 5, batch)["ours"]
+    target = build_targets(sample["mask"], sample["weight"][:, 0], "positive")
+    steps = {"float32": _Step(model, sample["image"], target, memory_format_for(cfg["model"]["norm"]))}
+    amp_dtype = autocast_dtype(torch.device("cpu"), bool(cfg["amp"]))
+    if amp_dtype is not None:
+        torch.manual_seed(0)
+        steps[str(amp_dtype).replace("torch.", "")] = _Step(UNet2d(image.shape[1], 1, **cfg["model"]), sample["image"],
+                                                             target, memory_format_for(cfg["model"]["norm"]), amp_dtype)
+    step_rate = _time_rounds(steps, 5, 5, batch)
     return loader_rate, step_rate, read_seconds, {"n": len(image), "shape": image.shape[1:], "batch": batch,
                                                   "model": cfg["model"]}
 
@@ -167,11 +181,14 @@ def main(argv: list[str] | None = None) -> None:
         print("## Training step: our U-Net vs MONAI BasicUNet (same batch, Dice+BCE, AdamW)\n")
         print("| configuration | ours (img/s) | MONAI (img/s) | MONAI channels_last (img/s) | ours / best MONAI |")
         print("|---|---:|---:|---:|---:|")
-        for base in (16, 8):
-            for norm in ("batch", "instance"):
-                for row in compare_with_monai(args.batch_size, args.size, base, norm, args.rounds,
-                                              args.steps_per_round):
-                    print(f"| {row[0]} | {row[1]:.0f} | {row[2]:.0f} | {row[3]:.0f} | {row[4]:.2f}x |", flush=True)
+        amp_dtype = autocast_dtype(torch.device("cpu"), True)
+        cases = [(base, norm, None) for base in (16, 8) for norm in ("batch", "instance")]
+        if amp_dtype is not None:  # the precision training uses on this CPU
+            cases += [(16, "batch", amp_dtype), (8, "batch", amp_dtype)]
+        for base, norm, dtype in cases:
+            for row in compare_with_monai(args.batch_size, args.size, base, norm, args.rounds,
+                                          args.steps_per_round, dtype):
+                print(f"| {row[0]} | {row[1]:.0f} | {row[2]:.0f} | {row[3]:.0f} | {row[4]:.2f}x |", flush=True)
     except ImportError:
         print("monai not installed (.venv/bin/pip install monai --no-deps): skipping the MONAI comparison")
 
@@ -190,9 +207,12 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {info['batch']}, model {info['model']})\n")
     print("| stage | img/s |")
     print("|---|---:|")
-    print(f"| loader: load_patches ({read_s:.2f} s, counted) + HU window + flips/rot90/jitter + targets | {loader:.0f} |")
-    print(f"| training step (default train: config) | {step:.0f} |")
-    print(f"| loader / step | {loader / step:.1f}x {'(>= 5x: ok)' if loader >= 5 * step else '(< 5x!)'} |")
+    print(f"| loader: load_patches ({read_s:.2f} s, counted) + HU window + default augmentation + targets "
+          f"| {loader:.0f} |")
+    for precision, rate in step.items():
+        print(f"| training step, default train: config, {precision} | {rate:.0f} |")
+    fastest = max(step.values())
+    print(f"| loader / fastest step | {loader / fastest:.1f}x {'(>= 5x: ok)' if loader >= 5 * fastest else '(< 5x!)'} |")
 
 
 if __name__ == "__main__":

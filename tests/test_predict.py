@@ -229,3 +229,20 @@ def test_predict_fold_with_a_real_saved_unet(tmp_path, inference_modules):
     prob, _ = read_image(out / "9.9.mha")
     assert prob.shape == image.shape and prob[lung == 0].max() == 0
     assert pd.read_csv(tmp_path / "candidates.csv").columns.tolist() == CANDIDATE_COLUMNS
+
+
+def test_three_plane_probability_is_the_mean_of_the_planes(inference_modules):
+    from noduleflow.planes import from_plane, to_plane
+    from noduleflow.predict import predict_plane, predict_volume
+
+    image, lung, nodule, _ = synthetic_scan()
+    net = ThresholdNet()
+    both = predict_volume(net, META, image, lung, lung_roi=True, batch_size=4,
+                          planes=["axial", "coronal", "sagittal"])
+    seen = {s[2:] for s in net.shapes}
+    assert len(seen) >= 2                  # slices of different planes have different sizes
+    per_plane = [from_plane(predict_plane(ThresholdNet(), META, to_plane(image, p), to_plane(lung, p), True,
+                                          batch_size=4), p) for p in ("axial", "coronal", "sagittal")]
+    np.testing.assert_allclose(both, np.mean(per_plane, axis=0), atol=1e-6)
+    assert (both[nodule > 0] > 0.99).all()   # dense in every plane
+    assert both[lung == 0].max() == 0.0

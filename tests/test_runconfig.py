@@ -68,6 +68,11 @@ def test_invalid_values_name_the_key(base_config):
     bad = deep_merge(base_config, {"train": {"intensity": {"window_hu": [400, -1000]}}})
     with pytest.raises(ConfigError, match="train.intensity.window_hu"):
         check_config(bad)
+    bad = deep_merge(base_config, {"preprocess": {"spacing_mm": [0.7, 0.7, 2.5]},
+                                   "sampling": {"planes": ["axial", "coronal"]}})
+    with pytest.raises(ConfigError, match="sampling.planes"):
+        check_config(bad)
+    check_config(deep_merge(bad, {"sampling": {"planes": ["axial"]}, "predict": {"planes": ["axial"]}}))
     bad = dict(base_config, experiments={"x": {"dataset": {"root": "elsewhere"}}})
     with pytest.raises(ConfigError, match="experiments.x"):
         check_config(bad)

@@ -289,3 +289,46 @@ def test_sampling_through_the_slice_store_writer(tmp_path):
     for key in direct:
         np.testing.assert_array_equal(via_writer[key], direct[key])
     assert np.sum(via_writer["kind"] == "positive") == 15
+
+
+@pytest.mark.parametrize("plane", ["coronal", "sagittal"])
+def test_off_axial_patches_are_cut_across_their_own_plane(stores, tmp_path, plane):
+    patches = sample(stores, tmp_path / "p.h5", planes=["axial", "coronal", "sagittal"])
+    assert set(patches["plane"]) == {"axial", "coronal", "sagittal"}
+    with h5py.File(stores[0], "r") as f:
+        image, lung, nodule = f["image"][...], f["lung"][...], f["nodule"][...]
+    rows = np.flatnonzero((patches["seriesuid"] == "1.1") & (patches["plane"] == plane))
+    assert len(rows) > 0
+    for i in rows[:5]:
+        z, y, x = patches["z"][i], patches["y"][i], patches["x"][i]
+        for channel, d in enumerate((-1, 0, 1)):
+            if plane == "coronal":   # slice y + d, rows z, columns x
+                s = min(max(y + d, 0), 95)
+                img, lng, nod, r, c = image[:, s, :], lung[:, s, :], nodule[:, s, :], z, x
+            else:                    # slice x + d, rows z, columns y
+                s = min(max(x + d, 0), 95)
+                img, lng, nod, r, c = image[:, :, s], lung[:, :, s], nodule[:, :, s], z, y
+            expected = np.full((32, 32), -1000, dtype=np.int16)
+            r0, c0 = r - 16, c - 16
+            rs = slice(max(r0, 0), min(r0 + 32, img.shape[0]))
+            cs = slice(max(c0, 0), min(c0 + 32, img.shape[1]))
+            expected[rs.start - r0:rs.stop - r0, cs.start - c0:cs.stop - c0] = np.where(
+                lng[rs, cs] > 0, img[rs, cs], -1000)
+            np.testing.assert_array_equal(patches["image"][i, channel], expected)
+            if d == 0:
+                mask = np.zeros((32, 32), dtype=np.uint8)
+                mask[rs.start - r0:rs.stop - r0, cs.start - c0:cs.stop - c0] = nod[rs, cs] > 0
+                np.testing.assert_array_equal(patches["mask"][i], mask)
+
+
+def test_planes_split_every_kind_evenly_and_keep_the_positive_fraction(stores, tmp_path):
+    patches = sample(stores, tmp_path / "p.h5", planes=["axial", "coronal", "sagittal"], patches_per_scan=90)
+    for plane in ("axial", "coronal", "sagittal"):
+        share = np.mean(patches["kind"][patches["plane"] == plane] == "positive")
+        assert abs(share - 0.5) <= 0.03
+    assert abs(np.mean(patches["kind"] == "positive") - 0.5) <= 0.02
+    axial = sample(stores, tmp_path / "a.h5", planes=["axial"])
+    assert set(axial["plane"]) == {"axial"}
+    with pytest.raises(ValueError, match="sampling.planes"):
+        sample(stores, tmp_path / "bad.h5", planes=["oblique"])
+    assert not (tmp_path / "bad.h5").exists()

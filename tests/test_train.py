@@ -56,6 +56,7 @@ def write_disc_patches(path, n_scans=6, per_scan=24, size=SIZE, context=1, seed=
         h5["y"] = np.full(n, size // 2)
         h5["x"] = np.full(n, size // 2)
         h5["kind"] = np.asarray(kinds).astype("S")
+        h5["plane"] = np.full(len(kinds), "axial").astype("S")
         h5.attrs.update({"context": context, "patch_size": size, "lung_roi": True, "seed": seed})
     return path
 
@@ -256,3 +257,13 @@ def test_ct_normalisation_stores_its_statistics_for_inference(data, tmp_path):
     assert ct["clip_hu"][0] < 40 < ct["clip_hu"][1] and abs(ct["mean"] - 40) < 20  # the discs' HU
     _, stored = load_model(tmp_path / "model.pt")
     assert stored["intensity"] == ct
+
+
+def test_mixed_precision_is_float16_on_cuda_bfloat16_only_on_cpus_that_have_it():
+    from noduleflow.model import autocast_dtype
+
+    assert autocast_dtype(torch.device("cuda"), True) == torch.float16
+    assert autocast_dtype(torch.device("cuda"), False) is None
+    assert autocast_dtype(torch.device("mps"), True) is None
+    assert autocast_dtype(torch.device("cpu"), False) is None
+    assert autocast_dtype(torch.device("cpu"), True) in (None, torch.bfloat16)

@@ -207,3 +207,19 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[UNet2d, dict]:
         raise InputError(f"{path}: weights do not fit the stored architecture: {exc}") from exc
     meta = {key: value for key, value in saved.items() if key != "state_dict"}
     return model.to(device).eval(), meta
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The mixed-precision type of a training step or an inference pass, or None for float32: float16
+    (training adds a gradient scaler) on cuda; bfloat16 on a CPU with native bfloat16 arithmetic
+    (AVX512-BF16 or AMX: about twice the float32 speed there); float32 elsewhere (mps, CPUs without
+    it) or when ``amp`` is off. Weights, the loss and validation stay float32."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu":
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if native else None
+    return None

@@ -1,7 +1,9 @@
 """Inference of one fold's model on that fold's held-out scans: probability volumes and candidates.
 
-For each held-out scan (``folds.csv``), the 2D U-Net runs over every axial slice that contains lung
-(``lung_roi`` true) or body (``lung_roi`` false: any voxel above -500 HU), with the same inputs as
+For each held-out scan (``folds.csv``), the 2D U-Net runs, in each of the slicing ``planes``
+(axial, coronal, sagittal: :mod:`noduleflow.planes`), over every slice that contains lung
+(``lung_roi`` true) or body (``lung_roi`` false: any voxel above -500 HU); the scan's probability is
+the mean of the planes' maps (a nodule is round in all three planes, a vessel only in one). Inputs as
 in training: ``2*context+1`` neighbouring slices as channels (edge slices repeated at the volume
 border), pixels outside the lung set to -1000 HU when ``lung_roi`` (:func:`noduleflow.intensity.apply_roi`),
 then :func:`noduleflow.intensity.normalize_intensity` with the model's ``intensity`` block, as in training. Each slice is cropped
@@ -37,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from noduleflow.io import Geometry, InputError, voxel_to_world, write_csv_atomic, write_image
+from noduleflow.planes import check_planes, from_plane, to_plane
 
 log = logging.getLogger(__name__)
 
@@ -164,17 +167,36 @@ def _box(region: np.ndarray, multiple: int, margin: int = BOX_MARGIN) -> tuple[s
 
 
 def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
-                   batch_size: int = 16, device: str = "cpu", hybrid_output: str = "positive") -> np.ndarray:
-    """Nodule probability (z, y, x) float32 of one scan (``image`` int16 HU, ``lung`` uint8 mask).
+                   batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
+                   planes: Sequence[str] = ("axial",), amp: bool = False) -> np.ndarray:
+    """Nodule probability (z, y, x) float32 of one scan (``image`` int16 HU, ``lung`` uint8 mask, both
+    (z, y, x)): the mean of the probability maps of the slicing ``planes`` (:mod:`noduleflow.planes`).
 
     ``model``: a torch module mapping (n, 2*context+1, h, w) inputs in [0, 1] to logits
     (n, out_channels, h, w); ``meta``: the model file's metadata (``label_mode``, ``context``,
-    ``intensity.window_hu``, ``model.depth``). See the module docstring for the region rules.
+    ``intensity.window_hu``, ``model.depth``). ``amp``: mixed precision where the device has it
+    (:func:`noduleflow.model.autocast_dtype`). See the module docstring for the region rules.
     """
+    planes = check_planes(planes, "predict.planes")
+    total = None
+    for plane in planes:
+        prob = from_plane(predict_plane(model, meta, to_plane(np.asarray(image), plane),
+                                        to_plane(np.asarray(lung), plane), lung_roi, batch_size=batch_size,
+                                        device=device, hybrid_output=hybrid_output, amp=amp), plane)
+        total = prob.copy() if total is None else np.add(total, prob, out=total)
+    total /= np.float32(len(planes))
+    return total
+
+
+def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
+                  batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
+                  amp: bool = False) -> np.ndarray:
+    """Nodule probability float32 of one scan run slice by slice along axis 0 of ``image`` and
+    ``lung`` (any axis order, see :func:`noduleflow.planes.to_plane`); same shape and order."""
     import torch
 
     from noduleflow.intensity import apply_roi, normalize_intensity
-    from noduleflow.model import nodule_probability
+    from noduleflow.model import autocast_dtype, nodule_probability
 
     image = np.asarray(image)
     lung = np.asarray(lung)
@@ -198,12 +220,16 @@ def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_
     volume = normalize_intensity(hu, intensity).astype(np.float32, copy=False)
     offsets = np.arange(-context, context + 1)
     h, w = crop.shape[1], crop.shape[2]
+    torch_device = torch.device(device)
+    amp_dtype = autocast_dtype(torch_device, amp)
     with torch.inference_mode():
         for start in range(0, len(z_run), batch_size):
             zs = z_run[start:start + batch_size]
             index = np.clip(zs[:, None] + offsets[None, :], 0, image.shape[0] - 1)
             batch = torch.from_numpy(np.ascontiguousarray(volume[index])).to(device)
-            logits = model(batch)
+            with torch.autocast(device_type=torch_device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                logits = model(batch)
             prob = nodule_probability(logits, label_mode, hybrid_output)
             prob = prob.float().cpu().numpy()[:, :h, :w]
             out[zs, ys, xs] = prob
@@ -220,8 +246,9 @@ def _device() -> str:
 
 def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slice_files: Sequence[str | Path],
                  out_candidates: str | Path, out_probabilities: str | Path, lung_roi: bool, threads: int = 1,
-                 threshold: float = 0.5, min_volume_mm3: float = 10.0, batch_size: int = 16,
-                 hybrid_output: str = "positive") -> pd.DataFrame:
+                 threshold: float = 0.5, min_volume_mm3: float = 10.0, batch_size: int = 8,
+                 hybrid_output: str = "positive", planes: Sequence[str] = ("axial",),
+                 amp: bool = True) -> pd.DataFrame:
     """Run fold ``fold``'s model on its held-out scans; write probabilities and candidates.
 
     ``slice_files``: slice stores ``{uid}.h5`` (any superset of the fold's scans). Returns the
@@ -234,6 +261,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
 
     if not 0.0 < threshold < 1.0:
         raise InputError(f"predict.threshold = {threshold} must lie strictly between 0 and 1")
+    planes = check_planes(planes, "predict.planes")
     if hybrid_output not in ("positive", "negative"):
         raise InputError(f"predict.hybrid_output = {hybrid_output!r} must be 'positive' or 'negative'")
     stores = heldout_slice_paths(folds_path, fold, slice_files)
@@ -263,7 +291,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
             started = time.perf_counter()
             image, lung, _nodule, geometry = read_slice_store(store)
             prob = predict_volume(model, meta, image, lung, lung_roi, batch_size=batch_size, device=device,
-                                  hybrid_output=hybrid_output)
+                                  hybrid_output=hybrid_output, planes=planes, amp=amp)
             stored = to_uint8(prob)
             write_image(stored, geometry, tmp_dir / f"{uid}.mha")
             cands = candidates_from_probability(stored, geometry, threshold, min_volume_mm3, seriesuid=uid)
@@ -272,7 +300,8 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
                      float(stored.max()) / 255.0, time.perf_counter() - started)
         settings = {"threshold": float(threshold), "min_volume_mm3": float(min_volume_mm3),
                     "hybrid_output": hybrid_output, "lung_roi": bool(lung_roi),
-                    "label_mode": meta.get("label_mode"), "fold": int(fold), "model": str(model_path)}
+                    "label_mode": meta.get("label_mode"), "fold": int(fold), "model": str(model_path),
+                    "planes": list(planes), "amp": bool(amp)}
         (tmp_dir / THRESHOLD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         candidates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
         candidates = candidates[CANDIDATE_COLUMNS]

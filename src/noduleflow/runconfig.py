@@ -39,9 +39,9 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "lung_mask": ("lungmask", "io"),
     "extract_slices": ("slices", "io"),
     "split_folds": ("folds", "io"),
-    "sample_patches": ("sampling", "slices", "io"),
+    "sample_patches": ("sampling", "planes", "slices", "io"),
     "train": ("train", "model", "losses", "intensity", "sampling"),
-    "predict": ("predict", "model", "intensity", "slices", "io"),
+    "predict": ("predict", "planes", "model", "intensity", "slices", "io"),
     "evaluate": ("evaluate", "froc", "segmetrics", "predict", "io"),
     "report": ("report", "evaluate", "froc", "segmetrics", "slices"),
     "compare": ("experiments", "report"),
@@ -72,6 +72,12 @@ def check_config(config: Mapping, where: str = "config") -> None:
     window = config.get("train", {}).get("intensity", {}).get("window_hu", [-1000, 400])
     if not window[0] < window[1]:
         raise ConfigError(f"{where}: train.intensity.window_hu {window} must be [low, high] with low < high")
+    spacing = list(config.get("preprocess", {}).get("spacing_mm", [1.0, 1.0, 1.0]))
+    for key in ("sampling", "predict"):
+        planes = config.get(key, {}).get("planes", ["axial"])
+        if set(planes) - {"axial"} and max(spacing) > 1.05 * min(spacing):
+            raise ConfigError(f"{where}: {key}.planes {planes} includes coronal/sagittal slices, which need "
+                              f"isotropic voxels, but preprocess.spacing_mm is {spacing}")
     for name, override in config.get("experiments", {}).items():
         if "experiments" in override or "synthetic" in override or "dataset" in override:
             raise ConfigError(f"{where}: experiments.{name} may not override 'experiments', 'synthetic' "
@@ -83,6 +89,12 @@ def run_configs(config: Mapping) -> dict[str, dict]:
     ``results/experiments/<name>/`` per experiment, in config order."""
     base = {k: v for k, v in config.items() if k != "experiments"}
     runs = {BASE_PREFIX: copy.deepcopy(base)}
+    spacing = list(config.get("preprocess", {}).get("spacing_mm", [1.0, 1.0, 1.0]))
+    for key in ("sampling", "predict"):
+        planes = config.get(key, {}).get("planes", ["axial"])
+        if set(planes) - {"axial"} and max(spacing) > 1.05 * min(spacing):
+            raise ConfigError(f"{where}: {key}.planes {planes} includes coronal/sagittal slices, which need "
+                              f"isotropic voxels, but preprocess.spacing_mm is {spacing}")
     for name, override in config.get("experiments", {}).items():
         runs[f"{BASE_PREFIX}experiments/{name}/"] = deep_merge(base, override)
     return runs

@@ -2,7 +2,8 @@
 
 A nodule covers well under 0.1 % of a slice's pixels, so training on whole slices teaches "no
 nodule". This stage draws, from every scan, ``patches_per_scan`` square patches (``patch_size``
-pixels, axial, at the resampled spacing) of three kinds:
+pixels at the resampled spacing, cut in the ``planes`` given: axial, coronal and/or sagittal, see
+:mod:`noduleflow.planes`; every count below is split evenly over the planes) of three kinds:
 
 * **positive** — centred near a nodule: pick one of the scan's nodules uniformly (so small nodules
   are not starved by large ones), then one of its voxels uniformly (any slice that shows the
@@ -23,17 +24,18 @@ Of a scan's negatives, ``round(negatives * hard_negative_fraction)`` are hard ne
 scan has fewer such voxels: each is used once, and plain negatives fill in). Negative centres are
 drawn without replacement (plain negatives with replacement only in a scan with too few voxels).
 
-Each patch has ``c = 2 * context + 1`` channels: the axial slices ``z - context .. z + context``
-(indices clamped at the volume ends, so edge slices repeat). Pixels outside the volume are -1000 HU
-(image) and 0 (masks). With ``lung_roi`` every channel is masked by its own slice's lung mask
+Each patch has ``c = 2 * context + 1`` channels: the slices ``s - context .. s + context`` of its
+plane around the centre slice ``s`` (indices clamped at the volume ends, so edge slices repeat).
+Pixels outside the volume are -1000 HU (image) and 0 (masks). With ``lung_roi`` every channel is masked by its own slice's lung mask
 (:func:`noduleflow.intensity.apply_roi`: outside -> -1000 HU), exactly as at inference.
 
 Output ``patches.h5`` (written atomically): ``image`` int16 HU (n, c, h, w), ``mask`` uint8 0/1
 nodule of the centre slice (n, h, w), ``roi`` uint8 (n, h, w) (lung mask of the centre slice, or all
 ones without ``lung_roi``), all chunked one patch per chunk and gzip-compressed; the table
-``seriesuid`` (bytes), ``z``, ``y``, ``x`` (int32 centre voxel, array order), ``kind`` (bytes); attrs
-``context``, ``patch_size``, ``lung_roi``, ``seed`` and the other sampling settings. Patches are stored
-scan by scan in seriesuid order; within a scan positives, then hard negatives, then negatives.
+``seriesuid`` (bytes), ``z``, ``y``, ``x`` (int32 centre voxel, (z, y, x) whatever the plane), ``kind``
+and ``plane`` (bytes); attrs ``context``, ``patch_size``, ``lung_roi``, ``seed``, ``planes`` and the
+other sampling settings. Patches are stored scan by scan in seriesuid order; within a scan plane by
+plane (axial, coronal, sagittal), and within a plane positives, then hard negatives, then negatives.
 
 Determinism: every scan draws from its own generator seeded by ``(seed, sha256(seriesuid))``, so the
 file is identical for the same slice stores and settings, whatever the order of ``slice_files``.
@@ -51,6 +53,7 @@ import numpy as np
 
 from noduleflow.intensity import AIR_HU, apply_roi
 from noduleflow.io import InputError, atomic_path, open_h5
+from noduleflow.planes import PLANES, check_planes, indices_from_plane, split_count, to_plane
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ BODY_MIN_HU = -500
 #: per-patch chunks, compressed (fast gzip level with byte shuffle)
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 PATCH_DATASETS = ("image", "mask", "roi")
-TABLE_DATASETS = ("seriesuid", "z", "y", "x", "kind")
+TABLE_DATASETS = ("seriesuid", "z", "y", "x", "kind", "plane")
 
 
 # --------------------------------------------------------------------------- the stage
@@ -70,7 +73,7 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                             patch_size: int = 64, context: int = 1, patches_per_scan: int = 160,
                             positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5,
                             hard_negative_min_hu: float = -500, jitter_fraction: float = 0.35,
-                            seed: int = 0) -> dict:
+                            seed: int = 0, planes: Sequence[str] = PLANES) -> dict:
     """Sample balanced patches from every slice store in ``slice_files`` into ``out_h5``.
 
     See the module docstring for the scheme and the file format. ``patch_size`` in pixels,
@@ -81,13 +84,14 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
     """
     _check_settings(patch_size, context, patches_per_scan, positive_fraction, hard_negative_fraction,
                     jitter_fraction)
+    planes = check_planes(planes, "sampling.planes")
     scans = survey_slice_stores(slice_files)
     counts = patch_counts([s["has_nodule"] for s in scans], patches_per_scan, positive_fraction)
     n_total = sum(p + q for p, q in counts)
     c = 2 * context + 1
     started = time.perf_counter()
-    log.info("sampling %d patches of %dx%d px, %d channel(s), from %d scans (%d with nodules); "
-             "planned positive fraction %.4f", n_total, patch_size, patch_size, c, len(scans),
+    log.info("sampling %d patches of %dx%d px, %d channel(s), %s planes, from %d scans (%d with nodules); "
+             "planned positive fraction %.4f", n_total, patch_size, patch_size, c, "/".join(planes), len(scans),
              sum(s["has_nodule"] for s in scans), sum(p for p, _ in counts) / max(n_total, 1))
     import h5py
 
@@ -108,7 +112,7 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                                              n_negative=n_neg, patch_size=patch_size, context=context,
                                              hard_negative_fraction=hard_negative_fraction,
                                              hard_negative_min_hu=hard_negative_min_hu,
-                                             jitter_fraction=jitter_fraction, seed=seed)
+                                             jitter_fraction=jitter_fraction, seed=seed, planes=planes)
                 n = len(table["z"])
                 for name in PATCH_DATASETS:
                     datasets[name][written:written + n] = patches[name]
@@ -126,12 +130,15 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                 out.create_dataset(axis, data=table[axis].astype(np.int32), track_times=False)
             out.create_dataset("kind", data=table["kind"].astype(f"S{max(len(k) for k in KINDS)}"),
                                track_times=False)
+            out.create_dataset("plane", data=table["plane"].astype(f"S{max(len(p) for p in PLANES)}"),
+                               track_times=False)
             attrs = {"context": int(context), "patch_size": int(patch_size), "lung_roi": bool(lung_roi),
                      "seed": int(seed), "patches_per_scan": int(patches_per_scan),
                      "positive_fraction": float(positive_fraction),
                      "hard_negative_fraction": float(hard_negative_fraction),
                      "hard_negative_min_hu": float(hard_negative_min_hu),
-                     "jitter_fraction": float(jitter_fraction), "fill_hu": AIR_HU}
+                     "jitter_fraction": float(jitter_fraction), "fill_hu": AIR_HU,
+                     "planes": ",".join(planes)}
             for key, value in attrs.items():
                 out.attrs[key] = value
     summary = {"n_patches": written, **{k: int(np.count_nonzero(table["kind"] == k)) for k in KINDS}}
@@ -239,14 +246,17 @@ def scan_rng(seed: int, uid: str) -> np.random.Generator:
 
 def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: int, patch_size: int = 64,
                 context: int = 1, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
-                jitter_fraction: float = 0.35,
-                seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                jitter_fraction: float = 0.35, seed: int = 0,
+                planes: Sequence[str] = ("axial",)) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
-    "kind"}``): ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
-    negatives, of which a ``hard_negative_fraction`` share hard ones. Generator: :func:`scan_rng`."""
+    "kind", "plane"}``): ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
+    negatives, of which a ``hard_negative_fraction`` share hard ones, each count split evenly over
+    ``planes`` (:func:`noduleflow.planes.split_count`). Centres in the table are (z, y, x) voxel indices
+    whatever the plane. Generator: :func:`scan_rng`, used plane after plane in :data:`PLANES` order."""
     from noduleflow.slices import read_slice_store
 
     path = Path(path)
+    planes = check_planes(planes, "sampling.planes")
     image, lung, nodule, _ = read_slice_store(path)
     with open_h5(path) as store:
         uid = store.attrs["seriesuid"]
@@ -255,16 +265,24 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
         if array.shape != image.shape:
             raise InputError(f"{path}: {name} {array.shape} and image {image.shape} differ in shape (z, y, x)")
     rng = scan_rng(seed, uid)
-    centres, kinds = choose_centres(image, lung, nodule, rng, lung_roi=lung_roi, n_positive=n_positive,
-                                    n_negative=n_negative, patch_size=patch_size,
-                                    hard_negative_fraction=hard_negative_fraction,
-                                    hard_negative_min_hu=hard_negative_min_hu, jitter_fraction=jitter_fraction)
-    if len(kinds) < n_positive + n_negative:
-        log.warning("%s: only %d of %d patches (%s)", uid, len(kinds), n_positive + n_negative,
-                    "no nodule voxel" if n_positive and "positive" not in kinds else "too few voxels")
-    patches = cut_patches(image, lung, nodule, centres, patch_size=patch_size, context=context, lung_roi=lung_roi)
-    table = {"seriesuid": np.full(len(kinds), uid, dtype=object).astype(str),
-             "z": centres[:, 0], "y": centres[:, 1], "x": centres[:, 2], "kind": np.asarray(kinds, dtype=str)}
+    parts, tables = [], []
+    for plane, n_pos, n_neg in zip(planes, split_count(n_positive, planes), split_count(n_negative, planes)):
+        img_p, lung_p, nod_p = (to_plane(a, plane) for a in (image, lung, nodule))
+        centres, kinds = choose_centres(img_p, lung_p, nod_p, rng, lung_roi=lung_roi, n_positive=n_pos,
+                                        n_negative=n_neg, patch_size=patch_size,
+                                        hard_negative_fraction=hard_negative_fraction,
+                                        hard_negative_min_hu=hard_negative_min_hu, jitter_fraction=jitter_fraction)
+        if len(kinds) < n_pos + n_neg:
+            log.warning("%s (%s): only %d of %d patches (%s)", uid, plane, len(kinds), n_pos + n_neg,
+                        "no nodule voxel" if n_pos and "positive" not in kinds else "too few voxels")
+        parts.append(cut_patches(img_p, lung_p, nod_p, centres, patch_size=patch_size, context=context,
+                                 lung_roi=lung_roi))
+        zyx = indices_from_plane(centres, plane)
+        tables.append({"seriesuid": np.full(len(kinds), uid, dtype=object).astype(str),
+                       "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2], "kind": np.asarray(kinds, dtype=str),
+                       "plane": np.full(len(kinds), plane, dtype=object).astype(str)})
+    patches = {name: np.concatenate([p[name] for p in parts]) for name in PATCH_DATASETS}
+    table = {name: np.concatenate([t[name] for t in tables]) for name in tables[0]}
     return patches, table
 
 
@@ -272,8 +290,9 @@ def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rng:
                    lung_roi: bool, n_positive: int, n_negative: int, patch_size: int,
                    hard_negative_fraction: float, hard_negative_min_hu: float,
                    jitter_fraction: float) -> tuple[np.ndarray, list[str]]:
-    """Patch centres (k, 3) int64 voxel indices (z, y, x) and their kinds (positives, then hard
-    negatives, then negatives). Volumes (z, y, x): image HU, lung 0/1, nodule ids."""
+    """Patch centres (k, 3) int64 voxel indices and their kinds (positives, then hard negatives, then
+    negatives). Volumes image HU, lung 0/1, nodule ids, all in one axis order (slices along axis 0:
+    (z, y, x) for axial patches, see :func:`noduleflow.planes.to_plane`); centres in that order."""
     positives = positive_centres(nodule, rng, n_positive, patch_size, jitter_fraction)
     n_neg = int(n_negative)
     n_hard = int(round(n_neg * hard_negative_fraction))
@@ -424,18 +443,19 @@ def load_patches(path: str | Path, uids: Iterable[str] | None = None) -> dict[st
             raise InputError(f"{path}: not a patches file (missing {', '.join(missing)})")
         seriesuid = store["seriesuid"][()].astype(str)
         if uids is None:
-            out = {name: store[name][()] for name in PATCH_DATASETS + ("z", "y", "x", "kind")}
+            out = {name: store[name][()] for name in PATCH_DATASETS + ("z", "y", "x", "kind", "plane")}
         else:
             keep = np.flatnonzero(np.isin(seriesuid, np.asarray(list(uids), dtype=str)))
             runs = _runs(keep)
             out = {}
-            for name in PATCH_DATASETS + ("z", "y", "x", "kind"):
+            for name in PATCH_DATASETS + ("z", "y", "x", "kind", "plane"):
                 dset = store[name]
                 parts = [dset[a:b] for a, b in runs]
                 out[name] = np.concatenate(parts) if parts else np.zeros((0,) + dset.shape[1:], dset.dtype)
             seriesuid = seriesuid[keep]
     out["seriesuid"] = seriesuid
     out["kind"] = out["kind"].astype(str)
+    out["plane"] = out["plane"].astype(str)
     return out
 
 

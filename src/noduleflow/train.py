@@ -50,8 +50,8 @@ import torch
 from noduleflow.intensity import normalize_intensity
 from noduleflow.io import InputError, atomic_path, write_csv_atomic
 from noduleflow.losses import LOSSES, make_loss
-from noduleflow.model import (LABEL_MODES, UNet2d, build_targets, memory_format_for, nodule_probability,
-                              out_channels_for)
+from noduleflow.model import (LABEL_MODES, UNet2d, autocast_dtype, build_targets, memory_format_for,
+                              nodule_probability, out_channels_for)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "loss": "dice_bce",
     "pos_weight": 1.0,
     "focal_gamma": 2.0,
-    "epochs": 7,
+    "epochs": 9,
     "batch_size": 32,
     "lr": 0.002,
     "weight_decay": 0.0001,
@@ -573,7 +573,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                          f"2**train.model.depth = {2 ** depth}")
 
     device = select_device(cfg["device"])
-    use_amp = bool(cfg["amp"]) and device.type == "cuda"
+    amp_dtype = autocast_dtype(device, bool(cfg["amp"]))
+    use_amp = amp_dtype == torch.float16  # the gradient scaler is needed for float16 only
     digest = _digest_arrays(data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"],
                             data["val"]["image"], data["val"]["mask"], data["val"]["roi"],
                             np.asarray(fit_scans + ["|"] + val_scans))
@@ -612,7 +613,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
             state = {key: saved[key] for key in state}
             log.info("fold %d: resuming from %s after epoch %d", fold, checkpoint_path, state["epoch"])
         log.info("fold %d: device %s%s, %d CPU threads, %d epochs of %d batches of %d, label mode %s, loss %s",
-                 fold, device, " (mixed precision)" if use_amp else "", torch.get_num_threads(),
+                 fold, device, f" (mixed precision, {str(amp_dtype).replace('torch.', '')})" if amp_dtype else "",
+                 torch.get_num_threads(),
                  cfg["epochs"], steps, cfg["batch_size"], cfg["label_mode"], cfg["loss"])
 
         epoch = int(state["epoch"])
@@ -630,7 +632,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                 target = batch["target"].to(device, non_blocking=True)
                 weight = batch["weight"].to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
                     logits = model(x)
                 loss = loss_fn(logits, target, weight)
                 scaler.scale(loss).backward()
