@@ -246,3 +246,19 @@ def test_three_plane_probability_is_the_mean_of_the_planes(inference_modules):
     np.testing.assert_allclose(both, np.mean(per_plane, axis=0), atol=1e-6)
     assert (both[nodule > 0] > 0.99).all()   # dense in every plane
     assert both[lung == 0].max() == 0.0
+
+
+def test_candidate_score_is_the_mean_or_the_max_of_the_component():
+    prob = np.zeros((12, 20, 20), np.float32)
+    prob[3:8, 5:10, 5:10] = 0.6
+    prob[5, 7, 7] = 1.0
+    mean = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0)
+    peak = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, score="max")
+    expected_mean = (0.6 * 124 + 1.0) / 125
+    assert mean["probability"].iloc[0] == pytest.approx(expected_mean)
+    assert peak["probability"].iloc[0] == pytest.approx(1.0)
+    for frame in (mean, peak):
+        assert frame["mean_probability"].iloc[0] == pytest.approx(expected_mean)
+        assert frame["max_probability"].iloc[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="candidate_score"):
+        candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, score="median")
