@@ -89,12 +89,6 @@ def run_configs(config: Mapping) -> dict[str, dict]:
     ``results/experiments/<name>/`` per experiment, in config order."""
     base = {k: v for k, v in config.items() if k != "experiments"}
     runs = {BASE_PREFIX: copy.deepcopy(base)}
-    spacing = list(config.get("preprocess", {}).get("spacing_mm", [1.0, 1.0, 1.0]))
-    for key in ("sampling", "predict"):
-        planes = config.get(key, {}).get("planes", ["axial"])
-        if set(planes) - {"axial"} and max(spacing) > 1.05 * min(spacing):
-            raise ConfigError(f"{where}: {key}.planes {planes} includes coronal/sagittal slices, which need "
-                              f"isotropic voxels, but preprocess.spacing_mm is {spacing}")
     for name, override in config.get("experiments", {}).items():
         runs[f"{BASE_PREFIX}experiments/{name}/"] = deep_merge(base, override)
     return runs
