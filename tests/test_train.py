@@ -131,8 +131,20 @@ def test_model_file_history_and_the_held_out_fold(data, uninterrupted, tmp_path)
     assert set(meta["train_scans"]).isdisjoint(meta["validation_scans"])
     selected = history.dropna(subset=["heldout_patch_dice"])
     assert len(selected) == 1 and selected["epoch"].item() == meta["best_epoch"]
-    assert selected["val_dice"].item() == history["val_dice"].max()
+    assert selected["val_loss"].item() == history["val_loss"].min()   # select_on: loss (default)
+    assert meta["selected_on"] == "loss"
     assert selected["heldout_patch_dice"].item() == pytest.approx(meta["heldout_patch_dice"])
+
+
+def test_selection_on_validation_dice_and_early_stopping(data, tmp_path):
+    meta, history, _ = run(data, tmp_path, epochs=4, select_on="dice", early_stopping_patience=1)
+    selected = history.dropna(subset=["heldout_patch_dice"])
+    assert meta["selected_on"] == "dice"
+    assert selected["val_dice"].item() == history["val_dice"].max()
+    # patience 1: training ends one epoch after the best one (or at the last epoch)
+    assert len(history) == min(4, meta["best_epoch"] + 1)
+    with pytest.raises(InputError, match="train.select_on"):
+        run(data, tmp_path / "bad", select_on="accuracy")
 
 
 def test_load_model_rebuilds_what_training_wrote(data, tmp_path):

@@ -4,7 +4,10 @@ Data: ``patches.h5`` (see :func:`noduleflow.sampling.load_patches`; image int16 
 (n, c, h, w), ``mask`` and ``roi`` (n, h, w)) and ``folds.csv`` (``seriesuid,fold``). The fold's
 *training scans* are all scans not in fold ``k``; a seeded inner split of them by scan
 (``validation_fraction``, stratified by whether a scan has positive patches) is the validation set
-that picks the best epoch (highest validation Dice) and stops early. The held-out fold is only used
+that picks the best epoch (lowest validation loss, or highest validation Dice with ``select_on:
+dice``) and stops early. The loss is the default criterion: on a few validation scans the
+thresholded Dice jumps with single nodules found or lost from one epoch to the next (it picked an
+epoch-2 model in a 9-epoch run), while the loss moves smoothly. The held-out fold is only used
 once, after training, to report the selected model's **held-out patch Dice**.
 
 Each batch: intensity normalisation (:func:`noduleflow.intensity.normalize_intensity`: the HU
@@ -68,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.99,
     "validation_fraction": 0.2,
     "early_stopping_patience": 4,
+    "select_on": "loss",
     "intensity": {"mode": "window", "window_hu": [-1000, 400]},
     "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 1.0], "contrast": [0.1, 1.2]},
     "model": {"depth": 3, "base_filters": 16, "norm": "batch", "dropout": 0.0},
@@ -113,6 +117,8 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError(f"config train.label_mode: {cfg['label_mode']!r} is not one of {', '.join(LABEL_MODES)}")
     if cfg["loss"] not in LOSSES:
         raise InputError(f"config train.loss: {cfg['loss']!r} is not one of {', '.join(LOSSES)}")
+    if cfg["select_on"] not in ("loss", "dice"):
+        raise InputError(f"config train.select_on: {cfg['select_on']!r} is not loss or dice")
     if cfg["device"] not in ("auto", "cpu", "cuda", "mps"):
         raise InputError(f"config train.device: {cfg['device']!r} is not auto, cpu, cuda or mps")
     for key in ("epochs", "batch_size", "early_stopping_patience"):
@@ -600,8 +606,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
         ema = WeightAverage(model, float(cfg["ema_decay"]))
         loss_fn = make_loss(cfg["loss"], float(cfg["pos_weight"]), float(cfg["focal_gamma"]))
 
-        state = {"epoch": 0, "best_dice": -math.inf, "best_epoch": 0, "best_state": None, "bad_epochs": 0,
-                 "history": [], "finished": False}
+        state = {"epoch": 0, "best_score": -math.inf, "best_dice": math.nan, "best_epoch": 0, "best_state": None,
+                 "bad_epochs": 0, "history": [], "finished": False}
         saved = _load_checkpoint(checkpoint_path, config_hash)
         if saved is not None:
             model.load_state_dict(saved["model"])
@@ -646,10 +652,11 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
             lr_now = float(optimizer.param_groups[0]["lr"])
             val_loss, val_dice = evaluate(ema.model, data["val"]["image"], data["val"]["mask"], data["val"]["roi"],
                                           cfg["label_mode"], intensity, device, loss_fn)
-            improved = val_dice > state["best_dice"]
+            score = val_dice if cfg["select_on"] == "dice" else -val_loss
+            improved = score > state["best_score"]
             if improved:
-                state.update(best_dice=val_dice, best_epoch=epoch, best_state=_cpu_state(ema.model.state_dict()),
-                             bad_epochs=0)
+                state.update(best_score=score, best_dice=val_dice, best_epoch=epoch,
+                             best_state=_cpu_state(ema.model.state_dict()), bad_epochs=0)
             else:
                 state["bad_epochs"] += 1
             seconds = time.perf_counter() - started
@@ -662,8 +669,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                      epoch, cfg["epochs"], loss_sum / max(seen, 1), val_loss, val_dice, lr_now, seconds,
                      " (best)" if improved else "")
             if stop_early:
-                log.info("fold %d: early stop after epoch %d (no better validation Dice for %d epochs; best epoch %d)",
-                         fold, epoch, state["bad_epochs"], state["best_epoch"])
+                log.info("fold %d: early stop after epoch %d (no better validation %s for %d epochs; best epoch %d)",
+                         fold, epoch, cfg["select_on"], state["bad_epochs"], state["best_epoch"])
             save_checkpoint({**state, "config_hash": config_hash, "model": _cpu_state(model.state_dict()),
                              "ema": ema.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -684,6 +691,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
             "context": patch_meta["context"], "patch_size": patch_meta["patch_size"],
             "lung_roi": patch_meta["lung_roi"], "fold": fold, "heldout_patch_dice": float(heldout_dice),
             "best_epoch": int(state["best_epoch"]), "val_dice": float(state["best_dice"]),
+            "selected_on": cfg["select_on"],
             "train": cfg, "train_scans": fit_scans, "validation_scans": val_scans, "heldout_scans": heldout_scans}
     history = pd.DataFrame(state["history"], columns=HISTORY_COLUMNS)
     history["heldout_patch_dice"] = np.where(history["epoch"] == state["best_epoch"], float(heldout_dice), np.nan)
