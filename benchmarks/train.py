@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from noduleflow.losses import make_loss
-from noduleflow.model import UNet2d, build_targets, memory_format_for
-from noduleflow.model import autocast_dtype
+from noduleflow.model import UNet2d, autocast_dtype, build_targets, memory_format_for
 from noduleflow.train import DEFAULTS, PatchBatches, _load_patch_file
 
 REPO = Path(__file__).resolve().parents[1]
