@@ -17,7 +17,7 @@ Usage::
     .venv/bin/python benchmarks/train.py [--patches results/patches/patches.h5] [--threads 2]
 
 Without ``--patches`` (and no ``results/patches/patches.h5``) a synthetic patches file is written
-to a temporary folder: 2560 patches of 3x64x64 (20 scans x 160, the default cohort's size).
+to a temporary folder: 3200 patches of 5x64x64 (20 scans x 160, the default cohort's size, context 2).
 Timings alternate the two models round by round and report the median round, so a busy machine
 hurts both alike.
 """
@@ -41,14 +41,15 @@ from noduleflow.train import DEFAULTS, PatchBatches, _load_patch_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def synthetic_patches(path: Path, n_scans: int = 20, per_scan: int = 160, size: int = 64, seed: int = 0) -> Path:
+def synthetic_patches(path: Path, n_scans: int = 20, per_scan: int = 160, size: int = 64, seed: int = 0,
+                      context: int = 2) -> Path:
     """A contract-format patches.h5: bright discs / bright lines / nothing on noisy background."""
     import h5py
 
     rng = np.random.default_rng(seed)
     n = n_scans * per_scan
     yy, xx = np.mgrid[:size, :size]
-    image = (-850 + rng.normal(0, 40, (n, 3, size, size))).astype(np.int16)
+    image = (-850 + rng.normal(0, 40, (n, 2 * context + 1, size, size))).astype(np.int16)
     mask = np.zeros((n, size, size), np.uint8)
     for i in range(0, n, 2):
         cy, cx = rng.uniform(12, size - 12, 2)
@@ -61,7 +62,8 @@ def synthetic_patches(path: Path, n_scans: int = 20, per_scan: int = 160, size: 
         for key in ("z", "y", "x"):
             h5[key] = np.zeros(n, np.int64)
         h5["kind"] = np.where(np.arange(n) % 2 == 0, "positive", "negative").astype("S")
-        h5.attrs.update({"context": 1, "patch_size": size, "lung_roi": False, "seed": seed})
+        h5["plane"] = np.full(n, "axial").astype("S")
+        h5.attrs.update({"context": context, "patch_size": size, "lung_roi": False, "seed": seed})
     return path
 
 
