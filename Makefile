@@ -19,7 +19,7 @@ run: install
 	$(BIN)/snakemake --cores $(CORES)
 
 experiments: install
-	$(BIN)/snakemake --cores $(CORES) --configfile config/paper_table2.yaml experiments
+	$(BIN)/snakemake experiments --cores $(CORES) --configfile config/paper_table2.yaml
 
 test: install
 	$(BIN)/python -m pytest tests -v --durations=15

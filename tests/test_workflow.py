@@ -135,3 +135,15 @@ def test_experiments_with_training_overrides_reuse_preprocessing_and_patches(tin
     # complementary, one shared hybrid training, no_roi
     assert rules["train"] == 3 * folds
     assert rules["predict"] == 4 * folds and rules["compare_experiments"] == 1
+
+
+def test_documented_experiment_commands_name_the_target_before_configfile():
+    """--configfile takes every following word as a file, so a target after it is read as a config
+    file ("No such file: experiments"): the Makefile, README and paper_table2.yaml must put it first."""
+    lines = [line for name in ("Makefile", "README.md", "config/paper_table2.yaml")
+             for line in (REPO_ROOT / name).read_text().splitlines()
+             if "snakemake" in line and "--configfile" in line and "experiments" in line.split("--configfile")[1]
+             and "paper_table2" in line]
+    assert lines == []
+    make = [line for line in (REPO_ROOT / "Makefile").read_text().splitlines() if "paper_table2.yaml" in line]
+    assert make and all(line.split().index("experiments") < line.split().index("--configfile") for line in make)
