@@ -117,6 +117,12 @@ def to_uint8(probability: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def check_candidate_score(score: str) -> None:
+    """InputError naming ``predict.candidate_score`` unless ``score`` is one of :data:`CANDIDATE_SCORES`."""
+    if score not in CANDIDATE_SCORES:
+        raise InputError(f"predict.candidate_score = {score!r} must be one of {list(CANDIDATE_SCORES)}")
+
+
 def candidates_from_probability(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
                                 min_volume_mm3: float = 10.0, seriesuid: str = "",
                                 score: str = "mean") -> pd.DataFrame:
@@ -128,8 +134,7 @@ def candidates_from_probability(probability: np.ndarray, geometry: Geometry, thr
     ("max"); both are also given as ``mean_probability`` and ``max_probability``. Rows sorted by
     probability, highest first; columns :data:`CANDIDATE_COLUMNS`.
     """
-    if score not in CANDIDATE_SCORES:
-        raise ValueError(f"predict.candidate_score = {score!r}: must be one of {list(CANDIDATE_SCORES)}")
+    check_candidate_score(score)
     from scipy import ndimage
 
     from noduleflow.segmetrics import threshold_mask
@@ -275,8 +280,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
     if not 0.0 < threshold < 1.0:
         raise InputError(f"predict.threshold = {threshold} must lie strictly between 0 and 1")
     planes = check_planes(planes, "predict.planes")
-    if candidate_score not in CANDIDATE_SCORES:
-        raise InputError(f"predict.candidate_score = {candidate_score!r} must be one of {list(CANDIDATE_SCORES)}")
+    check_candidate_score(candidate_score)
     if hybrid_output not in ("positive", "negative"):
         raise InputError(f"predict.hybrid_output = {hybrid_output!r} must be 'positive' or 'negative'")
     stores = heldout_slice_paths(folds_path, fold, slice_files)

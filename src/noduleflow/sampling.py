@@ -442,13 +442,14 @@ def load_patches(path: str | Path, uids: Iterable[str] | None = None) -> dict[st
         if missing:
             raise InputError(f"{path}: not a patches file (missing {', '.join(missing)})")
         seriesuid = store["seriesuid"][()].astype(str)
+        per_patch = PATCH_DATASETS + tuple(name for name in TABLE_DATASETS if name != "seriesuid")
         if uids is None:
-            out = {name: store[name][()] for name in PATCH_DATASETS + ("z", "y", "x", "kind", "plane")}
+            out = {name: store[name][()] for name in per_patch}
         else:
             keep = np.flatnonzero(np.isin(seriesuid, np.asarray(list(uids), dtype=str)))
             runs = _runs(keep)
             out = {}
-            for name in PATCH_DATASETS + ("z", "y", "x", "kind", "plane"):
+            for name in per_patch:
                 dset = store[name]
                 parts = [dset[a:b] for a, b in runs]
                 out[name] = np.concatenate(parts) if parts else np.zeros((0,) + dset.shape[1:], dset.dtype)

@@ -29,7 +29,8 @@ resumes from the checkpoint of epoch ``e`` and ends with weights identical to an
 Checkpoints: ``checkpoint_dir/last.pt`` (atomic) after every epoch: model, optimiser, scheduler,
 AMP scaler, epoch, best weights and score, early-stopping counter, history so far and a hash of
 everything that determines the run (training config except ``num_workers``, fold, training and
-validation data, source of the training modules). A checkpoint with another hash is not resumed
+validation data, source of the modules the train stage runs:
+:func:`noduleflow.runconfig.code_digest`). A checkpoint with another hash is not resumed
 (logged; training starts fresh).
 """
 
@@ -55,6 +56,7 @@ from noduleflow.io import InputError, atomic_path, write_csv_atomic
 from noduleflow.losses import LOSSES, make_loss
 from noduleflow.model import (LABEL_MODES, UNet2d, autocast_dtype, build_targets, memory_format_for,
                               nodule_probability, out_channels_for)
+from noduleflow.runconfig import code_digest
 
 log = logging.getLogger(__name__)
 
@@ -410,19 +412,9 @@ def _digest_arrays(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _code_digest() -> str:
-    """Digest of the source of the modules that define a training (a code change restarts it)."""
-    from noduleflow import intensity, losses, model
-
-    digest = hashlib.sha256()
-    for module in (intensity, losses, model, __import__(__name__, fromlist=["_"])):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()
-
-
 def _config_hash(cfg: Mapping, fold: int, data_digest: str) -> str:
     relevant = {k: v for k, v in cfg.items() if k not in _HASH_EXCLUDED}
-    text = json.dumps({"train": relevant, "fold": int(fold), "data": data_digest, "code": _code_digest(),
+    text = json.dumps({"train": relevant, "fold": int(fold), "data": data_digest, "code": code_digest("train"),
                        "format": CHECKPOINT_FORMAT}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
