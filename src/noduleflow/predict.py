@@ -16,7 +16,8 @@ Outputs (written atomically):
 * ``out_probabilities/{uid}.mha``: nodule probability on the resampled grid, uint8, ``p = v/255``;
   ``out_probabilities/threshold.json``: the ``threshold`` (and the other settings) used here, which
   ``evaluate`` reads so its Dice uses the same cut as the candidates.
-* ``out_candidates``: ``seriesuid,coordX,coordY,coordZ,probability,diameter_mm,volume_mm3`` — one
+* ``out_candidates``: :data:`CANDIDATE_COLUMNS` (the LUNA16 five, then ``diameter_mm,volume_mm3,
+  max_probability,mean_probability``) — one
   row per 3-D connected component (26-connectivity) of ``p > threshold`` (on the stored uint8
   values) of at least ``min_volume_mm3``. ``coord*`` is the **probability-weighted** centre of mass
   in world mm (x, y, z); ``probability`` the component's mean probability (``candidate_score``
