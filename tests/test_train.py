@@ -12,7 +12,7 @@ import torch
 
 from noduleflow.io import InputError
 from noduleflow.model import load_model
-from noduleflow.train import PatchBatches, TrainingInterrupted, augment_batch, inner_split, train_fold
+from noduleflow.train import PatchBatches, TrainingInterrupted, augment_batch, fade_nodules, inner_split, train_fold
 
 SIZE = 32
 #: a tiny, fast training: 32x32 patches, depth-2 U-Net with 8 base filters
@@ -225,6 +225,32 @@ def test_contrast_scales_differences_from_the_parenchyma_inside_the_roi_only():
     assert np.array_equal(out[:, :, roi[0] == 0], image[:, :, roi[0] == 0])
     ref = np.median(image[0, 1][roi[0] > 0])
     assert np.allclose(out[0, :, 8, 8], ref + 0.25 * (0.7 - ref))  # a faint, ground-glass-like nodule
+
+
+def test_fade_nodules_makes_a_ground_glass_nodule_beside_sharp_vessels():
+    rng = np.random.default_rng(1)
+    image = (0.1 + 0.02 * rng.standard_normal((3, 5, 48, 48))).astype(np.float32)
+    yy, xx = np.mgrid[:48, :48]
+    disc = (yy - 24) ** 2 + (xx - 24) ** 2 <= 36
+    image[:, :, disc] += 0.6  # a solid nodule, in every channel
+    image[:, :, :, 4:6] = 0.7  # a vessel, well away from it
+    roi = np.ones((3, 48, 48), np.uint8)
+    roi[:, 40:] = 0
+    image[:, :, roi[0] == 0] = 0.0
+    mask = np.zeros((3, 48, 48), np.uint8)
+    mask[:2, disc] = 1  # patch 2 has no nodule
+    out = fade_nodules(image, mask, roi, np.array([0.3, 0.3, 0.3]), np.array([True, False, True]),
+                       np.random.default_rng(0))
+    assert np.array_equal(out[1:], image[1:])  # not chosen, and no nodule: unchanged
+    assert np.array_equal(out[0][:, :, 4:6], image[0][:, :, 4:6])  # the vessel stays sharp
+    assert np.array_equal(out[0][:, roi[0] == 0], image[0][:, roi[0] == 0])  # outside the ROI untouched
+    ref = float(np.median(image[0, 2][roi[0] > 0]))
+    nodule = out[0][:, disc]
+    assert abs(nodule.mean() - (ref + 0.3 * 0.6)) < 0.01  # 30 % of its contrast left, in every channel
+    assert 0.015 < nodule.std() < 0.03  # as grainy as the parenchyma (sigma 0.02), not smoothed
+    far = np.ones((48, 48), bool)
+    far[14:35, 14:35] = False
+    assert np.array_equal(out[0][:, far], image[0][:, far])  # only the nodule's neighbourhood changes
 
 
 def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(data):

@@ -75,7 +75,8 @@ DEFAULTS: dict[str, Any] = {
     "early_stopping_patience": 4,
     "select_on": "loss",
     "intensity": {"mode": "window", "window_hu": [-1000, 400]},
-    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 1.0], "contrast": [0.1, 1.2]},
+    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 1.0], "contrast": [0.1, 1.2],
+                "nodule_contrast": [0.2, 0.6], "nodule_contrast_p": 0.3},
     "model": {"depth": 3, "base_filters": 16, "norm": "batch", "dropout": 0.0},
     "device": "auto",
     "amp": True,
@@ -131,10 +132,13 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
     window = cfg["intensity"]["window_hu"]
     if len(window) != 2 or not float(window[0]) < float(window[1]):
         raise InputError(f"config train.intensity.window_hu: {window!r} must be [low, high] with low < high")
-    for key, lowest in (("zoom", 1.0), ("contrast", 0.0)):
+    for key, lowest in (("zoom", 1.0), ("contrast", 0.0), ("nodule_contrast", 0.0)):
         span = cfg["augment"][key]
         if not isinstance(span, (list, tuple)) or len(span) != 2 or not lowest <= float(span[0]) <= float(span[1]):
             raise InputError(f"config train.augment.{key}: {span!r} must be [low, high] with {lowest:g} <= low <= high")
+    if not 0.0 <= float(cfg["augment"]["nodule_contrast_p"]) <= 1.0:
+        raise InputError(f"config train.augment.nodule_contrast_p: {cfg['augment']['nodule_contrast_p']!r} "
+                         "must be a probability in [0, 1]")
     if cfg["intensity"]["mode"] not in ("window", "ct"):
         raise InputError(f"config train.intensity.mode: {cfg['intensity']['mode']!r} is not window or ct")
     return json.loads(json.dumps(cfg))  # plain builtins (stored in model.pt and hashed)
@@ -286,6 +290,12 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
     * ``zoom: [low, high]``: magnify by a factor drawn uniformly from the range (>= 1; [1, 1] = off)
       around a random centre that keeps the view inside the patch (bilinear; mask and roi
       resampled bilinearly and thresholded at 0.5), so nodules are seen larger than they are;
+    * ``nodule_contrast: [low, high]`` with probability ``nodule_contrast_p`` per patch that shows a
+      nodule: only around the nodule (its mask grown by 2 pixels, every channel), pixels brighter
+      than the parenchyma (the patch's median ROI value) have their difference to it scaled by a
+      factor drawn from the range, and noise is added back so the faded nodule is as grainy as its
+      surroundings: a solid nodule turned into a ground-glass one beside vessels that stay sharp
+      (ground-glass nodules are rare in any cohort; this synthesises them from solid ones);
     * ``flips``: flip y and x, each with probability 1/2;
     * ``rot90``: rotate by a random multiple of 90 degrees (square patches);
     * ``contrast: [low, high]``: inside the ROI, scale every pixel's difference from the patch's
@@ -299,12 +309,17 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
     jitter = float(augment.get("intensity_jitter", 0.0))
     zoom = [float(v) for v in augment.get("zoom", (1.0, 1.0))]
     contrast = [float(v) for v in augment.get("contrast", (1.0, 1.0))]
+    nodule_contrast = [float(v) for v in augment.get("nodule_contrast", (1.0, 1.0))]
+    nodule_contrast_p = float(augment.get("nodule_contrast_p", 0.0))
     draws = rng.random((n, 3))
     turns = (draws[:, 0] * 4).astype(int) if rot else np.zeros(n, dtype=int)
     flip_y = (draws[:, 1] < 0.5) & flips
     flip_x = (draws[:, 2] < 0.5) & flips
     if zoom != [1.0, 1.0]:
         image, mask, roi = _zoom(image, mask, roi, rng.uniform(zoom[0], zoom[1], n), rng.uniform(-1, 1, (n, 2)))
+    if nodule_contrast_p > 0 and nodule_contrast != [1.0, 1.0]:
+        image = fade_nodules(image, mask, roi, rng.uniform(nodule_contrast[0], nodule_contrast[1], n),
+                             rng.random(n) < nodule_contrast_p, rng)
     out_image, out_mask, out_roi = np.empty_like(image), np.empty_like(mask), np.empty_like(roi)
     for i in range(n):
         im, ma, ro = image[i], mask[i], roi[i]
@@ -328,6 +343,36 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
         shift = rng.uniform(-jitter, jitter, n).astype(np.float32)
         out_image = out_image * scale[:, None, None, None] + shift[:, None, None, None]
     return out_image.astype(np.float32, copy=False), out_mask, out_roi
+
+
+def fade_nodules(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, factors: np.ndarray,
+                 chosen: np.ndarray, rng: np.random.Generator, grow_px: int = 2) -> np.ndarray:
+    """Fade the nodules of the ``chosen`` patches: ``image`` (n, c, h, w) float32 (normalised),
+    ``mask``/``roi`` (n, h, w); in patch i, around its nodule (mask grown by ``grow_px`` pixels, every
+    channel) and inside the ROI, each pixel brighter than the parenchyma ``ref`` (the patch's median
+    ROI value in the centre channel) becomes ``ref + factors[i] * (value - ref)`` plus Gaussian noise
+    of ``sigma * sqrt(1 - factors[i]**2)``, with ``sigma`` the parenchyma's noise (scaled MAD of the
+    ROI's centre channel), so the faded nodule keeps the grain of its surroundings. Patches without
+    nodule pixels or not chosen are returned unchanged. Returns a new array."""
+    from scipy import ndimage
+
+    out = image.copy()
+    middle = image.shape[1] // 2
+    grow = ndimage.generate_binary_structure(2, 1)
+    for i in np.flatnonzero(chosen & mask.reshape(len(mask), -1).any(axis=1)):
+        inside = roi[i] > 0
+        if not inside.any():
+            continue
+        values = image[i, middle][inside]
+        ref = float(np.median(values))
+        sigma = 1.4826 * float(np.median(np.abs(values - ref)))
+        region = ndimage.binary_dilation(mask[i] > 0, grow, iterations=grow_px) & inside
+        f = float(factors[i])
+        block = out[i][:, region]
+        bright = block > ref
+        faded = ref + f * (block - ref) + rng.normal(0.0, sigma * math.sqrt(max(0.0, 1.0 - f * f)), block.shape)
+        out[i][:, region] = np.where(bright, faded, block).astype(np.float32)
+    return out
 
 
 def _zoom(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, factors: np.ndarray,
