@@ -212,6 +212,20 @@ def test_zoom_magnifies_image_and_mask_together():
         assert (bright & (out_mask[i] > 0)).sum() / (bright | (out_mask[i] > 0)).sum() > 0.9
 
 
+def test_zoom_p_magnifies_only_that_share_of_the_patches():
+    yy, xx = np.mgrid[:32, :32]
+    disc = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 36).astype(np.uint8)
+    image = np.repeat(np.where(disc, 0.8, 0.1).astype(np.float32)[None, None], 3, axis=1).repeat(200, axis=0)
+    mask, roi = np.repeat(disc[None], 200, axis=0), np.ones((200, 32, 32), np.uint8)
+    cfg = {"flips": False, "rot90": False, "intensity_jitter": 0.0, "zoom": [1.5, 1.5], "zoom_p": 0.25}
+    _, out_mask, _ = augment_batch(image, mask, roi, cfg, np.random.default_rng(0))
+    zoomed = out_mask.reshape(200, -1).sum(axis=1) > 1.5 * disc.sum()
+    unchanged = (out_mask == mask).all(axis=(1, 2))
+    assert (zoomed | unchanged).all() and 30 < zoomed.sum() < 70  # about a quarter, the rest untouched
+    _, none_zoomed, _ = augment_batch(image, mask, roi, {**cfg, "zoom_p": 0.0}, np.random.default_rng(0))
+    assert np.array_equal(none_zoomed, mask)
+
+
 def test_contrast_scales_differences_from_the_parenchyma_inside_the_roi_only():
     rng = np.random.default_rng(0)
     image = (0.1 + 0.01 * rng.standard_normal((2, 3, 16, 16))).astype(np.float32)

@@ -75,7 +75,8 @@ DEFAULTS: dict[str, Any] = {
     "early_stopping_patience": 4,
     "select_on": "loss",
     "intensity": {"mode": "window", "window_hu": [-1000, 400]},
-    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 1.0], "contrast": [0.1, 1.2],
+    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 1.0], "zoom_p": 0.3,
+                "contrast": [0.1, 1.2],
                 "nodule_contrast": [0.2, 0.6], "nodule_contrast_p": 0.3},
     "model": {"depth": 3, "base_filters": 16, "norm": "batch", "dropout": 0.0},
     "device": "auto",
@@ -136,9 +137,9 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
         span = cfg["augment"][key]
         if not isinstance(span, (list, tuple)) or len(span) != 2 or not lowest <= float(span[0]) <= float(span[1]):
             raise InputError(f"config train.augment.{key}: {span!r} must be [low, high] with {lowest:g} <= low <= high")
-    if not 0.0 <= float(cfg["augment"]["nodule_contrast_p"]) <= 1.0:
-        raise InputError(f"config train.augment.nodule_contrast_p: {cfg['augment']['nodule_contrast_p']!r} "
-                         "must be a probability in [0, 1]")
+    for key in ("zoom_p", "nodule_contrast_p"):
+        if not 0.0 <= float(cfg["augment"][key]) <= 1.0:
+            raise InputError(f"config train.augment.{key}: {cfg['augment'][key]!r} must be a probability in [0, 1]")
     if cfg["intensity"]["mode"] not in ("window", "ct"):
         raise InputError(f"config train.intensity.mode: {cfg['intensity']['mode']!r} is not window or ct")
     return json.loads(json.dumps(cfg))  # plain builtins (stored in model.pt and hashed)
@@ -287,8 +288,8 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
 
     In this order, each off when its setting is off:
 
-    * ``zoom: [low, high]``: magnify by a factor drawn uniformly from the range (>= 1; [1, 1] = off)
-      around a random centre that keeps the view inside the patch (bilinear; mask and roi
+    * ``zoom: [low, high]`` with probability ``zoom_p`` per patch (default 1): magnify by a factor
+      drawn uniformly from the range (>= 1; [1, 1] = off) around a random centre that keeps the view inside the patch (bilinear; mask and roi
       resampled bilinearly and thresholded at 0.5), so nodules are seen larger than they are;
     * ``nodule_contrast: [low, high]`` with probability ``nodule_contrast_p`` per patch that shows a
       nodule: only around the nodule (its mask grown by 2 pixels, every channel), pixels brighter
@@ -308,6 +309,7 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
     rot = bool(augment.get("rot90", True)) and h == w
     jitter = float(augment.get("intensity_jitter", 0.0))
     zoom = [float(v) for v in augment.get("zoom", (1.0, 1.0))]
+    zoom_p = float(augment.get("zoom_p", 1.0))
     contrast = [float(v) for v in augment.get("contrast", (1.0, 1.0))]
     nodule_contrast = [float(v) for v in augment.get("nodule_contrast", (1.0, 1.0))]
     nodule_contrast_p = float(augment.get("nodule_contrast_p", 0.0))
@@ -315,8 +317,13 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
     turns = (draws[:, 0] * 4).astype(int) if rot else np.zeros(n, dtype=int)
     flip_y = (draws[:, 1] < 0.5) & flips
     flip_x = (draws[:, 2] < 0.5) & flips
-    if zoom != [1.0, 1.0]:
-        image, mask, roi = _zoom(image, mask, roi, rng.uniform(zoom[0], zoom[1], n), rng.uniform(-1, 1, (n, 2)))
+    if zoom != [1.0, 1.0] and zoom_p > 0:
+        factors, centres = rng.uniform(zoom[0], zoom[1], n), rng.uniform(-1, 1, (n, 2))
+        chosen = rng.random(n) < zoom_p
+        if chosen.any():
+            image, mask, roi = image.copy(), mask.copy(), roi.copy()
+            image[chosen], mask[chosen], roi[chosen] = _zoom(image[chosen], mask[chosen], roi[chosen],
+                                                             factors[chosen], centres[chosen])
     if nodule_contrast_p > 0 and nodule_contrast != [1.0, 1.0]:
         image = fade_nodules(image, mask, roi, rng.uniform(nodule_contrast[0], nodule_contrast[1], n),
                              rng.random(n) < nodule_contrast_p, rng)
@@ -699,7 +706,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
             seconds = time.perf_counter() - started
             state["history"].append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
                                      "val_dice": val_dice, "lr": lr_now, "seconds": round(seconds, 3)})
-            stop_early = state["bad_epochs"] >= int(cfg["early_stopping_patience"])
+            stop_early = (state["bad_epochs"] >= int(cfg["early_stopping_patience"])
+                          and epoch < int(cfg["epochs"]))  # the last epoch is no early stop
             state["epoch"] = epoch
             state["finished"] = stop_early or epoch >= int(cfg["epochs"])
             log.info("fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_dice %.4f lr %.2e %.1f s%s", fold,
