@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from noduleflow.io import Geometry
-from noduleflow.sampling import load_patches, patch_counts, sample_balanced_patches
+from noduleflow.sampling import load_patches, patch_counts, sample_balanced_patches, thick_structures
 from noduleflow.slices import slice_table_of
 
 SPACING = (1.0, 1.0, 1.0)
@@ -90,6 +90,51 @@ def test_hard_negatives_are_centred_on_bright_lung_voxels(stores, tmp_path):
         image, lung = by_uid[patches["seriesuid"][i]]
         z, y, x = patches["z"][i], patches["y"][i], patches["x"][i]
         assert lung[z, y, x] == 1 and image[z, y, x] >= -500
+
+
+def _store_with_a_ball(tmp_path, radius=5):
+    """A scan without nodules: thin vessels (3x3 voxels) and one ball of soft tissue (a lymph node)."""
+    path = make_store(tmp_path / "ball.h5", "3.1", 0, [])
+    with h5py.File(path, "r+") as f:
+        image, lung = f["image"][...], f["lung"][...] > 0
+        image[lung] = np.random.default_rng(0).normal(-850, 15, int(lung.sum())).astype(np.int16)
+        for y, x in ((20, 20), (20, 76), (76, 20), (76, 76), (48, 20)):  # separate vessels along z
+            image[:, y - 1:y + 2, x - 1:x + 2] = 30
+        zz, yy, xx = np.indices(image.shape)
+        ball = (zz - 12) ** 2 + (yy - 48) ** 2 + (xx - 48) ** 2 <= radius ** 2
+        image[ball] = 40
+        f["image"][...] = image
+    return path, ball
+
+
+def test_thick_structures_keep_a_lymph_node_and_drop_thin_vessels(tmp_path):
+    path, ball = _store_with_a_ball(tmp_path)
+    with h5py.File(path, "r") as f:
+        image, lung = f["image"][...], f["lung"][...]
+    thick = thick_structures(image, lung, SPACING, sigma_mm=2.0, min_hu=-500)
+    vessels = (lung > 0) & (image > -500) & ~ball
+    assert thick[ball].mean() > 0.5  # the ball's core
+    assert not thick[vessels].any()  # thin vessels smooth away
+    assert not (thick & ~ball).any()
+    # a finer sigma keeps the vessels too; the voxel size counts in mm
+    assert thick_structures(image, lung, SPACING, sigma_mm=0.5, min_hu=-500)[vessels].mean() > 0.5
+    assert thick_structures(image, lung, (4.0, 4.0, 4.0), sigma_mm=2.0, min_hu=-500)[vessels].mean() > 0.5
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_a_share_of_hard_negatives_is_centred_inside_thick_structures(tmp_path, share):
+    path, ball = _store_with_a_ball(tmp_path)
+    patches = sample([path], tmp_path / "p.h5", patches_per_scan=60, thick_negative_fraction=share,
+                     thick_negative_sigma_mm=2.0)
+    hard = patches["kind"] == "hard_negative"
+    assert hard.sum() == 30  # the share changes where hard negatives go, not how many
+    on_ball = ball[patches["z"][hard], patches["y"][hard], patches["x"][hard]]
+    if share == 1.0:
+        assert on_ball.all()
+    elif share == 0.5:
+        assert on_ball.sum() >= 15
+    else:
+        assert on_ball.mean() < 0.5  # uniform over bright voxels: mostly vessels
 
 
 def test_context_channels_are_the_neighbouring_slices_with_roi_applied(stores, tmp_path):
@@ -268,6 +313,10 @@ def test_bad_inputs_raise_before_writing(stores, tmp_path):
         sample([stores[0], tmp_path / "missing.h5"], out)
     with pytest.raises(ValueError, match="sampling.positive_fraction"):
         sample(stores, out, positive_fraction=1.5)
+    with pytest.raises(ValueError, match="sampling.thick_negative_fraction"):
+        sample(stores, out, thick_negative_fraction=-0.1)
+    with pytest.raises(ValueError, match="sampling.thick_negative_sigma_mm"):
+        sample(stores, out, thick_negative_sigma_mm=0)
     assert not out.exists()
 
 

@@ -12,6 +12,11 @@ pixels at the resampled spacing, cut in the ``planes`` given: axial, coronal and
   nodule voxel always stays inside the patch: every positive patch contains nodule pixels.
 * **hard_negative** — centred on a lung voxel brighter than ``hard_negative_min_hu`` (vessels,
   pleura, airway walls: what a detector confuses with nodules), whose patch has no nodule pixel.
+  A ``thick_negative_fraction`` share of them must also lie inside a *thick* bright structure
+  (:func:`thick_structures`: the lung smoothed with a Gaussian of ``thick_negative_sigma_mm`` is
+  still brighter than ``hard_negative_min_hu`` there): hilar vessels, vessel junctions, lymph
+  nodes in the lung, airway walls — the round, nodule-sized things behind most confident false
+  positives, which a uniform draw over bright voxels (mostly thin vessels) rarely shows.
 * **negative** — centred on a region-of-interest voxel (the lung mask when ``lung_roi``, else the
   body: HU > -500 or lung) whose patch has no nodule pixel.
 
@@ -73,7 +78,8 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                             patch_size: int = 64, context: int = 1, patches_per_scan: int = 160,
                             positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5,
                             hard_negative_min_hu: float = -500, jitter_fraction: float = 0.35,
-                            seed: int = 0, planes: Sequence[str] = PLANES) -> dict:
+                            seed: int = 0, planes: Sequence[str] = PLANES, thick_negative_fraction: float = 0.5,
+                            thick_negative_sigma_mm: float = 2.0) -> dict:
     """Sample balanced patches from every slice store in ``slice_files`` into ``out_h5``.
 
     See the module docstring for the scheme and the file format. ``patch_size`` in pixels,
@@ -83,7 +89,7 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
     setting — before anything is written.
     """
     _check_settings(patch_size, context, patches_per_scan, positive_fraction, hard_negative_fraction,
-                    jitter_fraction)
+                    jitter_fraction, thick_negative_fraction, thick_negative_sigma_mm)
     planes = check_planes(planes, "sampling.planes")
     scans = survey_slice_stores(slice_files)
     counts = patch_counts([s["has_nodule"] for s in scans], patches_per_scan, positive_fraction)
@@ -112,7 +118,9 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                                              n_negative=n_neg, patch_size=patch_size, context=context,
                                              hard_negative_fraction=hard_negative_fraction,
                                              hard_negative_min_hu=hard_negative_min_hu,
-                                             jitter_fraction=jitter_fraction, seed=seed, planes=planes)
+                                             jitter_fraction=jitter_fraction, seed=seed, planes=planes,
+                                             thick_negative_fraction=thick_negative_fraction,
+                                             thick_negative_sigma_mm=thick_negative_sigma_mm)
                 n = len(table["z"])
                 for name in PATCH_DATASETS:
                     datasets[name][written:written + n] = patches[name]
@@ -138,6 +146,8 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                      "hard_negative_fraction": float(hard_negative_fraction),
                      "hard_negative_min_hu": float(hard_negative_min_hu),
                      "jitter_fraction": float(jitter_fraction), "fill_hu": AIR_HU,
+                     "thick_negative_fraction": float(thick_negative_fraction),
+                     "thick_negative_sigma_mm": float(thick_negative_sigma_mm),
                      "planes": ",".join(planes)}
             for key, value in attrs.items():
                 out.attrs[key] = value
@@ -153,7 +163,8 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
 
 
 def _check_settings(patch_size: int, context: int, patches_per_scan: int, positive_fraction: float,
-                    hard_negative_fraction: float, jitter_fraction: float) -> None:
+                    hard_negative_fraction: float, jitter_fraction: float, thick_negative_fraction: float = 0.0,
+                    thick_negative_sigma_mm: float = 2.0) -> None:
     if int(patch_size) < 2:
         raise ValueError(f"sampling.patch_size = {patch_size}: must be at least 2 pixels")
     if int(context) < 0:
@@ -161,9 +172,12 @@ def _check_settings(patch_size: int, context: int, patches_per_scan: int, positi
     if int(patches_per_scan) < 1:
         raise ValueError(f"sampling.patches_per_scan = {patches_per_scan}: must be >= 1")
     for key, value in (("positive_fraction", positive_fraction),
-                       ("hard_negative_fraction", hard_negative_fraction), ("jitter_fraction", jitter_fraction)):
+                       ("hard_negative_fraction", hard_negative_fraction), ("jitter_fraction", jitter_fraction),
+                       ("thick_negative_fraction", thick_negative_fraction)):
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"sampling.{key} = {value}: must be in [0, 1]")
+    if not float(thick_negative_sigma_mm) > 0:
+        raise ValueError(f"sampling.thick_negative_sigma_mm = {thick_negative_sigma_mm}: must be > 0 mm")
 
 
 def survey_slice_stores(slice_files: Iterable[str | Path]) -> list[dict]:
@@ -246,18 +260,20 @@ def scan_rng(seed: int, uid: str) -> np.random.Generator:
 
 def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: int, patch_size: int = 64,
                 context: int = 1, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
-                jitter_fraction: float = 0.35, seed: int = 0,
-                planes: Sequence[str] = ("axial",)) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = ("axial",),
+                thick_negative_fraction: float = 0.0,
+                thick_negative_sigma_mm: float = 2.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
     "kind", "plane"}``): ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
-    negatives, of which a ``hard_negative_fraction`` share hard ones, each count split evenly over
+    negatives, of which a ``hard_negative_fraction`` share hard ones (a ``thick_negative_fraction``
+    share of these inside thick structures, :func:`thick_structures`), each count split evenly over
     ``planes`` (:func:`noduleflow.planes.split_count`). Centres in the table are (z, y, x) voxel indices
     whatever the plane. Generator: :func:`scan_rng`, used plane after plane in :data:`PLANES` order."""
     from noduleflow.slices import read_slice_store
 
     path = Path(path)
     planes = check_planes(planes, "sampling.planes")
-    image, lung, nodule, _ = read_slice_store(path)
+    image, lung, nodule, geometry = read_slice_store(path)
     with open_h5(path) as store:
         uid = store.attrs["seriesuid"]
         uid = uid.decode() if isinstance(uid, bytes) else str(uid)
@@ -265,13 +281,17 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
         if array.shape != image.shape:
             raise InputError(f"{path}: {name} {array.shape} and image {image.shape} differ in shape (z, y, x)")
     rng = scan_rng(seed, uid)
+    thick = (thick_structures(image, lung, geometry.spacing, thick_negative_sigma_mm, hard_negative_min_hu)
+             if thick_negative_fraction > 0 and hard_negative_fraction > 0 else None)
     parts, tables = [], []
     for plane, n_pos, n_neg in zip(planes, split_count(n_positive, planes), split_count(n_negative, planes)):
         img_p, lung_p, nod_p = (to_plane(a, plane) for a in (image, lung, nodule))
         centres, kinds = choose_centres(img_p, lung_p, nod_p, rng, lung_roi=lung_roi, n_positive=n_pos,
                                         n_negative=n_neg, patch_size=patch_size,
                                         hard_negative_fraction=hard_negative_fraction,
-                                        hard_negative_min_hu=hard_negative_min_hu, jitter_fraction=jitter_fraction)
+                                        hard_negative_min_hu=hard_negative_min_hu, jitter_fraction=jitter_fraction,
+                                        thick=None if thick is None else to_plane(thick, plane),
+                                        thick_negative_fraction=thick_negative_fraction)
         if len(kinds) < n_pos + n_neg:
             log.warning("%s (%s): only %d of %d patches (%s)", uid, plane, len(kinds), n_pos + n_neg,
                         "no nodule voxel" if n_pos and "positive" not in kinds else "too few voxels")
@@ -289,10 +309,14 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
 def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rng: np.random.Generator,
                    lung_roi: bool, n_positive: int, n_negative: int, patch_size: int,
                    hard_negative_fraction: float, hard_negative_min_hu: float,
-                   jitter_fraction: float) -> tuple[np.ndarray, list[str]]:
+                   jitter_fraction: float, thick: np.ndarray | None = None,
+                   thick_negative_fraction: float = 0.0) -> tuple[np.ndarray, list[str]]:
     """Patch centres (k, 3) int64 voxel indices and their kinds (positives, then hard negatives, then
     negatives). Volumes image HU, lung 0/1, nodule ids, all in one axis order (slices along axis 0:
-    (z, y, x) for axial patches, see :func:`noduleflow.planes.to_plane`); centres in that order."""
+    (z, y, x) for axial patches, see :func:`noduleflow.planes.to_plane`); centres in that order.
+    ``thick`` (bool, same order): voxels inside thick structures, from which a
+    ``thick_negative_fraction`` share of the hard negatives is drawn first (the rest, and any
+    shortfall, from all bright lung voxels)."""
     positives = positive_centres(nodule, rng, n_positive, patch_size, jitter_fraction)
     n_neg = int(n_negative)
     n_hard = int(round(n_neg * hard_negative_fraction))
@@ -306,7 +330,11 @@ def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rng:
     lung_b = lung > 0
     hard = np.zeros((0, 3), dtype=np.int64)
     if n_hard:
-        hard = _draw(nodule_free(lung_b & (image > hard_negative_min_hu)), n_hard, rng, replace=False)
+        bright = lung_b & (image > hard_negative_min_hu)
+        n_thick = int(round(n_hard * thick_negative_fraction)) if thick is not None else 0
+        if n_thick:
+            hard = _draw(nodule_free(bright & thick), n_thick, rng, replace=False)
+        hard = np.concatenate([hard, _draw(nodule_free(bright), n_hard - len(hard), rng, replace=False)])
     n_plain = n_neg - len(hard)
     plain = np.zeros((0, 3), dtype=np.int64)
     if n_plain:
@@ -318,6 +346,24 @@ def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rng:
     centres = np.concatenate([positives, hard, plain]).astype(np.int64)
     kinds = ["positive"] * len(positives) + ["hard_negative"] * len(hard) + ["negative"] * len(plain)
     return centres, kinds
+
+
+def thick_structures(image: np.ndarray, lung: np.ndarray, spacing_xyz: Sequence[float], sigma_mm: float,
+                     min_hu: float) -> np.ndarray:
+    """Bool (z, y, x): lung voxels inside bright structures at least about ``2 * sigma_mm`` across.
+
+    The image (HU, (z, y, x)) with everything outside the lung set to air (-1000 HU, so the chest
+    wall and mediastinum do not count) is smoothed with a Gaussian of ``sigma_mm`` (per-axis sigma
+    from ``spacing_xyz`` in mm); a voxel qualifies where both it and the smoothed image exceed
+    ``min_hu``. A thin vessel (radius 1.5 mm) smooths to about -630 HU at sigma 2 mm and drops out;
+    a vessel of 3 mm radius, a junction or a lymph node stays near -250 HU."""
+    from scipy import ndimage
+
+    inside = np.asarray(lung) > 0
+    lung_only = np.where(inside, image, -1000).astype(np.float32)
+    sigma_zyx = [float(sigma_mm) / float(s) for s in tuple(spacing_xyz)[::-1]]
+    smooth = ndimage.gaussian_filter(lung_only, sigma_zyx, mode="constant", cval=-1000.0, truncate=3.0)
+    return inside & (np.asarray(image) > min_hu) & (smooth > min_hu)
 
 
 def positive_centres(nodule: np.ndarray, rng: np.random.Generator, n: int, patch_size: int,

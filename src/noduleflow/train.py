@@ -75,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "early_stopping_patience": 4,
     "select_on": "loss",
     "intensity": {"mode": "window", "window_hu": [-1000, 400]},
-    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 1.0], "zoom_p": 0.3,
+    "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 2.0], "zoom_p": 0.3,
                 "contrast": [0.1, 1.2],
                 "nodule_contrast": [0.2, 0.6], "nodule_contrast_p": 0.3},
     "model": {"depth": 3, "base_filters": 16, "norm": "batch", "dropout": 0.0},
