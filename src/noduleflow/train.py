@@ -339,12 +339,12 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
         out_image[i], out_mask[i], out_roi[i] = im, ma, ro
     if contrast != [1.0, 1.0]:
         factors = rng.uniform(contrast[0], contrast[1], n).astype(np.float32)
-        middle = out_image.shape[1] // 2
-        for i in range(n):
-            inside = out_roi[i] > 0
-            if inside.any():
-                ref = np.median(out_image[i, middle][inside])
-                out_image[i] = np.where(inside, ref + (out_image[i] - ref) * factors[i], out_image[i])
+        inside = out_roi > 0
+        has_roi = inside.reshape(n, -1).any(axis=1)
+        centre = np.where(inside | ~has_roi[:, None, None], out_image[:, out_image.shape[1] // 2], np.nan)
+        ref = np.nanmedian(centre.reshape(n, -1), axis=1).astype(np.float32)[:, None, None, None]
+        scaled = ref + (out_image - ref) * factors[:, None, None, None]
+        out_image = np.where(inside[:, None] & has_roi[:, None, None, None], scaled, out_image)
     if jitter > 0:
         scale = 1.0 + rng.uniform(-jitter, jitter, n).astype(np.float32)
         shift = rng.uniform(-jitter, jitter, n).astype(np.float32)
