@@ -131,7 +131,7 @@ def test_predict_volume_restricts_to_the_lung_only_with_lung_roi(inference_modul
 
     image, lung, nodule, centre = synthetic_scan()
     net = ThresholdNet()
-    with_roi = predict_volume(net, META, image, lung, lung_roi=True, batch_size=4)
+    with_roi = predict_volume(net, META, image, lung, lung_roi=True, batch_size=4, planes=("axial",))
     assert all(s[1] == 3 and s[2] % 8 == 0 and s[3] % 8 == 0 for s in net.shapes)
     assert sum(s[0] for s in net.shapes) == 16                 # only the 16 slices with lung
     assert with_roi.shape == image.shape and with_roi.dtype == np.float32
@@ -139,7 +139,7 @@ def test_predict_volume_restricts_to_the_lung_only_with_lung_roi(inference_modul
     assert with_roi[lung == 0].max() == 0.0                    # body wall suppressed
     assert (with_roi > 0.5).sum() == nodule.sum()
 
-    without = predict_volume(ThresholdNet(), META, image, lung, lung_roi=False, batch_size=4)
+    without = predict_volume(ThresholdNet(), META, image, lung, lung_roi=False, batch_size=4, planes=("axial",))
     body = image > -500
     assert (without[nodule > 0] > 0.99).all()
     assert (without[body & (lung == 0)] > 0.99).all()          # the whole body slice is seen

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from noduleflow.io import Geometry, InputError, voxel_to_world, write_csv_atomic, write_image
-from noduleflow.planes import check_planes, from_plane, to_plane
+from noduleflow.planes import PLANES, check_planes, from_plane, to_plane
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _box(region: np.ndarray, multiple: int, margin: int = BOX_MARGIN) -> tuple[s
 
 def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
                    batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
-                   planes: Sequence[str] = ("axial",), amp: bool = False) -> np.ndarray:
+                   planes: Sequence[str] = PLANES, amp: bool = False) -> np.ndarray:
     """Nodule probability (z, y, x) float32 of one scan (``image`` int16 HU, ``lung`` uint8 mask, both
     (z, y, x)): the mean of the probability maps of the slicing ``planes`` (:mod:`noduleflow.planes`).
 
@@ -266,7 +266,7 @@ def _device() -> str:
 def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slice_files: Sequence[str | Path],
                  out_candidates: str | Path, out_probabilities: str | Path, lung_roi: bool, threads: int = 1,
                  threshold: float = 0.5, min_volume_mm3: float = 10.0, batch_size: int = 8,
-                 hybrid_output: str = "positive", planes: Sequence[str] = ("axial",),
+                 hybrid_output: str = "positive", planes: Sequence[str] = PLANES,
                  amp: bool = True, candidate_score: str = "mean") -> pd.DataFrame:
     """Run fold ``fold``'s model on its held-out scans; write probabilities and candidates.
 

@@ -260,7 +260,7 @@ def scan_rng(seed: int, uid: str) -> np.random.Generator:
 
 def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: int, patch_size: int = 64,
                 context: int = 1, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
-                jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = ("axial",),
+                jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
                 thick_negative_fraction: float = 0.0,
                 thick_negative_sigma_mm: float = 2.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
