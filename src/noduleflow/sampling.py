@@ -261,7 +261,7 @@ def scan_rng(seed: int, uid: str) -> np.random.Generator:
 def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: int, patch_size: int = 64,
                 context: int = 1, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
                 jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
-                thick_negative_fraction: float = 0.0,
+                thick_negative_fraction: float = 0.5,
                 thick_negative_sigma_mm: float = 2.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
     "kind", "plane"}``): ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
@@ -330,11 +330,11 @@ def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rng:
     lung_b = lung > 0
     hard = np.zeros((0, 3), dtype=np.int64)
     if n_hard:
-        bright = lung_b & (image > hard_negative_min_hu)
+        bright = nodule_free(lung_b & (image > hard_negative_min_hu))
         n_thick = int(round(n_hard * thick_negative_fraction)) if thick is not None else 0
         if n_thick:
-            hard = _draw(nodule_free(bright & thick), n_thick, rng, replace=False)
-        hard = np.concatenate([hard, _draw(nodule_free(bright), n_hard - len(hard), rng, replace=False)])
+            hard = _draw(bright & thick, n_thick, rng, replace=False)
+        hard = np.concatenate([hard, _draw(bright, n_hard - len(hard), rng, replace=False)])
     n_plain = n_neg - len(hard)
     plain = np.zeros((0, 3), dtype=np.int64)
     if n_plain:

@@ -289,8 +289,9 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
     In this order, each off when its setting is off:
 
     * ``zoom: [low, high]`` with probability ``zoom_p`` per patch (default 1): magnify by a factor
-      drawn uniformly from the range (>= 1; [1, 1] = off) around a random centre that keeps the view inside the patch (bilinear; mask and roi
-      resampled bilinearly and thresholded at 0.5), so nodules are seen larger than they are;
+      drawn uniformly from the range (>= 1; [1, 1] = off) around a random centre that keeps the view
+      inside the patch (bilinear; mask and roi resampled bilinearly and thresholded at 0.5), so
+      nodules are seen larger than they are;
     * ``nodule_contrast: [low, high]`` with probability ``nodule_contrast_p`` per patch that shows a
       nodule: only around the nodule (its mask grown by 2 pixels, every channel), pixels brighter
       than the parenchyma (the patch's median ROI value) have their difference to it scaled by a
@@ -341,8 +342,7 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
         factors = rng.uniform(contrast[0], contrast[1], n).astype(np.float32)
         inside = out_roi > 0
         has_roi = inside.reshape(n, -1).any(axis=1)
-        centre = np.where(inside | ~has_roi[:, None, None], out_image[:, out_image.shape[1] // 2], np.nan)
-        ref = np.nanmedian(centre.reshape(n, -1), axis=1).astype(np.float32)[:, None, None, None]
+        ref = parenchyma_reference(out_image, out_roi)[:, None, None, None]
         scaled = ref + (out_image - ref) * factors[:, None, None, None]
         out_image = np.where(inside[:, None] & has_roi[:, None, None, None], scaled, out_image)
     if jitter > 0:
@@ -352,26 +352,39 @@ def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment:
     return out_image.astype(np.float32, copy=False), out_mask, out_roi
 
 
+def parenchyma_reference(image: np.ndarray, roi: np.ndarray) -> np.ndarray:
+    """Per patch, the median of the centre channel of ``image`` (n, c, h, w) inside ``roi`` (n, h, w):
+    the lung parenchyma, the level the contrast augmentations scale around. (n,) float32; a patch
+    without ROI pixels gets the median of its whole centre channel."""
+    n = len(image)
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    inside = roi > 0
+    has_roi = inside.reshape(n, -1).any(axis=1)
+    centre = np.where(inside | ~has_roi[:, None, None], image[:, image.shape[1] // 2], np.nan)
+    return np.nanmedian(centre.reshape(n, -1), axis=1).astype(np.float32)
+
+
 def fade_nodules(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, factors: np.ndarray,
                  chosen: np.ndarray, rng: np.random.Generator, grow_px: int = 2) -> np.ndarray:
     """Fade the nodules of the ``chosen`` patches: ``image`` (n, c, h, w) float32 (normalised),
     ``mask``/``roi`` (n, h, w); in patch i, around its nodule (mask grown by ``grow_px`` pixels, every
-    channel) and inside the ROI, each pixel brighter than the parenchyma ``ref`` (the patch's median
-    ROI value in the centre channel) becomes ``ref + factors[i] * (value - ref)`` plus Gaussian noise
+    channel) and inside the ROI, each pixel brighter than the parenchyma ``ref``
+    (:func:`parenchyma_reference`) becomes ``ref + factors[i] * (value - ref)`` plus Gaussian noise
     of ``sigma * sqrt(1 - factors[i]**2)``, with ``sigma`` the parenchyma's noise (scaled MAD of the
     ROI's centre channel), so the faded nodule keeps the grain of its surroundings. Patches without
-    nodule pixels or not chosen are returned unchanged. Returns a new array."""
+    nodule pixels or ROI pixels, or not chosen, are returned unchanged. Returns a new array."""
     from scipy import ndimage
 
     out = image.copy()
     middle = image.shape[1] // 2
     grow = ndimage.generate_binary_structure(2, 1)
-    for i in np.flatnonzero(chosen & mask.reshape(len(mask), -1).any(axis=1)):
+    shows = lambda a: a.reshape(len(a), -1).any(axis=1)  # noqa: E731
+    faded_patches = np.flatnonzero(chosen & shows(mask) & shows(roi))
+    refs = parenchyma_reference(image[faded_patches], roi[faded_patches])
+    for i, ref in zip(faded_patches, refs.tolist()):
         inside = roi[i] > 0
-        if not inside.any():
-            continue
         values = image[i, middle][inside]
-        ref = float(np.median(values))
         sigma = 1.4826 * float(np.median(np.abs(values - ref)))
         region = ndimage.binary_dilation(mask[i] > 0, grow, iterations=grow_px) & inside
         f = float(factors[i])
