@@ -580,6 +580,7 @@ def _plan_anatomy(rng, cx, cy, z_base, H, A0, B0, g, wall) -> Anatomy:
         side = -1 if k % 2 == 0 else 1
         c = w(side * u01(12, 30), v_tr + u01(-18, 12), dz_car(u01(-15, 25)))
         r = float(u01(3, 6)) * g
+        c = _embed_in_mediastinum(c, side, [p for p in prims if not p.name.startswith("lymph_node")])
         prims.append(Prim(f"lymph_node_{k}", "ellipsoid", c, (r, r * u01(0.7, 1.0), r * u01(0.8, 1.3)),
                           hu=muscle - 5.0, margin=1.5 * g))
     # trachea and main bronchi: outer capsules (drawn as airways), shape the mediastinum too
@@ -605,6 +606,21 @@ def _plan_anatomy(rng, cx, cy, z_base, H, A0, B0, g, wall) -> Anatomy:
     return Anatomy(cx=cx, cy=cy, z_base=z_base, height=H, A0=A0, B0=B0, egg=float(u01(0.03, 0.10)), g=g,
                    wall=wall, band=float(u01(3.5, 7.0)) * g, prims=prims, apex=apex, dome=dome, spine=spine,
                    ribs=ribs, hu=hu, zeta_carina=zeta_car, main_airways=main_airways)
+
+
+def _embed_in_mediastinum(centre, side: int, mediastinum: Sequence[Prim]) -> tuple[float, float, float]:
+    """A lymph node centre (world mm, x, y, z) moved toward the midline (``side`` -1: right, +1: left)
+    until it is no longer outside the mediastinum that ``mediastinum`` (structures with a fat margin)
+    outlines. A mediastinal or hilar node lies in the mediastinal fat or bulges from it into the
+    lung; one floating free in aerated lung would be a solid nodule in all but name (an
+    intrapulmonary node, which readers annotate as a nodule), and an unannotated one is label noise."""
+    x, y, z = (float(v) for v in centre)
+    for _ in range(6):
+        d = min(float(p.sdf(x, y, z)) - p.margin for p in mediastinum if p.margin > 0)
+        if d <= 0.0:
+            break
+        x -= side * (d + 0.25)
+    return (x, y, z)
 
 
 # ---------------------------------------------------------------- vessel and airway trees
