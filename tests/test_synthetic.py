@@ -217,3 +217,29 @@ def test_merge_annotations_keeps_order_and_writes_a_header_when_empty(tmp_path):
     assert merged["diameter_mm"].tolist() == [5.0, 7.0, 9.5]
     merge_annotations([empty], tmp_path / "none.csv")
     assert (tmp_path / "none.csv").read_text().strip() == ",".join(cols)
+
+
+def _outside_mediastinum_mm(plan, node) -> float:
+    """Signed distance (mm, > 0 outside) of a lymph node's centre to the mediastinum outlined by every
+    other structure that keeps the lungs away (fat margin > 0)."""
+    return min(float(p.sdf(*node.a)) - p.margin for p in plan.anatomy.prims
+               if p.margin > 0 and not p.name.startswith("lymph_node"))
+
+
+def test_lymph_nodes_sit_in_the_mediastinum_never_free_in_the_lung():
+    """An unannotated ball of soft tissue surrounded by aerated lung is a nodule in all but name;
+    every mediastinal lymph node is centred inside or on the mediastinum's boundary, and on a full
+    scan where one used to float, it is joined to the mediastinum's soft tissue (not an island)."""
+    cfg = {"seed": 20210521}
+    nodes = [(plan, p) for i in range(20) for plan in [plan_scan(i, cfg)]
+             for p in plan.anatomy.prims if p.name.startswith("lymph_node")]
+    assert len(nodes) > 40
+    assert max(_outside_mediastinum_mm(plan, p) for plan, p in nodes) <= 0.0
+    plan = plan_scan(6, cfg)  # its lymph_node_0 was drawn ~8 mm lateral of the mediastinum
+    scan = render_scan(plan)
+    components, _ = ndimage.label(scan.lungs == 0)
+    body = np.bincount(components.ravel())[1:].argmax() + 1
+    for node in (p for p in plan.anatomy.prims if p.name.startswith("lymph_node")):
+        index = np.round((np.asarray(node.a) - plan.geometry.origin) / plan.geometry.spacing).astype(int)
+        if 0 <= index[2] < scan.lungs.shape[0]:
+            assert components[index[2], index[1], index[0]] == body, node.name
