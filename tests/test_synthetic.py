@@ -243,3 +243,26 @@ def test_lymph_nodes_sit_in_the_mediastinum_never_free_in_the_lung():
         index = np.round((np.asarray(node.a) - plan.geometry.origin) / plan.geometry.spacing).astype(int)
         if 0 <= index[2] < scan.lungs.shape[0]:
             assert components[index[2], index[1], index[0]] == body, node.name
+
+
+def test_only_juxta_vascular_nodules_touch_vessels_and_only_thin_ones():
+    """A nodule drawn as parenchymal or juxta-pleural keeps >= 1 mm of parenchyma from every vessel
+    thicker than those juxta-vascular nodules sit on (r > 2.8 mm: hilar arteries and veins); a
+    juxta-vascular one touches a vessel of radius 0.8-2.8 mm."""
+    cfg = {"seed": 20210521}
+    checked = 0
+    for index in range(20):
+        plan = plan_scan(index, cfg)
+        v = plan.vessels
+        for nodule in plan.nodules:
+            c = np.asarray(nodule.center)
+            ab = v.end - v.start
+            t = np.clip(((c - v.start) * ab).sum(1) / np.maximum((ab * ab).sum(1), 1e-9), 0, 1)
+            r = v.r0 + t * (v.r1 - v.r0)
+            gap = np.linalg.norm(v.start + t[:, None] * ab - c, axis=1) - r - nodule.radius_mm
+            if nodule.location == "juxta_vascular":
+                assert gap[(r >= 0.7) & (r <= 2.9)].min() < 0.5, (index, nodule)
+            else:
+                assert gap[np.maximum(v.r0, v.r1) > 2.8].min() >= 1.0 - 1e-6, (index, nodule)
+                checked += 1
+    assert checked >= 30

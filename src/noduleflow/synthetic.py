@@ -51,6 +51,11 @@ MAX_INDEX = 100_000
 #: largest juxta-pleural nodule (mm): the pleural notch it leaves in a thresholded lung mask must stay
 #: narrow enough for a ~12 mm closing to fill; larger nodules drawn as juxta-pleural become parenchymal
 JUXTA_PLEURAL_MAX_MM = 16.0
+#: radius range (mm) of the vessels juxta-vascular nodules are attached to; a nodule at any other
+#: location keeps ``VESSEL_CLEARANCE_MM`` of parenchyma from every vessel thicker than this range
+#: (a nodule fused with a hilar artery is not "parenchymal" in any reader's terms)
+JUXTA_VASCULAR_RADII_MM = (0.8, 2.8)
+VESSEL_CLEARANCE_MM = 1.0
 
 DEFAULTS: dict = {
     "seed": 20210521,
@@ -825,7 +830,8 @@ def _place_nodule(rng, plan: ScanPlan, shape: dict, location: str, others: list[
     for _ in range(batches):
         if location == "juxta_vascular":
             mid_z = 0.5 * (vessels.start[:, 2] + vessels.end[:, 2])
-            ok = (vessels.r0 >= 0.8) & (vessels.r0 <= 2.8) & (mid_z > z_lo) & (mid_z < z_hi)
+            r_lo, r_hi = JUXTA_VASCULAR_RADII_MM
+            ok = (vessels.r0 >= r_lo) & (vessels.r0 <= r_hi) & (mid_z > z_lo) & (mid_z < z_hi)
             idx = np.flatnonzero(ok)
             if len(idx) == 0:
                 return None
@@ -864,10 +870,27 @@ def _place_nodule(rng, plan: ScanPlan, shape: dict, location: str, others: list[
             ok &= (d_half < 0).mean(axis=1) > 0.75
         else:
             ok = d_s.max(axis=1) < -1.0
+        if location != "juxta_vascular":
+            ok &= _clear_of_large_vessels(cand, R, vessels)
         for c in cand[ok]:
             if all(np.linalg.norm(c - np.asarray(o.center)) > ext + o.extent_mm + 3.0 for o in others):
                 return c
     return None
+
+
+def _clear_of_large_vessels(centres: np.ndarray, radius: float, vessels: Segments) -> np.ndarray:
+    """Bool (m,): whether a nodule of ``radius`` (mm) at each of ``centres`` (m, 3) (world mm) keeps
+    :data:`VESSEL_CLEARANCE_MM` from every vessel thicker than juxta-vascular nodules' hosts."""
+    big = np.maximum(vessels.r0, vessels.r1) > JUXTA_VASCULAR_RADII_MM[1]
+    if len(centres) == 0 or not big.any():
+        return np.ones(len(centres), dtype=bool)
+    a, b = vessels.start[big], vessels.end[big]
+    ab = b - a
+    rel = centres[:, None, :] - a[None, :, :]
+    t = np.clip((rel * ab[None]).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-9)[None], 0.0, 1.0)
+    r = vessels.r0[big][None] + t * (vessels.r1[big] - vessels.r0[big])[None]
+    gap = np.linalg.norm(rel - t[..., None] * ab[None], axis=-1) - r - radius
+    return gap.min(axis=1) >= VESSEL_CLEARANCE_MM
 
 
 # =========================================================================== rendering
