@@ -7,9 +7,13 @@ byte-identical. A scan is made in two steps:
 * :func:`plan_scan` draws everything random: geometry (non-zero origin, in-plane spacing
   0.55-0.85 mm, slice thickness 1/1.25/2/2.5 mm, identity direction), anatomy (body wall with fat
   and muscle, ribs, spine, sternum, scapulae, mediastinum with heart, aorta, pulmonary arteries and
-  veins, trachea and main bronchi, two lungs with apex and diaphragm domes), four branching vessel
-  trees and two bronchial trees inside the lungs, and the nodules (LIDC-like diameters, solid /
-  part-solid / ground-glass, parenchymal / juxta-pleural / juxta-vascular, lobulated).
+  veins, paratracheal and hilar lymph nodes, trachea and main bronchi, two lungs with apex and
+  diaphragm domes), four branching vessel trees and two bronchial trees inside the lungs, and the
+  nodules (LIDC-like diameters, solid / part-solid / ground-glass, parenchymal / juxta-pleural /
+  juxta-vascular, lobulated). Lymph nodes lie in the mediastinal fat or bulge from it, never free in
+  aerated lung (an unannotated soft-tissue ball in the lung would be a nodule in all but its label);
+  juxta-vascular nodules sit on a vessel of radius 0.8-2.8 mm, and the others keep 1 mm of
+  parenchyma from every thicker vessel (a nodule fused with a hilar artery is not parenchymal).
 * :func:`render_scan` turns the plan into arrays: analytic signed distances (mm) with soft edges
   one voxel wide (in-plane partial volume), rendered on sub-slices and averaged (partial volume
   from the slice thickness), then correlated Gaussian noise.
