@@ -885,16 +885,12 @@ def _place_nodule(rng, plan: ScanPlan, shape: dict, location: str, others: list[
 def _clear_of_large_vessels(centres: np.ndarray, radius: float, vessels: Segments) -> np.ndarray:
     """Bool (m,): whether a nodule of ``radius`` (mm) at each of ``centres`` (m, 3) (world mm) keeps
     :data:`VESSEL_CLEARANCE_MM` from every vessel thicker than juxta-vascular nodules' hosts."""
-    big = np.maximum(vessels.r0, vessels.r1) > JUXTA_VASCULAR_RADII_MM[1]
-    if len(centres) == 0 or not big.any():
-        return np.ones(len(centres), dtype=bool)
-    a, b = vessels.start[big], vessels.end[big]
-    ab = b - a
-    rel = centres[:, None, :] - a[None, :, :]
-    t = np.clip((rel * ab[None]).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-9)[None], 0.0, 1.0)
-    r = vessels.r0[big][None] + t * (vessels.r1[big] - vessels.r0[big])[None]
-    gap = np.linalg.norm(rel - t[..., None] * ab[None], axis=-1) - r - radius
-    return gap.min(axis=1) >= VESSEL_CLEARANCE_MM
+    x, y, z = np.asarray(centres, dtype=float).reshape(-1, 3).T
+    gap = np.full(len(x), np.inf)
+    for i in np.flatnonzero(np.maximum(vessels.r0, vessels.r1) > JUXTA_VASCULAR_RADII_MM[1]):
+        surface = _capsule_sdf(x, y, z, vessels.start[i], vessels.end[i], vessels.r0[i], vessels.r1[i])
+        np.minimum(gap, surface - radius, out=gap)
+    return gap >= VESSEL_CLEARANCE_MM
 
 
 # =========================================================================== rendering
