@@ -116,3 +116,52 @@ def test_too_few_patients_for_the_folds_names_the_key(annotations, tmp_path):
     pd.DataFrame({"seriesuid": UIDS, "patient": [f"p{i % 3}" for i in range(len(UIDS))]}).to_csv(groups, index=False)
     with pytest.raises(InputError, match="cv.folds = 5.*only 3 patients"):
         split_folds(annotations, UIDS, tmp_path / "folds.csv", groups_path=groups, folds=5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_strata_spread_over_the_folds_and_nodule_scans_stay_balanced(annotations, tmp_path, seed):
+    # the 11 nodule-bearing scans: 5 "subsolid" ones listed together, which stratifying by nodule
+    # presence alone can pile into one or two folds
+    subsolid = WITH_NODULES[:5]
+    strata = tmp_path / "strata.csv"
+    pd.DataFrame({"seriesuid": UIDS, "stratum": ["subsolid" if u in subsolid else ("solid" if u in WITH_NODULES
+                                                                                     else "none") for u in UIDS]}
+                 ).to_csv(strata, index=False)
+    frame = split_folds(annotations, UIDS, tmp_path / "folds.csv", folds=5, seed=seed, strata_path=strata)
+    assert sorted(frame["seriesuid"]) == sorted(UIDS) and set(frame["fold"]) == set(range(5))
+    for members in (subsolid, WITH_NODULES):
+        per_fold = np.bincount(frame.loc[frame["seriesuid"].isin(members), "fold"], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1, (members is subsolid, per_fold)
+    again = split_folds(annotations, list(reversed(UIDS)), tmp_path / "again.csv", folds=5, seed=seed,
+                        strata_path=strata)
+    pd.testing.assert_frame_equal(frame, again)
+
+
+def test_strata_are_honoured_by_the_greedy_split_of_small_cohorts(tmp_path):
+    # 7 scans in 5 folds with 3 nodule-bearing ones (StratifiedGroupKFold refuses): the two
+    # "subsolid" scans must still land in different folds
+    uids = [f"8.{i}" for i in range(7)]
+    path = tmp_path / "annotations.csv"
+    pd.DataFrame([(u, 0.0, 0.0, 0.0, 5.0) for u in uids[:3]],
+                 columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]).to_csv(path, index=False)
+    strata = tmp_path / "strata.csv"
+    pd.DataFrame({"seriesuid": uids, "stratum": ["subsolid", "subsolid"] + ["x"] * 5}).to_csv(strata, index=False)
+    for seed in range(6):
+        frame = split_folds(path, uids, tmp_path / "folds.csv", folds=5, seed=seed, strata_path=strata)
+        fold = dict(zip(frame["seriesuid"], frame["fold"]))
+        assert fold[uids[0]] != fold[uids[1]]
+        assert np.bincount([fold[u] for u in uids[:3]], minlength=5).max() == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    ("seriesuid,stratum\n" + "".join(f"{u},a\n" for u in UIDS[1:]), f"no stratum, e.g. {UIDS[0]}"),
+    ("seriesuid,stratum\n" + "".join(f"{u},a\n" for u in UIDS) + f"{UIDS[3]},b\n", "listed twice"),
+    ("seriesuid,stratum\n" + "".join(f"{u},a\n" for u in UIDS[1:]) + f"{UIDS[0]},\n", "line 24: empty stratum"),
+    ("seriesuid,texture\n" + "".join(f"{u},a\n" for u in UIDS), "missing column"),
+])
+def test_strata_file_problems_name_the_file(annotations, tmp_path, content, message):
+    strata = tmp_path / "my_strata.csv"
+    strata.write_text(content)
+    with pytest.raises(InputError, match=f"my_strata.csv.*{message}"):
+        split_folds(annotations, UIDS, tmp_path / "folds.csv", folds=5, strata_path=strata)
+    assert not (tmp_path / "folds.csv").exists()

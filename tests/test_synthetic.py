@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from noduleflow.io import read_annotations, read_image, read_mhd_header, read_scan, world_to_voxel
+from noduleflow.io import InputError, read_annotations, read_image, read_mhd_header, read_scan, world_to_voxel
 from noduleflow.runconfig import ConfigError
 from noduleflow.synthetic import (THICKNESSES_MM, cohort_uids, merge_annotations, plan_scan, render_scan,
                                   sample_nodule_diameters, scan_index, synthesize_cohort, synthesize_scan)
@@ -217,6 +217,22 @@ def test_merge_annotations_keeps_order_and_writes_a_header_when_empty(tmp_path):
     assert merged["diameter_mm"].tolist() == [5.0, 7.0, 9.5]
     merge_annotations([empty], tmp_path / "none.csv")
     assert (tmp_path / "none.csv").read_text().strip() == ",".join(cols)
+
+
+def test_merge_annotations_writes_the_texture_stratum_of_every_scan(tmp_path):
+    cols = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "texture", "location"]
+    files = {"1.9": [["1.9", 1, 2, 3, 5.0, "solid", "parenchymal"], ["1.9", 4, 5, 6, 9.0, "ground_glass", "parenchymal"]],
+             "1.2": [["1.2", 1, 2, 3, 5.0, "solid", "juxta_pleural"]], "1.5": []}
+    for uid, rows in files.items():
+        pd.DataFrame(rows, columns=cols).to_csv(tmp_path / f"{uid}.csv", index=False)
+    merge_annotations([tmp_path / f"{u}.csv" for u in files], tmp_path / "all.csv", tmp_path / "strata.csv")
+    strata = pd.read_csv(tmp_path / "strata.csv", dtype=str)
+    assert strata.values.tolist() == [["1.2", "solid"], ["1.5", "none"], ["1.9", "subsolid"]]
+    assert list(pd.read_csv(tmp_path / "all.csv").columns) == cols[:5]  # annotations.csv stays LUNA16
+    pd.DataFrame([files["1.2"][0][:5]], columns=cols[:5]).to_csv(tmp_path / "1.2.csv", index=False)
+    with pytest.raises(InputError, match=r"1\.2\.csv: no texture column"):
+        merge_annotations([tmp_path / "1.2.csv"], tmp_path / "all2.csv", tmp_path / "strata2.csv")
+    assert not (tmp_path / "strata2.csv").exists() and not (tmp_path / "all2.csv").exists()
 
 
 def _outside_mediastinum_mm(plan, node) -> float:

@@ -36,7 +36,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .io import ANNOTATION_COLUMNS, Geometry, read_annotations, voxel_to_world, write_csv_atomic, write_image
+from .io import ANNOTATION_COLUMNS, Geometry, InputError, read_annotations, voxel_to_world, write_csv_atomic, write_image
 from .runconfig import ConfigError
 
 log = logging.getLogger(__name__)
@@ -1367,8 +1367,13 @@ def render_scan(plan: ScanPlan) -> RenderedScan:
     return RenderedScan(image=image, labels=labels, lungs=lungs, annotations=annotations, geometry=plan.geometry)
 
 
+#: per-scan nodule files: the LUNA16 columns, then what LIDC readers rate and the generator knows
+NODULE_COLUMNS = ANNOTATION_COLUMNS + ["texture", "location"]
+
+
 def _annotations(plan: ScanPlan, labels: np.ndarray, grid: _Grid) -> pd.DataFrame:
-    """One LUNA16 row per nodule: the centroid of its label (world mm; a label voxel guaranteed)."""
+    """One row per nodule: the LUNA16 columns (the centroid of its label, world mm; a label voxel
+    guaranteed), plus its ``texture`` and ``location`` (:data:`NODULE_COLUMNS`)."""
     rows = []
     for i, nodule in enumerate(plan.nodules, start=1):
         c = np.asarray(nodule.center)
@@ -1385,8 +1390,9 @@ def _annotations(plan: ScanPlan, labels: np.ndarray, grid: _Grid) -> pd.DataFram
             centroid = nearest.astype(float)
         world = voxel_to_world(centroid, plan.geometry)
         rows.append({"seriesuid": plan.uid, "coordX": float(world[0]), "coordY": float(world[1]),
-                     "coordZ": float(world[2]), "diameter_mm": round(float(nodule.diameter_mm), 3)})
-    return pd.DataFrame(rows, columns=ANNOTATION_COLUMNS)
+                     "coordZ": float(world[2]), "diameter_mm": round(float(nodule.diameter_mm), 3),
+                     "texture": nodule.texture, "location": nodule.location})
+    return pd.DataFrame(rows, columns=NODULE_COLUMNS)
 
 
 # =========================================================================== files
@@ -1404,7 +1410,8 @@ def synthesize_scan(uid: str, cfg: Mapping, out_scan: str | Path, out_mask: str 
                     out_lungs: str | Path, out_nodules: str | Path) -> None:
     """Write one synthetic scan: ``out_scan`` (.mhd + .raw, int16 HU), ``out_mask`` (uint8 nodule
     labels, id = row order in ``out_nodules``), ``out_lungs`` (uint8 true lung mask) and
-    ``out_nodules`` (LUNA16 rows, world mm; header even when empty). Every file written atomically.
+    ``out_nodules`` (LUNA16 rows, world mm, plus texture and location; header even when empty). Every
+    file written atomically.
 
     ``cfg`` is the ``synthetic`` block (``n_scans`` is ignored: a scan never depends on it).
     """
@@ -1422,19 +1429,47 @@ def synthesize_scan(uid: str, cfg: Mapping, out_scan: str | Path, out_mask: str 
              time.perf_counter() - started)
 
 
-def merge_annotations(nodule_csvs: Iterable[str | Path], out_csv: str | Path) -> None:
-    """Concatenate per-scan annotation files (in the order given) into one ``annotations.csv``."""
-    paths = list(nodule_csvs)
+def merge_annotations(nodule_csvs: Iterable[str | Path], out_csv: str | Path,
+                      out_strata: str | Path | None = None) -> None:
+    """Concatenate per-scan nodule files ``{seriesuid}.csv`` (in the order given) into one LUNA16
+    ``annotations.csv`` (its five columns). With ``out_strata``, also write ``seriesuid,stratum``
+    (one row per file, sorted by uid): :func:`texture_stratum` of the scan's nodules, which
+    ``split_folds`` stratifies by so the rare subsolid nodules spread over the folds."""
+    paths = [Path(p) for p in nodule_csvs]
     frames = [read_annotations(path) for path in paths]
-    frames = [f[ANNOTATION_COLUMNS] for f in frames if len(f)]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ANNOTATION_COLUMNS)
+    shown = [f[ANNOTATION_COLUMNS] for f in frames if len(f)]
+    table = pd.concat(shown, ignore_index=True) if shown else pd.DataFrame(columns=ANNOTATION_COLUMNS)
+    if out_strata is not None:
+        rows = []
+        for path, frame in zip(paths, frames):
+            if len(frame) and "texture" not in frame.columns:
+                raise InputError(f"{path}: no texture column (written by an older noduleflow: delete the "
+                                 f"synthetic cohort folder to regenerate it)")
+            rows.append((path.name[:-len(".csv")], texture_stratum(frame["texture"] if len(frame) else [])))
+        strata = pd.DataFrame(rows, columns=["seriesuid", "stratum"]).sort_values("seriesuid", kind="stable")
+        write_csv_atomic(strata, out_strata)
+        log.info("strata: %s -> %s", ", ".join(f"{s} {n}" for s, n in strata["stratum"].value_counts(
+            sort=False).sort_index().items()), out_strata)
     write_csv_atomic(table, out_csv)
     log.info("annotations: %d nodule(s) from %d scan file(s) -> %s", len(table), len(paths), out_csv)
 
 
+def texture_stratum(textures: Iterable[str]) -> str:
+    """A scan's stratum from its nodules' textures: ``subsolid`` when one is part-solid or ground
+    glass (rare, and the hardest to learn), else ``solid``, or ``none`` without nodules."""
+    textures = [str(t) for t in textures]
+    unknown = sorted(set(textures) - set(TEXTURES))
+    if unknown:
+        raise InputError(f"unknown nodule texture {unknown[0]!r} (expected one of {', '.join(TEXTURES)})")
+    if not textures:
+        return "none"
+    return "solid" if all(t == "solid" for t in textures) else "subsolid"
+
+
 def synthesize_cohort(cfg: Mapping, output: str | Path | None = None, n_scans: int | None = None) -> list[str]:
     """Write the first ``n_scans`` (default ``cfg["n_scans"]``) scans and ``annotations.csv`` in the
-    LUNA16 layout under ``output`` (default ``cfg["output"]``), as the workflow does. Returns the uids."""
+    LUNA16 layout under ``output`` (default ``cfg["output"]``), with ``strata.csv``, as the workflow
+    does. Returns the uids."""
     full = validate_config(cfg)
     n = int(n_scans if n_scans is not None else cfg.get("n_scans", 20))
     root = Path(output if output is not None else full["output"])
@@ -1442,5 +1477,6 @@ def synthesize_cohort(cfg: Mapping, output: str | Path | None = None, n_scans: i
     for uid in uids:
         synthesize_scan(uid, cfg, root / "subset0" / f"{uid}.mhd", root / "masks" / f"{uid}.mha",
                         root / "lungs" / f"{uid}.mha", root / "nodules" / f"{uid}.csv")
-    merge_annotations([root / "nodules" / f"{u}.csv" for u in uids], root / "annotations.csv")
+    merge_annotations([root / "nodules" / f"{u}.csv" for u in uids], root / "annotations.csv",
+                      root / "strata.csv")
     return uids

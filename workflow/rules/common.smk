@@ -27,6 +27,10 @@ DATA_ROOT = Path(config["synthetic"]["output"] if SYNTHETIC else config["dataset
 ANNOTATIONS = str(DATA_ROOT / config["dataset"]["annotations"])
 _excluded = DATA_ROOT / config["dataset"]["excluded"]
 EXCLUDED = str(_excluded) if (not SYNTHETIC and _excluded.is_file()) else None
+# strata of the folds: the synthetic cohort writes its own (rule synthesize_annotations); on real data
+# the file is used when it exists, like annotations_excluded.csv
+_strata = DATA_ROOT / config["dataset"]["strata"] if config["dataset"]["strata"] else None
+STRATA = str(_strata) if _strata is not None and (SYNTHETIC or _strata.is_file()) else None
 
 
 def _discover():
@@ -140,8 +144,10 @@ def slice_files(wildcards):
 
 
 def split_inputs(wildcards):
-    """annotations.csv, plus the user's split file and patient groups when configured."""
+    """annotations.csv, plus the user's split file, patient groups and strata when configured."""
     inputs = {"annotations": ANNOTATIONS}
+    if STRATA:
+        inputs["strata"] = STRATA
     if RUNS[wildcards.prefix]["cv"]["split_file"]:
         inputs["split_file"] = RUNS[wildcards.prefix]["cv"]["split_file"]
     if config["dataset"]["groups"]:

@@ -33,6 +33,7 @@ rule synthesize_annotations:
         nodules=expand(f"{SYN_OUT}/nodules/{{uid}}.csv", uid=UIDS),
     output:
         annotations=f"{SYN_OUT}/annotations.csv",
+        strata=STRATA or f"{SYN_OUT}/strata.csv",  # seriesuid,stratum (nodule texture class), for the folds
     params:
         code=code_digest("synthesize"),
     log:
