@@ -282,3 +282,17 @@ def test_only_juxta_vascular_nodules_touch_vessels_and_only_thin_ones():
                 assert gap[np.maximum(v.r0, v.r1) > 2.8].min() >= 1.0 - 1e-6, (index, nodule)
                 checked += 1
     assert checked >= 30
+
+
+def test_nodules_keep_clear_of_the_first_and_last_slice():
+    """A chest slab cuts the lungs at its first and last slice; every nodule (its whole extent, lobes
+    and spicules included) keeps >= 12 mm from there, in slabs and in full-size scans alike."""
+    for cfg in ({"seed": 20210521}, {"seed": 7, "max_nodules": 6}):
+        gaps = []
+        for index in range(20):
+            plan = plan_scan(index, cfg)
+            z_first, z_last = plan.z_range()
+            for nodule in plan.nodules:
+                gaps.append(min(nodule.center[2] - nodule.extent_mm - z_first,
+                                z_last - nodule.center[2] - nodule.extent_mm))
+        assert len(gaps) >= 30 and min(gaps) >= 12.0, sorted(gaps)[:3]

@@ -14,6 +14,8 @@ byte-identical. A scan is made in two steps:
   aerated lung (an unannotated soft-tissue ball in the lung would be a nodule in all but its label);
   juxta-vascular nodules sit on a vessel of radius 0.8-2.8 mm, and the others keep 1 mm of
   parenchyma from every thicker vessel (a nodule fused with a hilar artery is not parenchymal).
+  Nodules keep 12 mm from the first and last slice: a slab of the chest cuts the lungs there, an
+  edge that no real scan has through aerated lung.
 * :func:`render_scan` turns the plan into arrays: analytic signed distances (mm) with soft edges
   one voxel wide (in-plane partial volume), rendered on sub-slices and averaged (partial volume
   from the slice thickness), then correlated Gaussian noise.
@@ -60,6 +62,10 @@ JUXTA_PLEURAL_MAX_MM = 16.0
 #: (a nodule fused with a hilar artery is not "parenchymal" in any reader's terms)
 JUXTA_VASCULAR_RADII_MM = (0.8, 2.8)
 VESSEL_CLEARANCE_MM = 1.0
+#: nodules keep this much (mm, beyond their extent) from the first and last slice: a scan that is a
+#: slab of the chest cuts the lungs there, an edge no real CT has through aerated lung (LUNA16 scans
+#: cover both lungs), and a nodule beside it is seen cut off in coronal and sagittal views
+SCAN_END_CLEARANCE_MM = 12.0
 
 DEFAULTS: dict = {
     "seed": 20210521,
@@ -777,7 +783,8 @@ def _plan_nodules(rng, plan: ScanPlan, cfg: dict) -> list[NodulePlan]:
         shape = _nodule_shape(rng, diameter, texture)
         placed = None
         for loc in (location, "parenchymal"):
-            center = _place_nodule(rng, plan, shape, loc, nodules, (z_lo + t, z_hi - t))
+            margin = max(t, SCAN_END_CLEARANCE_MM)
+            center = _place_nodule(rng, plan, shape, loc, nodules, (z_lo + margin, z_hi - margin))
             if center is not None:
                 placed = NodulePlan(center=tuple(float(c) for c in center), location=loc, **shape)
                 break
