@@ -267,6 +267,32 @@ def test_fade_nodules_makes_a_ground_glass_nodule_beside_sharp_vessels():
     assert np.array_equal(out[0][:, far], image[0][:, far])  # only the nodule's neighbourhood changes
 
 
+def test_a_faded_nodule_has_the_smooth_grain_of_ct_noise_not_white_noise():
+    """CT noise is correlated over about a pixel; a faded nodule's added noise must be as well (white
+    noise would give it a texture no real ground-glass nodule has, and the model would learn that)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    white = rng.standard_normal((1, 5, 96, 96))
+    smooth = ndimage.gaussian_filter(white, (0, 0, 1.0, 1.0))
+    noise = 0.02 * smooth / smooth.std()
+    neighbours = lambda a: np.corrcoef(a[..., :, 1:].ravel(), a[..., :, :-1].ravel())[0, 1]  # noqa: E731
+    rho = neighbours(noise[0, 2])  # ~0.78 for a 1-pixel Gaussian
+    image = (0.1 + noise).astype(np.float32)
+    yy, xx = np.mgrid[:96, :96]
+    disc = (yy - 48) ** 2 + (xx - 48) ** 2 <= 30 ** 2
+    image[:, :, disc] += 0.6
+    mask = disc[None].astype(np.uint8)
+    roi = np.ones((1, 96, 96), np.uint8)
+    out = fade_nodules(image, mask, roi, np.array([0.2]), np.array([True]), np.random.default_rng(0))
+    inner = (yy - 48) ** 2 + (xx - 48) ** 2 <= 25 ** 2
+    grain = np.where(inner, out[0, 2], np.nan)
+    pairs = inner[:, 1:] & inner[:, :-1]
+    faded_rho = np.corrcoef(grain[:, 1:][pairs], grain[:, :-1][pairs])[0, 1]
+    assert rho > 0.7 and abs(faded_rho - rho) < 0.1, (rho, faded_rho)
+    assert abs(out[0, 2][inner].std() - 0.02) < 0.004  # and as strong as the parenchyma's
+
+
 def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(data):
     with h5py.File(data[0], "r") as h5:
         image, mask, roi = h5["image"][()], h5["mask"][()], h5["roi"][()]
