@@ -152,12 +152,7 @@ def read_groups(path: str | Path, uids: Sequence[str]) -> list[str]:
     for a missing file or column, a scan listed twice or a scan of ``uids`` that is not listed."""
     path = Path(path)
     frame = _read_csv(path, ("seriesuid", "patient"), "dataset.groups")
-    frame["patient"] = frame["patient"].astype(str).str.strip()
-    patients = dict(zip(frame["seriesuid"], frame["patient"]))
-    missing = [u for u in uids if u not in patients]
-    if missing:
-        raise InputError(f"{path}: {len(missing)} scan(s) have no patient, e.g. {missing[0]}")
-    return [patients[u] for u in uids]
+    return _value_per_scan(path, frame, "patient", uids)
 
 
 def read_strata(path: str | Path, uids: Sequence[str]) -> list[str]:
@@ -170,11 +165,17 @@ def read_strata(path: str | Path, uids: Sequence[str]) -> list[str]:
     if empty.any():
         row = int(np.flatnonzero(empty.to_numpy())[0])
         raise InputError(f"{path}: line {row + 2}: empty stratum for {frame['seriesuid'].iloc[row]}")
-    strata = dict(zip(frame["seriesuid"], frame["stratum"].astype(str).str.strip()))
-    missing = [u for u in uids if u not in strata]
+    return _value_per_scan(path, frame, "stratum", uids)
+
+
+def _value_per_scan(path: Path, frame: pd.DataFrame, column: str, uids: Sequence[str]) -> list[str]:
+    """``column`` (as stripped text) of each of ``uids`` in ``frame`` (read from ``path``, one row per
+    scan); InputError naming the file when a scan of ``uids`` is not listed."""
+    values = dict(zip(frame["seriesuid"], frame[column].astype(str).str.strip()))
+    missing = [u for u in uids if u not in values]
     if missing:
-        raise InputError(f"{path}: {len(missing)} scan(s) have no stratum, e.g. {missing[0]}")
-    return [strata[u] for u in uids]
+        raise InputError(f"{path}: {len(missing)} scan(s) have no {column}, e.g. {missing[0]}")
+    return [values[u] for u in uids]
 
 
 def read_split_file(path: str | Path, uids: Sequence[str], folds: int) -> pd.DataFrame:

@@ -772,7 +772,7 @@ def _plan_nodules(rng, plan: ScanPlan, cfg: dict) -> list[NodulePlan]:
     tex_p = np.asarray(tex_w) / sum(tex_w)
     loc_p = np.asarray(loc_w) / sum(loc_w)
     z_lo, z_hi = plan.z_range()
-    t = plan.slice_thickness
+    margin = max(plan.slice_thickness, SCAN_END_CLEARANCE_MM)
     nodules: list[NodulePlan] = []
     for k in range(count):
         diameter = float(sample_nodule_diameters(rng, 1, cfg["diameter_quantiles_mm"])[0])
@@ -783,7 +783,6 @@ def _plan_nodules(rng, plan: ScanPlan, cfg: dict) -> list[NodulePlan]:
         shape = _nodule_shape(rng, diameter, texture)
         placed = None
         for loc in (location, "parenchymal"):
-            margin = max(t, SCAN_END_CLEARANCE_MM)
             center = _place_nodule(rng, plan, shape, loc, nodules, (z_lo + margin, z_hi - margin))
             if center is not None:
                 placed = NodulePlan(center=tuple(float(c) for c in center), location=loc, **shape)
@@ -1452,7 +1451,11 @@ def merge_annotations(nodule_csvs: Iterable[str | Path], out_csv: str | Path,
             if len(frame) and "texture" not in frame.columns:
                 raise InputError(f"{path}: no texture column (written by an older noduleflow: delete the "
                                  f"synthetic cohort folder to regenerate it)")
-            rows.append((path.name[:-len(".csv")], texture_stratum(frame["texture"] if len(frame) else [])))
+            try:
+                stratum = texture_stratum(frame["texture"] if len(frame) else [])
+            except InputError as exc:
+                raise InputError(f"{path}: {exc}") from exc
+            rows.append((path.name[:-len(".csv")], stratum))
         strata = pd.DataFrame(rows, columns=["seriesuid", "stratum"]).sort_values("seriesuid", kind="stable")
         write_csv_atomic(strata, out_strata)
         log.info("strata: %s -> %s", ", ".join(f"{s} {n}" for s, n in strata["stratum"].value_counts(
