@@ -262,3 +262,45 @@ def test_candidate_score_is_the_mean_or_the_max_of_the_component():
         assert frame["max_probability"].iloc[0] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="candidate_score"):
         candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, score="median")
+
+
+class RecordingNet:
+    """Stand-in for the U-Net that keeps its inputs and predicts nothing."""
+
+    def __init__(self):
+        self.inputs = []
+
+    def __call__(self, x):
+        import torch
+
+        self.inputs.append(x.float().numpy().copy())
+        return torch.full((x.shape[0], 1) + tuple(x.shape[2:]), -20.0)
+
+    def eval(self):
+        return self
+
+
+@pytest.mark.parametrize("context,step", [(1, 1), (2, 3)])
+def test_inference_channels_are_the_training_patch_channels(inference_modules, context, step):
+    """Each axial slice z is fed with the slices z + j*context_step (clamped), exactly the channels
+    sample_patches cuts for a patch centred on slice z: a model never sees other neighbours."""
+    from noduleflow.planes import context_offsets
+    from noduleflow.predict import predict_volume
+    from noduleflow.sampling import cut_patches
+
+    depth = 12
+    image = np.broadcast_to((-900 + 10 * np.arange(depth, dtype=np.int16))[:, None, None], (depth, 16, 16)).copy()
+    lung = np.ones(image.shape, np.uint8)
+    net = RecordingNet()
+    meta = {**META, "context": context, "context_step": step,
+            "model": {**META["model"], "in_channels": 2 * context + 1}}
+    predict_volume(net, meta, image, lung, lung_roi=True, batch_size=depth, planes=("axial",))
+    fed = np.concatenate(net.inputs)
+    assert fed.shape[:2] == (depth, 2 * context + 1)
+    hu_fed = np.round(fed[:, :, 8, 8] * 1400 - 1000)           # back from the [-1000, 400] window
+    expected = -900 + 10 * np.clip(np.arange(depth)[:, None] + context_offsets(context, step)[None, :], 0, depth - 1)
+    np.testing.assert_array_equal(hu_fed, expected)
+    centres = np.array([[z, 8, 8] for z in range(depth)])
+    patches = cut_patches(image, lung, np.zeros_like(lung), centres, patch_size=8, context=context,
+                          lung_roi=True, context_step=step)
+    np.testing.assert_array_equal(patches["image"][:, :, 4, 4], expected)

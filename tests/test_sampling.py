@@ -137,14 +137,17 @@ def test_a_share_of_hard_negatives_is_centred_inside_thick_structures(tmp_path, 
         assert on_ball.mean() < 0.5  # uniform over bright voxels: mostly vessels
 
 
-def test_context_channels_are_the_neighbouring_slices_with_roi_applied(stores, tmp_path):
-    patches = sample(stores, tmp_path / "p.h5", context=2)
+@pytest.mark.parametrize("step", [1, 3])
+def test_context_channels_are_the_neighbouring_slices_with_roi_applied(stores, tmp_path, step):
+    patches = sample(stores, tmp_path / "p.h5", context=2, context_step=step)
     assert patches["image"].shape[1:] == (5, 32, 32)
     with h5py.File(stores[0], "r") as f:
         image, lung = f["image"][...], f["lung"][...]
-    i = int(np.flatnonzero(patches["seriesuid"] == "1.1")[0])
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        assert (f.attrs["context"], f.attrs["context_step"]) == (2, step)
+    i = int(np.flatnonzero((patches["seriesuid"] == "1.1") & (patches["plane"] == "axial"))[0])
     z, y, x = patches["z"][i], patches["y"][i], patches["x"][i]
-    for channel, dz in enumerate(range(-2, 3)):
+    for channel, dz in enumerate(range(-2 * step, 2 * step + 1, step)):
         zz = min(max(z + dz, 0), image.shape[0] - 1)
         expected = np.full((32, 32), -1000, dtype=np.int16)
         y0, x0 = y - 16, x - 16
@@ -317,6 +320,8 @@ def test_bad_inputs_raise_before_writing(stores, tmp_path):
         sample(stores, out, thick_negative_fraction=-0.1)
     with pytest.raises(ValueError, match="sampling.thick_negative_sigma_mm"):
         sample(stores, out, thick_negative_sigma_mm=0)
+    with pytest.raises(ValueError, match="sampling.context_step"):
+        sample(stores, out, context_step=0)
     assert not out.exists()
 
 

@@ -57,7 +57,8 @@ def write_disc_patches(path, n_scans=6, per_scan=24, size=SIZE, context=1, seed=
         h5["x"] = np.full(n, size // 2)
         h5["kind"] = np.asarray(kinds).astype("S")
         h5["plane"] = np.full(len(kinds), "axial").astype("S")
-        h5.attrs.update({"context": context, "patch_size": size, "lung_roi": True, "seed": seed})
+        h5.attrs.update({"context": context, "context_step": 2, "patch_size": size, "lung_roi": True,
+                         "seed": seed})
     return path
 
 
@@ -151,6 +152,7 @@ def test_load_model_rebuilds_what_training_wrote(data, tmp_path):
     run(data, tmp_path, epochs=1, label_mode="hybrid", loss="dice")
     model, meta = load_model(tmp_path / "model.pt")
     assert meta["label_mode"] == "hybrid" and meta["context"] == 1 and meta["patch_size"] == SIZE
+    assert meta["context_step"] == 2       # inference must feed the neighbours the patches were cut with
     assert meta["intensity"] == {"mode": "window", "window_hu": [-1000, 400]}
     assert meta["fold"] == 0 and meta["lung_roi"] is True
     assert 0.0 <= meta["heldout_patch_dice"] <= 1.0

@@ -65,3 +65,10 @@ def split_count(n: int, parts: Sequence) -> list[int]:
     """``n`` split into ``len(parts)`` near-equal integers (the first ones get the remainder)."""
     base, extra = divmod(int(n), len(parts))
     return [base + (1 if i < extra else 0) for i in range(len(parts))]
+
+
+def context_offsets(context: int, context_step: int = 1) -> np.ndarray:
+    """Slice offsets of the ``2 * context + 1`` input channels around the centre slice:
+    ``-context * context_step .. context * context_step`` in steps of ``context_step`` (int64).
+    Shared by sampling and inference, so both see the same neighbours."""
+    return np.arange(-int(context), int(context) + 1, dtype=np.int64) * int(context_step)

@@ -4,8 +4,8 @@ For each held-out scan (``folds.csv``), the 2D U-Net runs, in each of the slicin
 (axial, coronal, sagittal: :mod:`noduleflow.planes`), over every slice that contains lung
 (``lung_roi`` true) or body (``lung_roi`` false: any voxel above -500 HU); the scan's probability is
 the mean of the planes' maps (a nodule is round in all three planes, a vessel only in one). Inputs as
-in training: ``2*context+1`` neighbouring slices as channels (edge slices repeated at the volume
-border), pixels outside the lung set to -1000 HU when ``lung_roi`` (:func:`noduleflow.intensity.apply_roi`),
+in training: ``2*context+1`` neighbouring slices, ``context_step`` apart, as channels (edge slices
+repeated at the volume border), pixels outside the lung set to -1000 HU when ``lung_roi`` (:func:`noduleflow.intensity.apply_roi`),
 then :func:`noduleflow.intensity.normalize_intensity` with the model's ``intensity`` block, as in training. Each slice is cropped
 in-plane to the bounding box of the region (lung or body over the whole scan) plus a margin, and
 padded with -1000 HU to a multiple of ``2**depth``; voxels outside the box get probability 0. With
@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from noduleflow.io import Geometry, InputError, voxel_to_world, write_csv_atomic, write_image
-from noduleflow.planes import PLANES, check_planes, from_plane, to_plane
+from noduleflow.planes import PLANES, check_planes, context_offsets, from_plane, to_plane
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_r
         log.warning("no %s voxels: probability 0 everywhere", "lung" if lung_roi else "body")
         return out
     depth = int(meta.get("model", {}).get("depth", 0))
-    context = int(meta.get("context", 0))
+    offsets = context_offsets(int(meta.get("context", 0)), int(meta.get("context_step", 1)))
     intensity = meta.get("intensity", {"window_hu": [-1000, 400]})
     label_mode = meta.get("label_mode", "positive")
     ys, xs, pad_y, pad_x = _box(region, 2 ** depth)
@@ -237,7 +237,6 @@ def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_r
     if pad_y or pad_x:
         hu = np.pad(hu, ((0, 0), (0, pad_y), (0, pad_x)), constant_values=FILL_HU)
     volume = normalize_intensity(hu, intensity).astype(np.float32, copy=False)
-    offsets = np.arange(-context, context + 1)
     h, w = crop.shape[1], crop.shape[2]
     torch_device = torch.device(device)
     amp_dtype = autocast_dtype(torch_device, amp)

@@ -29,8 +29,12 @@ Of a scan's negatives, ``round(negatives * hard_negative_fraction)`` are hard ne
 scan has fewer such voxels: each is used once, and plain negatives fill in). Negative centres are
 drawn without replacement (plain negatives with replacement only in a scan with too few voxels).
 
-Each patch has ``c = 2 * context + 1`` channels: the slices ``s - context .. s + context`` of its
-plane around the centre slice ``s`` (indices clamped at the volume ends, so edge slices repeat).
+Each patch has ``c = 2 * context + 1`` channels: the slices ``s + j * context_step`` for ``j = -context
+.. context`` of its plane around the centre slice ``s`` (indices clamped at the volume ends, so edge
+slices repeat). A ``context_step`` above 1 widens the view across the plane at no extra cost: with
+``context = 2, context_step = 3`` at 1 mm the channels span 12 mm, enough to tell a nodule (a
+sphere, smaller a few mm off its centre) from a vessel seen end-on (a tube, the same disc on every
+slice), which ``context_step = 1`` (4 mm) cannot for vessels and nodules of ~1 cm.
 Pixels outside the volume are -1000 HU (image) and 0 (masks). With ``lung_roi`` every channel is masked by its own slice's lung mask
 (:func:`noduleflow.intensity.apply_roi`: outside -> -1000 HU), exactly as at inference.
 
@@ -38,7 +42,7 @@ Output ``patches.h5`` (written atomically): ``image`` int16 HU (n, c, h, w), ``m
 nodule of the centre slice (n, h, w), ``roi`` uint8 (n, h, w) (lung mask of the centre slice, or all
 ones without ``lung_roi``), all chunked one patch per chunk and gzip-compressed; the table
 ``seriesuid`` (bytes), ``z``, ``y``, ``x`` (int32 centre voxel, (z, y, x) whatever the plane), ``kind``
-and ``plane`` (bytes); attrs ``context``, ``patch_size``, ``lung_roi``, ``seed``, ``planes`` and the
+and ``plane`` (bytes); attrs ``context``, ``context_step``, ``patch_size``, ``lung_roi``, ``seed``, ``planes`` and the
 other sampling settings. Patches are stored scan by scan in seriesuid order; within a scan plane by
 plane (axial, coronal, sagittal), and within a plane positives, then hard negatives, then negatives.
 
@@ -58,7 +62,7 @@ import numpy as np
 
 from noduleflow.intensity import AIR_HU, apply_roi
 from noduleflow.io import InputError, atomic_path, open_h5
-from noduleflow.planes import PLANES, check_planes, indices_from_plane, split_count, to_plane
+from noduleflow.planes import PLANES, check_planes, context_offsets, indices_from_plane, split_count, to_plane
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                             positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5,
                             hard_negative_min_hu: float = -500, jitter_fraction: float = 0.35,
                             seed: int = 0, planes: Sequence[str] = PLANES, thick_negative_fraction: float = 0.5,
-                            thick_negative_sigma_mm: float = 2.0) -> dict:
+                            thick_negative_sigma_mm: float = 2.0, context_step: int = 1) -> dict:
     """Sample balanced patches from every slice store in ``slice_files`` into ``out_h5``.
 
     See the module docstring for the scheme and the file format. ``patch_size`` in pixels,
@@ -89,15 +93,16 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
     setting — before anything is written.
     """
     _check_settings(patch_size, context, patches_per_scan, positive_fraction, hard_negative_fraction,
-                    jitter_fraction, thick_negative_fraction, thick_negative_sigma_mm)
+                    jitter_fraction, thick_negative_fraction, thick_negative_sigma_mm, context_step)
     planes = check_planes(planes, "sampling.planes")
     scans = survey_slice_stores(slice_files)
     counts = patch_counts([s["has_nodule"] for s in scans], patches_per_scan, positive_fraction)
     n_total = sum(p + q for p, q in counts)
     c = 2 * context + 1
     started = time.perf_counter()
-    log.info("sampling %d patches of %dx%d px, %d channel(s), %s planes, from %d scans (%d with nodules); "
-             "planned positive fraction %.4f", n_total, patch_size, patch_size, c, "/".join(planes), len(scans),
+    log.info("sampling %d patches of %dx%d px, %d channel(s) %d slice(s) apart, %s planes, from %d scans "
+             "(%d with nodules); planned positive fraction %.4f", n_total, patch_size, patch_size, c,
+             context_step, "/".join(planes), len(scans),
              sum(s["has_nodule"] for s in scans), sum(p for p, _ in counts) / max(n_total, 1))
     import h5py
 
@@ -120,7 +125,8 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                                              hard_negative_min_hu=hard_negative_min_hu,
                                              jitter_fraction=jitter_fraction, seed=seed, planes=planes,
                                              thick_negative_fraction=thick_negative_fraction,
-                                             thick_negative_sigma_mm=thick_negative_sigma_mm)
+                                             thick_negative_sigma_mm=thick_negative_sigma_mm,
+                                             context_step=context_step)
                 n = len(table["z"])
                 for name in PATCH_DATASETS:
                     datasets[name][written:written + n] = patches[name]
@@ -140,7 +146,7 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                                track_times=False)
             out.create_dataset("plane", data=table["plane"].astype(f"S{max(len(p) for p in PLANES)}"),
                                track_times=False)
-            attrs = {"context": int(context), "patch_size": int(patch_size), "lung_roi": bool(lung_roi),
+            attrs = {"context": int(context), "context_step": int(context_step), "patch_size": int(patch_size), "lung_roi": bool(lung_roi),
                      "seed": int(seed), "patches_per_scan": int(patches_per_scan),
                      "positive_fraction": float(positive_fraction),
                      "hard_negative_fraction": float(hard_negative_fraction),
@@ -164,11 +170,13 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
 
 def _check_settings(patch_size: int, context: int, patches_per_scan: int, positive_fraction: float,
                     hard_negative_fraction: float, jitter_fraction: float, thick_negative_fraction: float = 0.0,
-                    thick_negative_sigma_mm: float = 2.0) -> None:
+                    thick_negative_sigma_mm: float = 2.0, context_step: int = 1) -> None:
     if int(patch_size) < 2:
         raise ValueError(f"sampling.patch_size = {patch_size}: must be at least 2 pixels")
     if int(context) < 0:
         raise ValueError(f"sampling.context = {context}: must be >= 0")
+    if int(context_step) < 1:
+        raise ValueError(f"sampling.context_step = {context_step}: must be >= 1 slice")
     if int(patches_per_scan) < 1:
         raise ValueError(f"sampling.patches_per_scan = {patches_per_scan}: must be >= 1")
     for key, value in (("positive_fraction", positive_fraction),
@@ -262,7 +270,8 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
                 context: int = 1, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
                 jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
                 thick_negative_fraction: float = 0.5,
-                thick_negative_sigma_mm: float = 2.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                thick_negative_sigma_mm: float = 2.0,
+                context_step: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
     "kind", "plane"}``): ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
     negatives, of which a ``hard_negative_fraction`` share hard ones (a ``thick_negative_fraction``
@@ -296,7 +305,7 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
             log.warning("%s (%s): only %d of %d patches (%s)", uid, plane, len(kinds), n_pos + n_neg,
                         "no nodule voxel" if n_pos and "positive" not in kinds else "too few voxels")
         parts.append(cut_patches(img_p, lung_p, nod_p, centres, patch_size=patch_size, context=context,
-                                 lung_roi=lung_roi))
+                                 lung_roi=lung_roi, context_step=context_step))
         zyx = indices_from_plane(centres, plane)
         tables.append({"seriesuid": np.full(len(kinds), uid, dtype=object).astype(str),
                        "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2], "kind": np.asarray(kinds, dtype=str),
@@ -447,16 +456,17 @@ def _draw(candidates: np.ndarray, n: int, rng: np.random.Generator, replace: boo
 
 
 def cut_patches(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, centres: np.ndarray, patch_size: int,
-                context: int, lung_roi: bool) -> dict[str, np.ndarray]:
+                context: int, lung_roi: bool, context_step: int = 1) -> dict[str, np.ndarray]:
     """``image`` int16 (k, c, p, p) (ROI applied per channel when ``lung_roi``), ``mask`` and ``roi``
     uint8 (k, p, p) of the centre slice, for centres (k, 3) (z, y, x). Outside the volume: -1000 HU
-    and 0; channels are slices ``z - context .. z + context`` clamped to the volume."""
+    and 0; channels are slices ``z + j * context_step``, ``j = -context .. context``, clamped to the
+    volume."""
     k, p, c = len(centres), patch_size, 2 * context + 1
     depth, h, w = image.shape
     img = np.full((k, c, p, p), AIR_HU, dtype=np.int16)
     lng = np.zeros((k, c, p, p), dtype=np.uint8)
     nod = np.zeros((k, p, p), dtype=np.uint8)
-    offsets = np.arange(-context, context + 1)
+    offsets = context_offsets(context, context_step)
     for i, (z, y, x) in enumerate(centres):
         zs = np.clip(z + offsets, 0, depth - 1)
         (ya, yb), (xa, xb) = window_bounds(y, p), window_bounds(x, p)

@@ -184,6 +184,7 @@ def _load_patch_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
         raise InputError(f"{path}: image {image.shape}, mask {arrays['mask'].shape} and roi "
                          f"{arrays['roi'].shape} must be (n, c, h, w), (n, h, w), (n, h, w)")
     meta = {"context": int(attrs.get("context", (image.shape[1] - 1) // 2)),
+            "context_step": int(attrs.get("context_step", 1)),
             "patch_size": int(attrs.get("patch_size", image.shape[-1])),
             "lung_roi": bool(attrs.get("lung_roi", True))}
     return arrays, meta
@@ -787,7 +788,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
              state["best_epoch"], state["best_dice"])
 
     meta = {"model": model_kwargs, "label_mode": cfg["label_mode"], "intensity": intensity,
-            "context": patch_meta["context"], "patch_size": patch_meta["patch_size"],
+            "context": patch_meta["context"], "context_step": patch_meta["context_step"],
+            "patch_size": patch_meta["patch_size"],
             "lung_roi": patch_meta["lung_roi"], "fold": fold, "heldout_patch_dice": float(heldout_dice),
             "best_epoch": int(state["best_epoch"]), "val_dice": float(state["best_dice"]),
             "selected_on": cfg["select_on"],
