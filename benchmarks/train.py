@@ -17,7 +17,7 @@ Usage::
     .venv/bin/python benchmarks/train.py [--patches results/patches/patches.h5] [--threads 2]
 
 Without ``--patches`` (and no ``results/patches/patches.h5``) a synthetic patches file is written
-to a temporary folder: 3200 patches of 5x64x64 (20 scans x 160, the default cohort's size, context 2).
+to a temporary folder: 3200 patches of 7x64x64 (20 scans x 160, the default cohort's size, context 3).
 Timings alternate the two models round by round and report the median round, so a busy machine
 hurts both alike.
 """
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic_patches(path: Path, n_scans: int = 20, per_scan: int = 160, size: int = 64, seed: int = 0,
-                      context: int = 2) -> Path:
+                      context: int = 3) -> Path:
     """A contract-format patches.h5: bright discs / bright lines / nothing on noisy background."""
     import h5py
 

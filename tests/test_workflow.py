@@ -52,11 +52,12 @@ def test_lint_is_clean(tiny_run):
     ({"lungmask": {"closing_mm": 8}},
      {"lung_mask", "extract_slices"} | AFTER_PATCHES),
     ({"sampling": {"positive_fraction": 0.4}}, AFTER_PATCHES),
+    ({"sampling": {"context_step": 3}}, AFTER_PATCHES),
     ({"cv": {"seed": 1}}, {"split_folds", "train", "predict", "evaluate", "report"}),
     ({"train": {"lr": 0.001}}, {"train", "predict", "evaluate", "report"}),
     ({"predict": {"threshold": 0.6}}, {"predict", "evaluate", "report"}),
     ({"evaluate": {"bootstrap": 11}}, {"evaluate", "report"}),
-], ids=["spacing", "lungmask", "positive_fraction", "cv_seed", "lr", "threshold", "bootstrap"])
+], ids=["spacing", "lungmask", "positive_fraction", "context_step", "cv_seed", "lr", "threshold", "bootstrap"])
 def test_a_changed_setting_reruns_exactly_its_stage_and_what_follows(tiny_run, change, expected):
     rules = planned_rules(plan_after(tiny_run, change))
     assert set(rules) == expected, rules
