@@ -39,10 +39,11 @@ from noduleflow.model import UNet2d, autocast_dtype, build_targets, memory_forma
 from noduleflow.train import DEFAULTS, PatchBatches, _load_patch_file
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONTEXT = 3   # config.yaml sampling.context: 2 * 3 + 1 = 7 input channels
 
 
 def synthetic_patches(path: Path, n_scans: int = 20, per_scan: int = 160, size: int = 64, seed: int = 0,
-                      context: int = 3) -> Path:
+                      context: int = DEFAULT_CONTEXT) -> Path:
     """A contract-format patches.h5: bright discs / bright lines / nothing on noisy background."""
     import h5py
 
@@ -105,27 +106,27 @@ def _time_rounds(steps: dict[str, _Step], rounds: int, per_round: int, batch: in
 
 
 def compare_with_monai(batch: int, size: int, base: int, norm: str, rounds: int, per_round: int,
-                       amp_dtype: torch.dtype | None = None) -> list[tuple]:
+                       amp_dtype: torch.dtype | None = None, channels: int = 2 * DEFAULT_CONTEXT + 1) -> list[tuple]:
     from monai.networks.nets import BasicUNet
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 3, size, size, generator=gen)
+    x = torch.rand(batch, channels, size, size, generator=gen)
     target = (torch.rand(batch, 1, size, size, generator=gen) < 0.05).float()
     features = (base, 2 * base, 4 * base, 8 * base, 16 * base, base)
     monai_norm = ("batch", {}) if norm == "batch" else ("instance", {"affine": True})
     torch.manual_seed(0)
     steps = {
-        "ours": _Step(UNet2d(3, 1, depth=4, base_filters=base, norm=norm), x, target, memory_format_for(norm),
+        "ours": _Step(UNet2d(channels, 1, depth=4, base_filters=base, norm=norm), x, target, memory_format_for(norm),
                       amp_dtype),
-        "monai": _Step(BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=features, norm=monai_norm),
+        "monai": _Step(BasicUNet(spatial_dims=2, in_channels=channels, out_channels=1, features=features, norm=monai_norm),
                        x, target, torch.contiguous_format, amp_dtype),
-        "monai_cl": _Step(BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=features,
+        "monai_cl": _Step(BasicUNet(spatial_dims=2, in_channels=channels, out_channels=1, features=features,
                                     norm=monai_norm), x, target, torch.channels_last, amp_dtype),
     }
     rate = _time_rounds(steps, rounds, per_round, batch)
     best_monai = max(rate["monai"], rate["monai_cl"])
     precision = str(amp_dtype).replace("torch.", "") + " autocast" if amp_dtype else "float32"
-    label = f"features {features[:5]}, {norm} norm, batch {batch}x3x{size}x{size}, {precision}"
+    label = f"features {features[:5]}, {norm} norm, batch {batch}x{channels}x{size}x{size}, {precision}"
     return [(label, rate["ours"], rate["monai"], rate["monai_cl"], rate["ours"] / best_monai)]
 
 
