@@ -118,8 +118,8 @@ def compare_with_monai(batch: int, size: int, base: int, norm: str, rounds: int,
     steps = {
         "ours": _Step(UNet2d(channels, 1, depth=4, base_filters=base, norm=norm), x, target, memory_format_for(norm),
                       amp_dtype),
-        "monai": _Step(BasicUNet(spatial_dims=2, in_channels=channels, out_channels=1, features=features, norm=monai_norm),
-                       x, target, torch.contiguous_format, amp_dtype),
+        "monai": _Step(BasicUNet(spatial_dims=2, in_channels=channels, out_channels=1, features=features,
+                                 norm=monai_norm), x, target, torch.contiguous_format, amp_dtype),
         "monai_cl": _Step(BasicUNet(spatial_dims=2, in_channels=channels, out_channels=1, features=features,
                                     norm=monai_norm), x, target, torch.channels_last, amp_dtype),
     }

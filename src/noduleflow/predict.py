@@ -5,8 +5,9 @@ For each held-out scan (``folds.csv``), the 2D U-Net runs, in each of the slicin
 (``lung_roi`` true) or body (``lung_roi`` false: any voxel above -500 HU); the scan's probability is
 the mean of the planes' maps (a nodule is round in all three planes, a vessel only in one). Inputs as
 in training: ``2*context+1`` neighbouring slices, ``context_step`` apart, as channels (edge slices
-repeated at the volume border), pixels outside the lung set to -1000 HU when ``lung_roi`` (:func:`noduleflow.intensity.apply_roi`),
-then :func:`noduleflow.intensity.normalize_intensity` with the model's ``intensity`` block, as in training. Each slice is cropped
+repeated at the volume border; :func:`noduleflow.planes.context_offsets`), pixels outside the lung
+set to -1000 HU when ``lung_roi`` (:func:`noduleflow.intensity.apply_roi`), then
+:func:`noduleflow.intensity.normalize_intensity` with the model's ``intensity`` block, as in training. Each slice is cropped
 in-plane to the bounding box of the region (lung or body over the whole scan) plus a margin, and
 padded with -1000 HU to a multiple of ``2**depth``; voxels outside the box get probability 0. With
 ``lung_roi`` the probability outside the lung mask is 0.

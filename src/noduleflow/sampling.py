@@ -42,8 +42,8 @@ Output ``patches.h5`` (written atomically): ``image`` int16 HU (n, c, h, w), ``m
 nodule of the centre slice (n, h, w), ``roi`` uint8 (n, h, w) (lung mask of the centre slice, or all
 ones without ``lung_roi``), all chunked one patch per chunk and gzip-compressed; the table
 ``seriesuid`` (bytes), ``z``, ``y``, ``x`` (int32 centre voxel, (z, y, x) whatever the plane), ``kind``
-and ``plane`` (bytes); attrs ``context``, ``context_step``, ``patch_size``, ``lung_roi``, ``seed``, ``planes`` and the
-other sampling settings. Patches are stored scan by scan in seriesuid order; within a scan plane by
+and ``plane`` (bytes); attrs ``context``, ``context_step``, ``patch_size``, ``lung_roi``, ``seed``,
+``planes`` and the other sampling settings. Patches are stored scan by scan in seriesuid order; within a scan plane by
 plane (axial, coronal, sagittal), and within a plane positives, then hard negatives, then negatives.
 
 Determinism: every scan draws from its own generator seeded by ``(seed, sha256(seriesuid))``, so the
@@ -146,8 +146,8 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
                                track_times=False)
             out.create_dataset("plane", data=table["plane"].astype(f"S{max(len(p) for p in PLANES)}"),
                                track_times=False)
-            attrs = {"context": int(context), "context_step": int(context_step), "patch_size": int(patch_size), "lung_roi": bool(lung_roi),
-                     "seed": int(seed), "patches_per_scan": int(patches_per_scan),
+            attrs = {"context": int(context), "context_step": int(context_step), "patch_size": int(patch_size),
+                     "lung_roi": bool(lung_roi), "seed": int(seed), "patches_per_scan": int(patches_per_scan),
                      "positive_fraction": float(positive_fraction),
                      "hard_negative_fraction": float(hard_negative_fraction),
                      "hard_negative_min_hu": float(hard_negative_min_hu),
