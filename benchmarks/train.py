@@ -17,7 +17,8 @@ Usage::
     .venv/bin/python benchmarks/train.py [--patches results/patches/patches.h5] [--threads 2]
 
 Without ``--patches`` (and no ``results/patches/patches.h5``) a synthetic patches file is written
-to a temporary folder: 3200 patches of 7x64x64 (20 scans x 160, the default cohort's size, context 3).
+to a temporary folder: 3200 patches of (2 * context + 1)x64x64 (20 scans x 160, the default cohort's
+size; ``sampling.context`` of config.yaml, 3 today). The U-Net vs BasicUNet batch has as many channels.
 Timings alternate the two models round by round and report the median round, so a busy machine
 hurts both alike.
 """
@@ -39,11 +40,19 @@ from noduleflow.model import UNet2d, autocast_dtype, build_targets, memory_forma
 from noduleflow.train import DEFAULTS, PatchBatches, _load_patch_file
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONTEXT = 3   # config.yaml sampling.context: 2 * 3 + 1 = 7 input channels
 
 
-def synthetic_patches(path: Path, n_scans: int = 20, per_scan: int = 160, size: int = 64, seed: int = 0,
-                      context: int = DEFAULT_CONTEXT) -> Path:
+def default_context() -> int:
+    """``sampling.context`` of the repository's config.yaml (the default run's 2 * context + 1 input
+    channels), so the benchmark follows the default instead of keeping its own copy of it."""
+    import yaml
+
+    with open(REPO / "config.yaml") as f:
+        return int(yaml.safe_load(f)["sampling"]["context"])
+
+
+def synthetic_patches(path: Path, context: int, n_scans: int = 20, per_scan: int = 160, size: int = 64,
+                      seed: int = 0) -> Path:
     """A contract-format patches.h5: bright discs / bright lines / nothing on noisy background."""
     import h5py
 
@@ -106,7 +115,7 @@ def _time_rounds(steps: dict[str, _Step], rounds: int, per_round: int, batch: in
 
 
 def compare_with_monai(batch: int, size: int, base: int, norm: str, rounds: int, per_round: int,
-                       amp_dtype: torch.dtype | None = None, channels: int = 2 * DEFAULT_CONTEXT + 1) -> list[tuple]:
+                       channels: int, amp_dtype: torch.dtype | None = None) -> list[tuple]:
     from monai.networks.nets import BasicUNet
 
     gen = torch.Generator().manual_seed(0)
@@ -175,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} CPU threads, {torch.backends.mkldnn.is_available() and 'oneDNN'}")
+    context = default_context()
 
     try:
         import monai
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             cases += [(16, "batch", amp_dtype), (8, "batch", amp_dtype)]
         for base, norm, dtype in cases:
             for row in compare_with_monai(args.batch_size, args.size, base, norm, args.rounds,
-                                          args.steps_per_round, dtype):
+                                          args.steps_per_round, 2 * context + 1, dtype):
                 print(f"| {row[0]} | {row[1]:.0f} | {row[2]:.0f} | {row[3]:.0f} | {row[4]:.2f}x |", flush=True)
     except ImportError:
         print("monai not installed (.venv/bin/pip install monai --no-deps): skipping the MONAI comparison")
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         patches = default if default.is_file() else None
     with tempfile.TemporaryDirectory() as tmp:
         if patches is None:
-            patches = synthetic_patches(Path(tmp) / "patches.h5", size=args.size)
+            patches = synthetic_patches(Path(tmp) / "patches.h5", context, size=args.size)
             source = "synthetic (20 scans x 160 patches)"
         else:
             source = str(patches)

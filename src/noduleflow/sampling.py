@@ -43,8 +43,9 @@ nodule of the centre slice (n, h, w), ``roi`` uint8 (n, h, w) (lung mask of the 
 ones without ``lung_roi``), all chunked one patch per chunk and gzip-compressed; the table
 ``seriesuid`` (bytes), ``z``, ``y``, ``x`` (int32 centre voxel, (z, y, x) whatever the plane), ``kind``
 and ``plane`` (bytes); attrs ``context``, ``context_step``, ``patch_size``, ``lung_roi``, ``seed``,
-``planes`` and the other sampling settings. Patches are stored scan by scan in seriesuid order; within a scan plane by
-plane (axial, coronal, sagittal), and within a plane positives, then hard negatives, then negatives.
+``planes`` and the other sampling settings. Patches are stored scan by scan in seriesuid order;
+within a scan plane by plane (axial, coronal, sagittal), and within a plane positives, then hard
+negatives, then negatives.
 
 Determinism: every scan draws from its own generator seeded by ``(seed, sha256(seriesuid))``, so the
 file is identical for the same slice stores and settings, whatever the order of ``slice_files``.

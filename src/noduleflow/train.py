@@ -376,8 +376,8 @@ def fade_nodules(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, factors: 
     ``sigma`` is the parenchyma's noise (scaled MAD of the ROI's centre channel outside that
     neighbourhood) and the noise is as correlated as the parenchyma's (:func:`parenchyma_noise`): CT
     noise is smooth over about a pixel, and a faded nodule with white noise on it would teach the
-    model a texture no real ground-glass nodule has. Patches without nodule pixels or ROI pixels, or not chosen, are returned unchanged.
-    Returns a new array."""
+    model a texture no real ground-glass nodule has. Patches without nodule pixels or ROI pixels, or
+    not chosen, are returned unchanged. Returns a new array."""
     from scipy import ndimage
 
     out = image.copy()
