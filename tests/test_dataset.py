@@ -22,6 +22,7 @@ def luna(tmp_path):
         write_image(ph.image, ph.geometry, root / f"subset{i}" / f"{uid}.mhd")
         rows.append(ph.nodules.assign(seriesuid=uid))
     pd.concat(rows).to_csv(root / "annotations.csv", index=False)
+    pd.concat(rows).iloc[:0].to_csv(root / "annotations_excluded.csv", index=False)
     workdir = copy_workflow(tmp_path / "wf")
     return root, workdir
 
@@ -59,3 +60,27 @@ def test_an_invalid_config_value_names_the_key(luna):
     write_config(workdir, {"cv": {"folds": 1}})
     proc = snakemake(workdir, "-n", "--configfile", "tiny.yaml", check=False)
     assert proc.returncode != 0 and "folds" in proc.stderr + proc.stdout
+
+
+def test_a_configured_excluded_file_that_is_missing_stops_the_run(luna):
+    """Scoring without LUNA16's excluded findings must be asked for (dataset.excluded: null)."""
+    root, workdir = luna
+    (root / "annotations_excluded.csv").unlink()
+    write_config(workdir, {"dataset": {"root": str(root), "masks": None}})
+    proc = snakemake(workdir, "-n", "--configfile", "tiny.yaml", check=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "annotations_excluded.csv" in out and "dataset.excluded" in out
+    write_config(workdir, {"dataset": {"root": str(root), "masks": None, "excluded": None}})
+    assert planned_rules(planned_jobs(workdir, "--configfile", "tiny.yaml"))["evaluate"] == 2
+
+
+def test_the_excluded_file_is_an_input_of_evaluation(luna):
+    """Editing annotations_excluded.csv reruns evaluate and report (it is their input, not a param)."""
+    root, workdir = luna
+    write_config(workdir, {"dataset": {"root": str(root), "masks": None}})
+    proc = snakemake(workdir, "-n", "--cores", "2", "--configfile", "tiny.yaml", "--printshellcmds")
+    blocks = (proc.stdout + proc.stderr).split("rule ")
+    for rule in ("evaluate", "report"):
+        block = next(b for b in blocks if b.startswith(rule + ":"))
+        inputs = next(line for line in block.splitlines() if line.strip().startswith("input:"))
+        assert str(root / "annotations_excluded.csv") in inputs, (rule, inputs)

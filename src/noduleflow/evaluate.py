@@ -286,7 +286,7 @@ def evaluate_fold(candidates_path: str | Path, probabilities_dir: str | Path, fo
     if excluded_path is not None and Path(excluded_path).is_file():
         excluded = read_annotations(excluded_path, allow_unknown_diameter=True)
     elif excluded_path is not None:
-        log.warning("%s not found: no excluded findings", excluded_path)
+        raise InputError(f"{excluded_path}: excluded findings file not found")
     candidates = read_candidates(candidates_path)
     foreign = sorted(set(candidates["seriesuid"]) - set(uids))
     if foreign:

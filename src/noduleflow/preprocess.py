@@ -1,7 +1,10 @@
 """Stage ``resample``: a scan and its nodules onto one isotropic (or any) voxel grid.
 
-* The image is resampled with SimpleITK's linear interpolation onto a grid that keeps the scan's
-  origin (centre of voxel 0) and direction and covers the same physical extent:
+* The scan is read by :mod:`noduleflow.scans` in any accepted format (MetaImage, NRRD, NIfTI,
+  DICOM series) into HU on an identity-direction grid; an exact label map drawn on the stored
+  grid is brought to the same canonical grid.
+* The image is resampled with SimpleITK's linear interpolation onto a grid that keeps the
+  canonical origin (centre of voxel 0) and covers the same physical extent:
   ``new_size = round(size * spacing / spacing_mm)`` per axis. Voxels past the last input voxel
   centre take the nearest input value (no artificial -1000 HU rim). Output: int16 HU.
 * Nodule labels (uint8, 0 = background, nodule ``i`` = its row order among the scan's rows of the
@@ -34,14 +37,12 @@ from noduleflow.io import (
     Geometry,
     InputError,
     atomic_path,
-    check_same_grid,
     read_annotations,
-    read_image,
-    read_scan,
     voxel_to_world,
     world_to_voxel,
     write_image,
 )
+from noduleflow.scans import canonical_labels, read_canonical
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def resample_scan(scan_path: str | Path, annotations_path: str | Path, uid: str,
                   sphere_min_hu: float | None = None) -> dict:
     """Resample one scan and its nodule labels to ``spacing_mm`` (x, y, z, mm).
 
-    Reads and validates the ``.mhd``/``.raw`` pair, the scan's rows of ``annotations_path`` (the
+    Reads and validates the scan (any format of :mod:`noduleflow.scans`), the scan's rows of ``annotations_path`` (the
     data set's CSV or a per-scan CSV) and, when given, the exact label map ``mask_path`` (same grid
     as the scan). Every check runs before any output is written; both outputs are written under
     temporary names and renamed together at the end.
@@ -289,13 +290,13 @@ def resample_scan(scan_path: str | Path, annotations_path: str | Path, uid: str,
     spacing = [float(s) for s in spacing_mm]
     if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise InputError(f"preprocess.spacing_mm = {list(spacing_mm)!r}: expected three positive mm (x, y, z)")
-    image, geometry = read_scan(scan_path)
+    scan = read_canonical(scan_path)
+    image, geometry = scan.hu, scan.geometry
     nodules = scan_nodules(annotations_path, uid)
     check_centres_inside(nodules, image.shape, geometry, annotations_path, uid, scan_path)
     mask = None
     if mask_path is not None:
-        mask, mask_geometry = read_image(mask_path)
-        check_same_grid(image.shape, geometry, mask.shape, mask_geometry, mask_path, what=f"scan {scan_path}")
+        mask = canonical_labels(mask_path, scan, what=f"scan {scan_path}")
         mask = _labels_from_mask(mask, nodules, geometry, mask_path, uid)
 
     resampled, new_geometry = resample_image(image, geometry, spacing)

@@ -627,7 +627,7 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     if excluded_path is not None and Path(excluded_path).is_file():
         excluded = read_annotations(excluded_path, allow_unknown_diameter=True)
     elif excluded_path is not None:
-        log.warning("%s not found: no excluded findings", excluded_path)
+        raise InputError(f"{excluded_path}: excluded findings file not found")
     candidate_frames = []
     prob_dirs = []
     for k, path in enumerate(candidates_paths):

@@ -35,7 +35,8 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 #: stage -> noduleflow modules whose source it runs (a change reruns the stage and what follows)
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "synthesize": ("synthetic", "io"),
-    "resample": ("preprocess", "io"),
+    "lidc_annotations": ("lidc", "io"),
+    "resample": ("preprocess", "scans", "io"),
     "lung_mask": ("lungmask", "io"),
     "extract_slices": ("slices", "io"),
     "split_folds": ("folds", "io"),

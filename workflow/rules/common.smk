@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from noduleflow.io import InputError, discover_scans, read_annotations, read_uid_list
+from noduleflow.io import InputError, read_annotations, read_uid_list
 from noduleflow.runconfig import (
     BASE_PREFIX,
     canonical,
@@ -12,6 +12,7 @@ from noduleflow.runconfig import (
     stage_owner,
     stage_params,
 )
+from noduleflow.scans import find_scans, scan_suffix
 from noduleflow.synthetic import cohort_uids
 
 
@@ -24,24 +25,64 @@ for _prefix, _run in RUNS.items():
 
 SYNTHETIC = config["dataset"]["root"] is None
 DATA_ROOT = Path(config["synthetic"]["output"] if SYNTHETIC else config["dataset"]["root"])
-ANNOTATIONS = str(DATA_ROOT / config["dataset"]["annotations"])
-_excluded = DATA_ROOT / config["dataset"]["excluded"]
-EXCLUDED = str(_excluded) if (not SYNTHETIC and _excluded.is_file()) else None
+# Real data: every scan under the root, any accepted format, discovered once (seriesuid -> path)
+ALL_SCANS = {} if SYNTHETIC else {
+    u: str(p) for u, p in find_scans(DATA_ROOT, skip_dirs=[d for d in [config["dataset"]["masks"]] if d]).items()
+}
+if not SYNTHETIC and not ALL_SCANS:
+    raise InputError(f"{DATA_ROOT}: no scans found (expected DICOM series folders or files ending in "
+                     f"{', '.join(('.mhd', '.mha', '.nrrd', '.nii', '.nii.gz'))}; config dataset.root)")
+
+
+def _lidc_xml():
+    """seriesuid -> the LIDC readers' XML files beside its DICOM slices (DICOM scans only)."""
+    return {u: sorted(str(x) for x in Path(p).glob("*.xml")) for u, p in ALL_SCANS.items() if Path(p).is_dir()}
+
+
+def _annotation_source():
+    """'synthetic', 'csv' (dataset.annotations under the root) or 'lidc' (derived from the readers'
+    XML). The default annotations.csv falls back to the XML when the root has no such file."""
+    if SYNTHETIC:
+        return "synthetic"
+    name = config["dataset"]["annotations"]
+    if name == "lidc_xml":
+        return "lidc"
+    if not (DATA_ROOT / name).is_file() and name == "annotations.csv" and any(_lidc_xml().values()):
+        return "lidc"
+    if not (DATA_ROOT / name).is_file():
+        raise InputError(f"{DATA_ROOT / name}: annotations file not found (config dataset.annotations; "
+                         f"'lidc_xml' derives them from LIDC-IDRI readers' XML)")
+    return "csv"
+
+
+ANNOTATION_SOURCE = _annotation_source()
+LIDC_XML = _lidc_xml() if ANNOTATION_SOURCE == "lidc" else {}
+LIDC_OUT = "results/lidc"
+if ANNOTATION_SOURCE == "lidc":
+    ANNOTATIONS = f"{LIDC_OUT}/annotations.csv"
+    EXCLUDED = f"{LIDC_OUT}/annotations_excluded.csv" if config["dataset"]["excluded"] else None
+else:
+    ANNOTATIONS = str(DATA_ROOT / config["dataset"]["annotations"])
+    EXCLUDED = None
+    if not SYNTHETIC and config["dataset"]["excluded"]:
+        EXCLUDED = str(DATA_ROOT / config["dataset"]["excluded"])
+        if not Path(EXCLUDED).is_file():
+            raise InputError(f"{EXCLUDED}: excluded findings file not found (config dataset.excluded). "
+                             f"LUNA16 scores with annotations_excluded.csv; set dataset.excluded: null "
+                             f"to evaluate without excluded findings")
 # strata of the folds: the synthetic cohort writes its own (rule synthesize_annotations); on real data
-# the file is used when it exists, like annotations_excluded.csv
+# the file is used when it exists
 _strata = DATA_ROOT / config["dataset"]["strata"] if config["dataset"]["strata"] else None
 STRATA = str(_strata) if _strata is not None and (SYNTHETIC or _strata.is_file()) else None
 
 
 def _discover():
-    """seriesuid -> .mhd path, restricted to dataset.seriesuids when given."""
+    """seriesuid -> scan path, restricted to dataset.seriesuids when given."""
     if SYNTHETIC:
         syn = config["synthetic"]
         found = {u: str(DATA_ROOT / "subset0" / f"{u}.mhd") for u in cohort_uids(syn["n_scans"], syn["seed"])}
     else:
-        found = {u: str(p) for u, p in discover_scans(DATA_ROOT).items()}
-        if not found:
-            raise InputError(f"{DATA_ROOT}: no scans found (expected subset*/*.mhd or *.mhd)")
+        found = dict(ALL_SCANS)
     wanted = read_uid_list(config["dataset"]["seriesuids"])
     if wanted is not None:
         unknown = [u for u in wanted if u not in found]
@@ -57,13 +98,13 @@ UIDS = sorted(SCANS)
 
 
 def _annotation_rows():
-    """Real data: seriesuid -> its annotation rows (read at parse time and passed as params, so a
-    new scan's rows do not rerun the other scans). Synthetic data: empty (per-scan files instead)."""
-    if SYNTHETIC:
+    """A CSV of the whole data set: seriesuid -> its annotation rows (read at parse time and passed
+    as params, so a new scan's rows do not rerun the other scans). Synthetic and LIDC data: empty
+    (per-scan files instead)."""
+    if ANNOTATION_SOURCE != "csv":
         return {}
     table = read_annotations(ANNOTATIONS)
-    all_scans = set(discover_scans(DATA_ROOT))
-    orphans = sorted(set(table["seriesuid"]) - all_scans)
+    orphans = sorted(set(table["seriesuid"]) - set(ALL_SCANS))
     if orphans:
         raise InputError(f"{ANNOTATIONS}: {len(orphans)} annotation(s) name a seriesuid with no scan "
                          f"under {DATA_ROOT}, e.g. {orphans[0]}")
@@ -110,17 +151,20 @@ def scan_path(wildcards):
     return SCANS[wildcards.uid]
 
 
-def raw_path(wildcards):
-    return re.sub(r"\.mhd$", ".raw", SCANS[wildcards.uid])
-
-
 def resample_inputs(wildcards):
-    """Scan (.mhd + .raw), its annotations, and the exact label map when the data set has one."""
+    """Scan (a file, with its .raw for a .mhd, or a DICOM series folder), its annotations, and the
+    exact label map when the data set has one (LIDC: the readers' consensus)."""
     uid = wildcards.uid
-    inputs = {"scan": SCANS[uid], "raw": raw_path(wildcards)}
-    if SYNTHETIC:
+    scan = SCANS[uid]
+    inputs = {"scan": scan}
+    if scan_suffix(scan) == ".mhd":
+        inputs["raw"] = re.sub(r"\.mhd$", ".raw", scan)
+    if ANNOTATION_SOURCE == "synthetic":
         inputs["annotations"] = str(DATA_ROOT / "nodules" / f"{uid}.csv")
         inputs["mask"] = str(DATA_ROOT / "masks" / f"{uid}.mha")
+    elif ANNOTATION_SOURCE == "lidc":
+        inputs["annotations"] = f"{LIDC_OUT}/nodules/{uid}.csv"
+        inputs["mask"] = f"{LIDC_OUT}/masks/{uid}.mha"
     else:
         inputs["annotations"] = ancient(ANNOTATIONS)
         if config["dataset"]["masks"]:
@@ -153,6 +197,11 @@ def split_inputs(wildcards):
     if config["dataset"]["groups"]:
         inputs["groups"] = config["dataset"]["groups"]
     return inputs
+
+
+def excluded_input(wildcards):
+    """annotations_excluded.csv as an input (editing it reruns evaluation), when there is one."""
+    return {"excluded": EXCLUDED} if EXCLUDED else {}
 
 
 def folds_file(wildcards):

@@ -55,3 +55,54 @@ rule synthetic_cohort:
     input:
         expand(f"{SYN_OUT}/subset0/{{uid}}.mhd", uid=UIDS),
         f"{SYN_OUT}/annotations.csv",
+
+
+# LIDC-IDRI as downloaded (DICOM series + the readers' XML): annotations derived per scan, then
+# the data set's LUNA16-style annotations.csv / annotations_excluded.csv.
+
+
+rule lidc_annotations:
+    input:
+        series=lambda wc: SCANS[wc.uid],
+        xml=lambda wc: LIDC_XML.get(wc.uid, []),
+    output:
+        nodules=f"{LIDC_OUT}/nodules/{{uid}}.csv",
+        excluded=f"{LIDC_OUT}/excluded/{{uid}}.csv",
+        mask=f"{LIDC_OUT}/masks/{{uid}}.mha",
+    params:
+        code=code_digest("lidc_annotations"),
+    log:
+        f"{LIDC_OUT}/logs/{{uid}}.log",
+    benchmark:
+        f"{LIDC_OUT}/benchmarks/{{uid}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/lidc_annotations.py"
+
+
+rule lidc_cohort:
+    input:
+        nodules=expand(f"{LIDC_OUT}/nodules/{{uid}}.csv", uid=UIDS),
+        excluded=expand(f"{LIDC_OUT}/excluded/{{uid}}.csv", uid=UIDS),
+    output:
+        annotations=f"{LIDC_OUT}/annotations.csv",
+        excluded=f"{LIDC_OUT}/annotations_excluded.csv",
+    params:
+        code=code_digest("lidc_annotations"),
+    log:
+        f"{LIDC_OUT}/logs/cohort.log",
+    benchmark:
+        f"{LIDC_OUT}/benchmarks/cohort.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/lidc_cohort.py"

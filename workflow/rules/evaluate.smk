@@ -8,6 +8,7 @@ rule evaluate:
         folds=folds_file,
         slices=slice_files,
         annotations=ANNOTATIONS,
+        unpack(excluded_input),
     output:
         metrics="{prefix}reports/fold{k}/metrics.json",
         froc="{prefix}reports/fold{k}/froc.csv",
@@ -15,7 +16,6 @@ rule evaluate:
         plot=report("{prefix}reports/fold{k}/froc.png", category="FROC", subcategory="per fold"),
     params:
         cfg=params_of("evaluate"),
-        excluded=EXCLUDED,
         code=code_digest("evaluate"),
     log:
         "{prefix}logs/evaluate/fold{k}.log",
@@ -39,6 +39,7 @@ rule report:
         folds=folds_file,
         slices=slice_files,
         annotations=ANNOTATIONS,
+        unpack(excluded_input),
     output:
         summary="{prefix}reports/summary.csv",
         plot=report("{prefix}reports/froc.png", category="FROC", subcategory="pooled"),
@@ -48,7 +49,6 @@ rule report:
         pooled_metrics="{prefix}reports/metrics_pooled.json",
     params:
         cfg=lambda wc: canonical({"evaluate": RUNS[wc.prefix]["evaluate"]}),
-        excluded=EXCLUDED,
         code=code_digest("report"),
     log:
         "{prefix}logs/report.log",

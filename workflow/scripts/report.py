@@ -5,6 +5,6 @@ from noduleflow.report import build_report
 with logging_to(snakemake.log[0]):
     build_report(list(snakemake.input.metrics), list(snakemake.input.candidates), snakemake.input.folds,
                  list(snakemake.input.slices), snakemake.input.annotations,
-                 excluded_path=snakemake.params.excluded, out_summary=snakemake.output.summary,
+                 excluded_path=snakemake.input.get("excluded"), out_summary=snakemake.output.summary,
                  out_plot=snakemake.output.plot, out_html=snakemake.output.html,
                  **snakemake.params.cfg["evaluate"])
