@@ -33,7 +33,7 @@ readers is likewise replaced by the cluster's mean, which goes to the excluded l
 Per-reader nodule centre: the centroid of its filled voxels (world mm). Per-reader diameter:
 the equivalent-sphere diameter of the filled voxels' volume (:func:`mark_diameter`), which gives
 LUNA16's diameter of one LIDC-IDRI-0001 reader exactly (23.50 mm) and the others within 0.5 mm;
-the largest in-plane diameter (pylidc's) is 9-10 mm larger there.
+the largest in-plane diameter (pylidc's) is 8-11 mm larger there.
 
 Coordinates: world mm in (x, y, z) (ITK / LUNA16 order); arrays and voxel indices (z, y, x).
 The scan grid is the series as SimpleITK's ``ImageSeriesReader`` reads it with GDCM's file
@@ -230,7 +230,8 @@ def _float_or_error(text: str | None, xml_path: Path, where: str) -> float | Non
         raise InputError(f"{xml_path}: {where}: imageZposition {text!r} is not a number") from exc
 
 
-def parse_reads(xml_path: str | Path, series_uid: str | None = None, first_reader: int = 0) -> list[ReaderMark]:
+def parse_reads(xml_path: str | Path, series_uid: str | None = None,
+                first_reader: int = 0) -> list[ReaderMark]:
     """Every reader's marks in one LIDC XML file, in file order.
 
     ``series_uid``: when given, the file's ``SeriesInstanceUid`` must equal it. Reader indices are
@@ -303,7 +304,8 @@ def _non_nodule_mark(element: ET.Element, reader: int, radiologist: str, xml_pat
         raise InputError(f"{xml_path}: {where}: no locus")
     if not sop and z is None:
         raise InputError(f"{xml_path}: {where}: no imageSOP_UID and imageZposition")
-    return ReaderMark(reader, radiologist, NON_NODULE, mark_id, (Roi(sop, z, True, points),), None, str(xml_path))
+    return ReaderMark(reader, radiologist, NON_NODULE, mark_id, (Roi(sop, z, True, points),), None,
+                      str(xml_path))
 
 
 def find_series_xml(series_dir: str | Path, series_uid: str) -> list[Path]:
@@ -332,9 +334,9 @@ def read_series_slices(series_dir: str | Path, series_uid: str | None = None) ->
     """The slices of a DICOM series in GDCM order, with the volume's shape and Geometry.
 
     ``series_uid``: which series of the folder (default: the folder's only one). Reads every
-    file's header (``sitk.ImageFileReader.ReadImageInformation``: SOPInstanceUID ``0008|0018``,
-    ImagePositionPatient ``0020|0032``) and the volume once through ``sitk.ImageSeriesReader`` for
-    its exact grid. Raises InputError naming the folder.
+    file's header (``sitk.ImageFileReader.ReadImageInformation``: SOPInstanceUID ``0008|0018`` and
+    the slice origin, i.e. ImagePositionPatient ``0020|0032``) and the volume once through
+    ``sitk.ImageSeriesReader`` for its exact grid. Raises InputError naming the folder.
     """
     import SimpleITK as sitk
 
@@ -358,7 +360,8 @@ def read_series_slices(series_dir: str | Path, series_uid: str | None = None) ->
             reader.ReadImageInformation()
             sop = reader.GetMetaData("0008|0018").strip().rstrip("\x00").strip()
         except RuntimeError as exc:
-            raise InputError(f"{name}: cannot read DICOM header: {str(exc).strip().splitlines()[-1]}") from exc
+            detail = str(exc).strip().splitlines()[-1]
+            raise InputError(f"{name}: cannot read DICOM header: {detail}") from exc
         sop_uids.append(sop)
         z_positions.append(float(reader.GetOrigin()[2]))
     series = sitk.ImageSeriesReader()
@@ -431,7 +434,8 @@ def fill_contour(points_xy: np.ndarray, shape_yx: tuple[int, int], hole: bool = 
     x1, y1 = min(points[:, 0].max(), shape_yx[1] - 1), min(points[:, 1].max(), shape_yx[0] - 1)
     if x0 <= x1 and y0 <= y1 and len(points) > 2:
         mask[y0:y1 + 1, x0:x1 + 1] = polygon_inside(points, np.arange(x0, x1 + 1), np.arange(y0, y1 + 1))
-    on = (points[:, 0] >= 0) & (points[:, 0] < shape_yx[1]) & (points[:, 1] >= 0) & (points[:, 1] < shape_yx[0])
+    on = ((points[:, 0] >= 0) & (points[:, 0] < shape_yx[1])
+          & (points[:, 1] >= 0) & (points[:, 1] < shape_yx[0]))
     mask[points[on, 1], points[on, 0]] = hole
     return mask
 
@@ -521,7 +525,8 @@ def point_position(mark: ReaderMark, slices: SeriesSlices) -> np.ndarray:
 # --------------------------------------------------------------------------- clustering
 
 
-def cluster_marks(centres: np.ndarray, diameters: Sequence[float], readers: Sequence) -> list[list[int]]:
+def cluster_marks(centres: np.ndarray, diameters: Sequence[float],
+                  readers: Sequence) -> list[list[int]]:
     """Group reader marks of one nodule (LUNA16 rule), deterministically.
 
     ``centres``: (n, 3) world mm; ``diameters``: mm; ``readers``: who made each mark. Two marks of
@@ -666,7 +671,8 @@ def derive_annotations(marks: Sequence[ReaderMark], slices: SeriesSlices, min_re
 def lidc_annotations(series_dir: str | Path, xml_paths: Sequence[str | Path] | None,
                      out_annotations: str | Path, out_excluded: str | Path, out_mask: str | Path,
                      min_readers: int = 3, series_uid: str | None = None,
-                     diameter_method: str = DEFAULT_DIAMETER) -> ScanAnnotations:
+                     diameter_method: str = DEFAULT_DIAMETER,
+                     slices: SeriesSlices | None = None) -> ScanAnnotations:
     """Derive one LIDC scan's annotations from its readers' XML and write three files, atomically
     and all or none:
 
@@ -679,8 +685,12 @@ def lidc_annotations(series_dir: str | Path, xml_paths: Sequence[str | Path] | N
     ``xml_paths=None`` finds the XML files in ``series_dir`` (:func:`find_series_xml`); none ->
     empty CSVs and an all-zero mask. Raises InputError naming the file on bad XML, a series uid
     mismatch or an ROI that matches no slice; then no output file is written.
+
+    ``slices``: the series as :func:`read_series_slices` already read it (skips reading it again).
+    Returns what was written (:class:`ScanAnnotations`).
     """
-    slices = read_series_slices(series_dir, series_uid)
+    if slices is None:
+        slices = read_series_slices(series_dir, series_uid)
     if xml_paths is None:
         xml_paths = find_series_xml(series_dir, slices.series_uid)
     marks: list[ReaderMark] = []
