@@ -42,6 +42,7 @@ order (``GetGDCMSeriesFileNames``): array slice ``k`` is the ``k``-th file of th
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ from noduleflow.io import (
     voxel_to_world,
     write_image,
 )
+
+log = logging.getLogger(__name__)
 
 #: kinds of reader marks
 NODULE = "nodule"  # >= 3 mm, outlined
@@ -705,4 +708,40 @@ def lidc_annotations(series_dir: str | Path, xml_paths: Sequence[str | Path] | N
         result.annotations.to_csv(tmp_annotations, index=False)
         result.excluded.to_csv(tmp_excluded, index=False)
         write_image(result.labels, slices.geometry, tmp_mask)
+    log.info("%s: %d reader mark(s) in %d XML file(s) -> %d nodule(s) of >= %d readers %s, %d excluded "
+             "finding(s)", slices.series_uid, len(marks), len(xml_paths), len(result.annotations), min_readers,
+             result.annotations[["diameter_mm", "readers"]].round(2).values.tolist(), len(result.excluded))
     return result
+
+
+def texture_class(rating: float) -> str:
+    """LIDC texture rating (1 non-solid/ground glass .. 3 part solid .. 5 solid; readers' median)
+    -> the synthetic cohort's texture names (``ground_glass``, ``part_solid``, ``solid``)."""
+    if not np.isfinite(rating):
+        return "solid"
+    return "ground_glass" if rating <= 2 else "part_solid" if rating < 4 else "solid"
+
+
+def write_cohort_tables(nodule_csvs: Sequence[str | Path], excluded_csvs: Sequence[str | Path],
+                        out_annotations: str | Path, out_excluded: str | Path,
+                        out_strata: str | Path | None = None) -> None:
+    """The data set's LUNA16 lists from the per-scan files :func:`lidc_annotations` wrote (in the
+    order given): ``annotations.csv`` (five LUNA16 columns), ``annotations_excluded.csv``, and with
+    ``out_strata`` the folds' ``seriesuid,stratum`` (none / solid / subsolid from the readers'
+    texture ratings, as the synthetic cohort writes it)."""
+    from noduleflow.io import read_annotations, write_csv_atomic
+    from noduleflow.synthetic import texture_stratum
+
+    nodules = [(Path(p), read_annotations(p)) for p in nodule_csvs]
+    excluded = [read_annotations(p, allow_unknown_diameter=True) for p in excluded_csvs]
+    empty = pd.DataFrame(columns=ANNOTATION_COLUMNS)
+    shown = [f[ANNOTATION_COLUMNS] for _, f in nodules if len(f)]
+    write_csv_atomic(pd.concat(shown, ignore_index=True) if shown else empty, out_annotations)
+    shown = [f[ANNOTATION_COLUMNS] for f in excluded if len(f)]
+    write_csv_atomic(pd.concat(shown, ignore_index=True) if shown else empty, out_excluded)
+    if out_strata is not None:
+        rows = []
+        for path, frame in nodules:
+            ratings = frame["texture"].astype(float) if "texture" in frame.columns else []
+            rows.append((path.name[: -len(".csv")], texture_stratum([texture_class(r) for r in ratings])))
+        write_csv_atomic(pd.DataFrame(rows, columns=["seriesuid", "stratum"]).sort_values("seriesuid"), out_strata)

@@ -74,6 +74,8 @@ else:
 # the file is used when it exists
 _strata = DATA_ROOT / config["dataset"]["strata"] if config["dataset"]["strata"] else None
 STRATA = str(_strata) if _strata is not None and (SYNTHETIC or _strata.is_file()) else None
+if ANNOTATION_SOURCE == "lidc" and _strata is not None and not _strata.is_file():
+    STRATA = f"{LIDC_OUT}/strata.csv"  # from the readers' texture ratings
 
 
 def _discover():

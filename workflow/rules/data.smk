@@ -92,6 +92,7 @@ rule lidc_cohort:
     output:
         annotations=f"{LIDC_OUT}/annotations.csv",
         excluded=f"{LIDC_OUT}/annotations_excluded.csv",
+        strata=f"{LIDC_OUT}/strata.csv",  # seriesuid,stratum from the readers' texture ratings
     params:
         code=code_digest("lidc_annotations"),
     log:

@@ -3,12 +3,12 @@
 
 rule evaluate:
     input:
+        unpack(excluded_input),
         candidates=lambda wc: f"{prediction_dir(wc)}/candidates.csv",
         probabilities=lambda wc: f"{prediction_dir(wc)}/probabilities",
         folds=folds_file,
         slices=slice_files,
         annotations=ANNOTATIONS,
-        unpack(excluded_input),
     output:
         metrics="{prefix}reports/fold{k}/metrics.json",
         froc="{prefix}reports/fold{k}/froc.csv",
@@ -33,13 +33,13 @@ rule evaluate:
 
 rule report:
     input:
+        unpack(excluded_input),
         metrics=fold_reports,
         candidates=fold_predictions,
         probabilities=fold_probabilities,
         folds=folds_file,
         slices=slice_files,
         annotations=ANNOTATIONS,
-        unpack(excluded_input),
     output:
         summary="{prefix}reports/summary.csv",
         plot=report("{prefix}reports/froc.png", category="FROC", subcategory="pooled"),
