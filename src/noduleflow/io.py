@@ -385,25 +385,7 @@ def read_uid_list(value: str | Path | Sequence[str] | None) -> list[str] | None:
     return [ln.split(",")[0] for ln in lines]
 
 
-# --------------------------------------------------------------------------- data set discovery
-
-
-def discover_scans(root: str | Path) -> dict[str, Path]:
-    """Map seriesuid -> ``.mhd`` path for a LUNA16-style folder (``subset*/*.mhd`` or flat ``*.mhd``).
-
-    The seriesuid is the file name without ``.mhd``. Raises InputError on a missing folder or a
-    uid found twice.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: data set folder not found (config dataset.root)")
-    found: dict[str, Path] = {}
-    for path in sorted(root.glob("subset*/*.mhd")) + sorted(root.glob("*.mhd")):
-        uid = path.name[: -len(".mhd")]
-        if uid in found:
-            raise InputError(f"{path}: seriesuid {uid} also found at {found[uid]}")
-        found[uid] = path
-    return found
+# --------------------------------------------------------------------------- HDF5
 
 
 def open_h5(path: str | Path, mode: str = "r"):
