@@ -175,11 +175,18 @@ TABLE_Y, TABLE_CORE_Y = (92.0, 104.0), (95.0, 101.0)            # under the back
 FOV_CENTRE, FOV_RADIUS = (-30.0, 0.0), 108.0                    # cuts 17 mm off the right-hand lung
 
 
-def _real_ct_parts(x: np.ndarray, y: np.ndarray, z: np.ndarray, circle: bool = True) -> dict[str, np.ndarray]:
-    """Boolean parts of the real-CT phantom at world mm x, y, z (broadcastable)."""
+def _real_ct_parts(x: np.ndarray, y: np.ndarray, z: np.ndarray, circle: bool = True,
+                   joined: bool = False) -> dict[str, np.ndarray]:
+    """Boolean parts of the real-CT phantom at world mm x, y, z (broadcastable). ``joined``: the
+    lungs touch in front of the heart (anterior junction) and the back lies on the table."""
     parts = {"body": (x / BODY_AXES[0]) ** 2 + (y / BODY_AXES[1]) ** 2 <= 1}
     for i, centre in enumerate(LUNG_CENTRES):
         parts[f"lung{i}"] = sum(((c - m) / a) ** 2 for c, m, a in zip((x, y, z), centre, LUNG_AXES)) <= 1
+    if joined:
+        bridge = (np.abs(x) <= 25) & (np.abs(y + 40) <= 6) & (np.abs(z - 125) <= 15)
+        parts["lung0"] = parts["lung0"] | (bridge & (x < 0))
+        parts["lung1"] = parts["lung1"] | (bridge & (x >= 0))
+        parts["body"] = parts["body"] | ((np.abs(x) <= 60) & (y > 0) & (y < TABLE_Y[0] + 1))
     tx, ty, tr, tz = TRACHEA
     parts["trachea"] = ((x - tx) ** 2 + (y - ty) ** 2 <= tr ** 2) & (z >= tz)
     parts["bowel"] = sum(((c - m) / a) ** 2 for c, m, a in zip((x, y, z), BOWEL_CENTRE, BOWEL_AXES)) <= 1
@@ -190,7 +197,8 @@ def _real_ct_parts(x: np.ndarray, y: np.ndarray, z: np.ndarray, circle: bool = T
     return parts
 
 
-def real_ct_phantom(circle: bool = True, spacing_xyz=(0.75, 0.75, 2.5), seed: int = 0) -> tuple[np.ndarray, Geometry]:
+def real_ct_phantom(circle: bool = True, joined: bool = False, spacing_xyz=(0.75, 0.75, 2.5),
+                    seed: int = 0) -> tuple[np.ndarray, Geometry]:
     """A chest with what real CT has and the synthetic cohort does not: -2048 HU padding outside a
     reconstruction circle that cuts through the right-hand lung, bowel gas below the lungs as large
     as a lung, a hollow table under the back. Scanned at ``spacing_xyz`` (mm), int16 HU (z, y, x),
@@ -199,7 +207,7 @@ def real_ct_phantom(circle: bool = True, spacing_xyz=(0.75, 0.75, 2.5), seed: in
     x = -140 + (np.arange(int(280 / sx)) + 0.5) * sx
     y = -120 + (np.arange(int(240 / sy)) + 0.5) * sy
     z = (np.arange(int(180 / sz)) + 0.5) * sz
-    p = _real_ct_parts(x[None, None, :], y[None, :, None], z[:, None, None], circle)
+    p = _real_ct_parts(x[None, None, :], y[None, :, None], z[:, None, None], circle, joined)
     shape = (z.size, y.size, x.size)
     hu = np.full(shape, -1000.0, dtype=np.float32)
     hu[np.broadcast_to(p["body"], shape)] = 40
@@ -212,11 +220,12 @@ def real_ct_phantom(circle: bool = True, spacing_xyz=(0.75, 0.75, 2.5), seed: in
     return np.rint(hu).astype(np.int16), Geometry(tuple(spacing_xyz), (float(x[0]), float(y[0]), float(z[0])))
 
 
-def parts_on_grid(shape: tuple[int, int, int], geometry: Geometry, circle: bool = True) -> dict[str, np.ndarray]:
+def parts_on_grid(shape: tuple[int, int, int], geometry: Geometry, circle: bool = True,
+                  joined: bool = False) -> dict[str, np.ndarray]:
     """The phantom's parts on a (resampled) grid, full (z, y, x) boolean arrays."""
     (ox, oy, oz), (sx, sy, sz) = geometry.origin, geometry.spacing
     x, y, z = (o + np.arange(n) * s for o, n, s in zip((ox, oy, oz), shape[::-1], (sx, sy, sz)))
-    parts = _real_ct_parts(x[None, None, :], y[None, :, None], z[:, None, None], circle)
+    parts = _real_ct_parts(x[None, None, :], y[None, :, None], z[:, None, None], circle, joined)
     return {k: np.broadcast_to(v, shape) for k, v in parts.items()}
 
 
@@ -252,6 +261,18 @@ def test_the_table_and_the_air_around_the_body_are_never_inside(real_ct_like):
     _, _, parts, mask = real_ct_like
     assert not mask[parts["table"]].any()
     assert not mask[~parts["body"]].any()
+
+
+def test_joined_lungs_take_no_second_component_the_hollow_table_neither():
+    """Lungs that touch (one component) and a back lying on a hollow table: the table's air core
+    lies inside the outline of body and table, runs the whole height, and is larger than
+    ``min_component_ml``; it must not become the 'second lung'."""
+    image, geometry = resample_image(*real_ct_phantom(circle=False, joined=True), (1.5, 1.5, 1.5))
+    parts = parts_on_grid(image.shape, geometry, circle=False, joined=True)
+    assert parts["table_core"].sum() * np.prod(geometry.spacing) / 1000 > 100
+    mask = segment_lungs(image, geometry.spacing)
+    assert not mask[parts["table"]].any() and not mask[parts["bowel"]].any()
+    assert dice(mask, parts["lung0"] | parts["lung1"]) >= 0.95
 
 
 def test_a_lung_cut_by_the_array_border_is_kept():

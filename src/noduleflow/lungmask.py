@@ -26,8 +26,10 @@ Steps (all distances in mm, so the result does not depend on the voxel size):
    the trachea up to the apices, above the clavicles; gas in the stomach and colon lies below the
    diaphragm, many centimetres below the carina, however large it is (and it is not connected to
    the airways). Without a trachea in the scan (a slab below the carina) the two largest are kept.
-   Lungs still joined (a bronchus opening into both lungs within one slice, touching lungs) are
-   split left/right by erosion on a coarse grid (:func:`split_lungs`);
+   When the largest already holds both lungs (a fifth of it or more on either side of the body's
+   midline) it is the only one: the next largest would be air in the table, in a fold of skin or
+   in the bowel. Lungs still joined (a bronchus opening into both lungs within one slice, touching
+   lungs) are split left/right by erosion on a coarse grid (:func:`split_lungs`);
 5. **holes**: enclosed holes (vessels, nodules) are filled slice by slice;
 6. **closing** of each lung on its own (closing both at once would bridge the mediastinum where
    the lungs come closer than the ball) with a ball of ``closing_mm``: concavities of the lung
@@ -212,14 +214,18 @@ def drop_outside_air(air: np.ndarray, outline: np.ndarray, inside_fraction: floa
 
 
 def select_lungs(candidates: np.ndarray, airway: np.ndarray, spacing_xyz: Sequence[float],
-                 min_voxels: float, max_components: int = 2) -> np.ndarray:
+                 min_voxels: float, max_components: int = 2, midline_x: float | None = None,
+                 both_sides_fraction: float = 0.2) -> np.ndarray:
     """The lungs among the air components (z, y, x) left after removing the airways.
 
     Components of at least ``min_voxels`` voxels whose z range reaches the airways' z range (the
     lungs rise beside the trachea to the apices; stomach and colon gas lies below the diaphragm,
     far below the carina, whatever its size); of those, the ``max_components`` largest. Without
     airways (a slab below the carina), or when no component reaches them (anatomy this rule does
-    not know), the size rule alone decides. ``spacing_xyz`` is in mm and only used for the log.
+    not know), the size rule alone decides. When the largest already holds both lungs (at least
+    ``both_sides_fraction`` of it on either side of the body's midline ``midline_x``, a voxel x
+    index), it is the only one: there is no second lung to find, and the next largest would be the
+    air in a table, a fold of skin or the bowel. ``spacing_xyz`` is in mm and only used for the log.
     """
     labels, counts = _components(candidates, min_voxels)
     large = counts >= max(min_voxels, 1)
@@ -236,8 +242,17 @@ def select_lungs(candidates: np.ndarray, airway: np.ndarray, spacing_xyz: Sequen
             log.warning("no air component reaches the airways (slices %d-%d): the largest are kept", zs[0], zs[-1])
             eligible = large
     order = np.argsort(np.where(eligible, counts, -1))[::-1][:max_components]
+    order = order[eligible[order]]
+    if midline_x is not None and len(order) > 1:
+        box = ndi.find_objects(labels, max_label=int(order[0]))[order[0] - 1]
+        xs = box[2].start + np.nonzero(labels[box] == order[0])[2]
+        left = float(np.mean(xs < midline_x))
+        if min(left, 1.0 - left) >= both_sides_fraction:
+            log.info("the largest air component holds both lungs (%.0f%% of it left of the midline): the "
+                     "next one (%.0f ml) is not lung", 100 * left, counts[order[1]] * np.prod(spacing_xyz) / 1000.0)
+            order = order[:1]
     keep = np.zeros(len(counts), dtype=bool)
-    keep[order[eligible[order]]] = True
+    keep[order] = True
     return keep[labels]
 
 
@@ -513,6 +528,8 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
     beyond = outside_fov(image, spacing_xyz, padding_hu, padding_margin_mm)
     air = image < threshold_hu
     outline = body_outline(~air & ~beyond, spacing_xyz)
+    xs = np.flatnonzero(outline.any(axis=(0, 1)))
+    midline_x = (xs[0] + xs[-1]) / 2.0 if xs.size else None   # of the body (voxel x index)
     rim = beyond & air & (image >= padding_hu)      # air-like voxels of the margin along the circle
     air &= ~beyond
     del beyond
@@ -529,7 +546,8 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
     box = _bounding_box(candidates, margin)
     cand = candidates[box]
     airway = find_airways(cand, spacing_xyz, trachea_max_area_mm2, superior_last=superior_last)
-    lungs = select_lungs(cand & ~airway, airway, spacing_xyz, min_voxels, max_components=2)
+    lungs = select_lungs(cand & ~airway, airway, spacing_xyz, min_voxels, max_components=2,
+                         midline_x=None if midline_x is None else midline_x - box[2].start)
     if not lungs.any():
         log.warning("nothing left after removing the airways: empty lung mask")
         return out
