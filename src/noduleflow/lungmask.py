@@ -47,7 +47,12 @@ Steps (all distances in mm, so the result does not depend on the voxel size):
    the whole mask (off by default: each mm costs 2-3 % Dice against the true lungs).
 
 On the synthetic cohort (20 default scans, 3 full-size): Dice 0.965-0.98 against the true lung
-masks, and every nodule (3-32 mm, juxta-pleural included) at least 97 % inside.
+masks, and every nodule (3-32 mm, juxta-pleural included) at least 97 % inside but one (a 7 mm
+juxta-pleural ground-glass nodule, 96 %); steps 1, 2 and 4 change none of it. On a real scan,
+LIDC-IDRI-0001 at 1 mm: 3.95 L, its 23 mm nodule wholly inside, no bowel gas, no table; the same
+with a 230 mm reconstruction circle and 5 mm slices, cut by the array's side faces, or with
+170 ml of gas in the stomach (see tests/test_lungmask.py). :func:`nodule_inside_share` gives, per
+annotated nodule, the share of it inside the mask.
 
 Arrays are (z, y, x); spacing is (x, y, z) mm. The mask is uint8 0/1.
 """
@@ -133,11 +138,11 @@ def outside_fov(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], padding_
     padding = np.asarray(image_zyx_hu) < padding_hu
     if margin_mm <= 0 or not padding.any():
         return padding
-    # the circle is almost always the same in every slice (up to the odd pixel where padding
-    # meets outside air, at -1500 HU give or take the noise): grow it once
+    # the circle is almost always the same in every slice, up to the odd pixel where padding
+    # meets the air around the body (-1500 HU give or take the noise, not worth growing): grow it once
     common = _grow_inplane(padding.all(axis=0), spacing_xyz, margin_mm)
-    if not (padding.any(axis=0) & ~common).any():
-        return np.broadcast_to(common, padding.shape).copy()
+    if np.count_nonzero(padding.any(axis=0) & ~common) <= 1e-3 * common.size:
+        return padding | common
     return _grow_inplane(padding, spacing_xyz, margin_mm)
 
 
@@ -174,11 +179,13 @@ def _hull_rows(body: np.ndarray) -> np.ndarray:
     return out
 
 
-def body_outline(tissue: np.ndarray, spacing_xyz: Sequence[float], coarse_mm: float = 2.0) -> np.ndarray:
-    """Outline of the body (bool z, y, x): the convex hull, in every axial slice, of the largest 3-D
-    component of ``tissue`` (voxels at or above the air threshold, padding excluded), found on a
-    grid of about ``coarse_mm`` in-plane (spacing x, y, z in mm) and brought back by nearest
-    neighbour: the outline only decides which side of the skin an air component lies on.
+def body_outline(tissue: np.ndarray, spacing_xyz: Sequence[float],
+                 coarse_mm: float = 2.0) -> tuple[np.ndarray, tuple[int, int]]:
+    """Outline of the body: the convex hull, in every axial slice, of the largest 3-D component of
+    ``tissue`` (bool z, y, x: voxels at or above the air threshold, padding excluded), on every
+    ``fy``-th row and ``fx``-th column (a grid of about ``coarse_mm`` in-plane; spacing x, y, z in
+    mm) -> (outline bool (z, y / fy, x / fx), (fy, fx)). It only decides which side of the skin an
+    air component lies on; the coarse grid is 4 times cheaper.
 
     The largest tissue component is the body (chest wall, mediastinum, abdomen, arms that touch
     it); the table and the scanner's pads lie apart from it. The chest wall is convex around the
@@ -195,18 +202,18 @@ def body_outline(tissue: np.ndarray, spacing_xyz: Sequence[float], coarse_mm: fl
     hull = np.zeros(body.shape, dtype=bool)
     for z in np.flatnonzero(body.any(axis=(1, 2))):
         hull[z] = _hull_rows(body[z])
-    return _upsample(hull, (1, fy, fx), tissue.shape)
+    return hull, (fy, fx)
 
 
-def drop_outside_air(air: np.ndarray, outline: np.ndarray, inside_fraction: float = 0.5) -> np.ndarray:
+def drop_outside_air(air: np.ndarray, outline: np.ndarray, step: tuple[int, int] = (1, 1),
+                     inside_fraction: float = 0.5) -> np.ndarray:
     """The air (bool z, y, x) inside the body: 3-D components of ``air`` of which at least
-    ``inside_fraction`` lies inside the body ``outline`` (see :func:`body_outline`). The fractions
-    are counted on every other voxel in-plane (a quarter of the voxels; they are only compared
-    with one half)."""
+    ``inside_fraction`` lies inside the body ``outline``, given on every ``step``-th row and column
+    (see :func:`body_outline`); the fractions are counted on those voxels."""
     labels = _labels(air)
-    sample = labels[:, ::2, ::2]
+    sample = labels[:, :: step[0], :: step[1]]
     total = np.bincount(sample.ravel())
-    inside = np.bincount(sample[outline[:, ::2, ::2]], minlength=total.size)
+    inside = np.bincount(sample[outline], minlength=total.size)
     keep = np.zeros(int(labels.max()) + 1, dtype=bool)
     keep[: total.size] = inside >= inside_fraction * np.maximum(total, 1)
     keep[0] = False
@@ -527,14 +534,14 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
 
     beyond = outside_fov(image, spacing_xyz, padding_hu, padding_margin_mm)
     air = image < threshold_hu
-    outline = body_outline(~air & ~beyond, spacing_xyz)
-    xs = np.flatnonzero(outline.any(axis=(0, 1)))
+    outline, step = body_outline(~air & ~beyond, spacing_xyz)
+    xs = np.flatnonzero(outline.any(axis=(0, 1))) * step[1]
     midline_x = (xs[0] + xs[-1]) / 2.0 if xs.size else None   # of the body (voxel x index)
     rim = beyond & air & (image >= padding_hu)      # air-like voxels of the margin along the circle
     air &= ~beyond
     del beyond
     # outside air: components mostly outside the body's outline (sizes are checked later, on the crop)
-    candidates = drop_outside_air(air, outline)
+    candidates = drop_outside_air(air, outline, step)
     del air, outline
     if not candidates.any():
         log.warning("no air region of %s ml or more inside the body: empty lung mask", min_component_ml)
@@ -552,7 +559,8 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
         log.warning("nothing left after removing the airways: empty lung mask")
         return out
     rim = rim[box]
-    if rim.any() and (rim & _grow_inplane(lungs, spacing_xyz, padding_margin_mm)).any():
+    near = _grow_inplane(lungs.any(axis=0), spacing_xyz, padding_margin_mm)   # cheap first look, in 2-D
+    if (rim.any(axis=0) & near).any() and (rim & _grow_inplane(lungs, spacing_xyz, padding_margin_mm)).any():
         # a lung cut by the circle reaches its edge again: grown in-plane, voxel by voxel, over the
         # air-like voxels of the margin it touches (never into the padding itself)
         steps = max(1, int(np.ceil(padding_margin_mm / min(sx, sy) - 1e-6)))
