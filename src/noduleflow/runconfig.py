@@ -38,7 +38,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "lidc_annotations": ("lidc", "io"),
     "resample": ("preprocess", "scans", "io"),
     "lung_mask": ("lungmask", "io"),
-    "extract_slices": ("slices", "io"),
+    "extract_slices": ("slices", "lungmask", "io"),
     "split_folds": ("folds", "io"),
     "sample_patches": ("sampling", "planes", "slices", "io"),
     "train": ("train", "model", "losses", "intensity", "sampling"),

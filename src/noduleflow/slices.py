@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from noduleflow.io import Geometry, InputError, atomic_path, check_same_grid, open_h5, read_image
+from noduleflow.lungmask import nodule_inside_share
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +90,11 @@ def extract_slices(image_path: str | Path, lung_path: str | Path, labels_path: s
             store.attrs["shape"] = np.asarray(image.shape, dtype=np.int64)
     log.info("%s: %d slices, %d with lung, %d with nodule pixels -> %s", uid, len(table),
              int(np.count_nonzero(table["lung_pixels"])), int(np.count_nonzero(table["nodule_pixels"])), out_h5)
-    for label, share in nodule_share_in_lung(arrays["nodule"], arrays["lung"]).items():
+    for label, share in nodule_inside_share(arrays["lung"], arrays["nodule"]).items():
         log.log(logging.INFO if share >= 0.97 else logging.WARNING,
                 "%s: nodule %d: %.1f %% of its voxels inside the lung mask", uid, label, 100 * share)
     return table
 
-
-def nodule_share_in_lung(nodule: np.ndarray, lung: np.ndarray) -> dict[int, float]:
-    """Per nodule label of ``nodule`` (z, y, x; 0 = background), the share of its voxels inside
-    ``lung`` (same grid, 0/1): what the lung ROI would cut off of it at training and inference."""
-    total = np.bincount(nodule.ravel(), minlength=1)
-    inside = np.bincount(nodule[lung > 0].ravel(), minlength=total.size)
-    return {label: float(inside[label] / total[label]) for label in range(1, total.size) if total[label]}
 
 
 # --------------------------------------------------------------------------- readers
