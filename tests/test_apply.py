@@ -463,6 +463,22 @@ def test_tta_with_a_trained_unet_is_flip_symmetric_on_a_symmetric_input(models):
     assert np.abs(plain - plain[:, :, ::-1]).max() > 1e-5       # the network alone is not symmetric
 
 
+def test_the_label_map_numbers_candidates_by_rank():
+    from noduleflow.io import Geometry
+
+    p = np.zeros((20, 20, 20), np.float32)
+    p[2:5, 2:5, 2:5] = 0.7                  # 27 voxels
+    p[10:14, 10:14, 10:14] = 0.9            # 64
+    p[15:18, 2:6, 2:6] = 0.6                # 48
+    p[0, 19, 19] = 0.99                     # 1 voxel: below min_volume_mm3, dropped
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    table, labels = label_candidates(p, geometry, 0.5, 5.0)
+    assert table["probability"].tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert labels.dtype == np.uint16 and labels.max() == 3 and labels[0, 19, 19] == 0
+    assert [int((labels == k).sum()) for k in (1, 2, 3)] == table["volume_mm3"].astype(int).tolist()
+    assert candidates_from_probability(p, geometry, 0.5, 5.0).equals(table)
+
+
 # --------------------------------------------------------------------------- configuration
 
 

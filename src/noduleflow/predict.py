@@ -150,7 +150,7 @@ def candidates_from_probability(probability: np.ndarray, geometry: Geometry, thr
     ("max"); both are also given as ``mean_probability`` and ``max_probability``. Rows sorted by
     probability, highest first; columns :data:`CANDIDATE_COLUMNS`.
     """
-    return label_candidates(probability, geometry, threshold, min_volume_mm3, seriesuid, score)[0]
+    return _components(probability, geometry, threshold, min_volume_mm3, seriesuid, score)[0]
 
 
 def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
@@ -159,6 +159,19 @@ def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: flo
     """The candidates of :func:`candidates_from_probability` and their label map: uint16 (z, y, x)
     on the grid of ``probability``, voxel value ``i`` = the component of row ``i - 1`` of the
     (sorted) table, 0 elsewhere (dropped components included)."""
+    frame, labels, n, components = _components(probability, geometry, threshold, min_volume_mm3, seriesuid, score)
+    if len(frame) > np.iinfo(np.uint16).max:
+        raise InputError(f"{seriesuid}: {len(frame)} candidates do not fit a uint16 label map; "
+                         f"raise the threshold or min_volume_mm3")
+    relabel = np.zeros(n + 1, dtype=np.uint16)
+    relabel[components] = np.arange(1, len(frame) + 1, dtype=np.uint16)
+    return frame, relabel[labels]
+
+
+def _components(probability: np.ndarray, geometry: Geometry, threshold: float, min_volume_mm3: float,
+                seriesuid: str, score: str) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray]:
+    """(sorted candidates table, component labels (z, y, x) of ``ndimage.label``, their number, the
+    component label of each table row)."""
     check_candidate_score(score)
     from scipy import ndimage
 
@@ -190,12 +203,7 @@ def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: flo
         components.append(i)
     frame = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
     order = frame.sort_values("probability", ascending=False, kind="stable").index.to_numpy()
-    if len(order) > np.iinfo(np.uint16).max:
-        raise InputError(f"{seriesuid}: {len(order)} candidates do not fit a uint16 label map; "
-                         f"raise predict.threshold or predict.min_volume_mm3")
-    relabel = np.zeros(n + 1, dtype=np.uint16)
-    relabel[np.asarray(components, dtype=np.int64)[order]] = np.arange(1, len(order) + 1, dtype=np.uint16)
-    return frame.iloc[order].reset_index(drop=True), relabel[labels]
+    return frame.iloc[order].reset_index(drop=True), labels, n, np.asarray(components, dtype=np.int64)[order]
 
 
 # --------------------------------------------------------------------------- inference
