@@ -18,6 +18,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/sampling.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/apply.smk"
 
 
 rule all:

@@ -12,6 +12,12 @@ in-plane to the bounding box of the region (lung or body over the whole scan) pl
 padded with -1000 HU to a multiple of ``2**depth``; voxels outside the box get probability 0. With
 ``lung_roi`` the probability outside the lung mask is 0.
 
+Flip test-time augmentation (``tta``, ``predict.tta``): in each plane the model also runs on the
+volume flipped along the slices' rows, their columns, and both (:data:`TTA_FLIPS`: the flips
+training augments with), each output is flipped back, and the plane's map is the mean of the
+four: 4x the inference time. :func:`predict_volume` is used by both the ``predict`` rule and
+``noduleflow predict`` (:mod:`noduleflow.apply`).
+
 Outputs (written atomically):
 
 * ``out_probabilities/{uid}.mha``: nodule probability on the resampled grid, uint8, ``p = v/255``;
@@ -59,6 +65,14 @@ FILL_HU = -1000
 #: in-plane margin (voxels) around the lung/body bounding box
 BOX_MARGIN = 8
 THRESHOLD_FILE = "threshold.json"
+#: axes of a plane-ordered volume (:func:`noduleflow.planes.to_plane`; axis 0 walks across the
+#: slices, 1 = rows, 2 = columns) flipped by test-time augmentation: none, rows, columns, both
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
+#: the defaults of the ``predict:`` config block (workflow/schemas/config.schema.yaml holds the
+#: same; tests/test_apply.py checks they agree), also those of ``noduleflow predict``
+PREDICT_DEFAULTS: dict = {"threshold": 0.5, "min_volume_mm3": 10.0, "candidate_score": "mean",
+                          "hybrid_output": "positive", "planes": list(PLANES), "amp": True,
+                          "batch_size": 8, "tta": False}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -136,6 +150,28 @@ def candidates_from_probability(probability: np.ndarray, geometry: Geometry, thr
     ("max"); both are also given as ``mean_probability`` and ``max_probability``. Rows sorted by
     probability, highest first; columns :data:`CANDIDATE_COLUMNS`.
     """
+    return _components(probability, geometry, threshold, min_volume_mm3, seriesuid, score)[0]
+
+
+def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
+                     min_volume_mm3: float = 10.0, seriesuid: str = "",
+                     score: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
+    """The candidates of :func:`candidates_from_probability` and their label map: uint16 (z, y, x)
+    on the grid of ``probability``, voxel value ``i`` = the component of row ``i - 1`` of the
+    (sorted) table, 0 elsewhere (dropped components included)."""
+    frame, labels, n, components = _components(probability, geometry, threshold, min_volume_mm3, seriesuid, score)
+    if len(frame) > np.iinfo(np.uint16).max:
+        raise InputError(f"{seriesuid}: {len(frame)} candidates do not fit a uint16 label map; "
+                         f"raise the threshold or min_volume_mm3")
+    relabel = np.zeros(n + 1, dtype=np.uint16)
+    relabel[components] = np.arange(1, len(frame) + 1, dtype=np.uint16)
+    return frame, relabel[labels]
+
+
+def _components(probability: np.ndarray, geometry: Geometry, threshold: float, min_volume_mm3: float,
+                seriesuid: str, score: str) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray]:
+    """(sorted candidates table, component labels (z, y, x) of ``ndimage.label``, their number, the
+    component label of each table row)."""
     check_candidate_score(score)
     from scipy import ndimage
 
@@ -145,7 +181,7 @@ def candidates_from_probability(probability: np.ndarray, geometry: Geometry, thr
     mask = threshold_mask(probability, threshold)
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     voxel_mm3 = float(np.prod(geometry.spacing))
-    rows = []
+    rows, components = [], []
     for i, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
@@ -164,8 +200,10 @@ def candidates_from_probability(probability: np.ndarray, geometry: Geometry, thr
                      "probability": summary[score],
                      "diameter_mm": float((6.0 * volume / math.pi) ** (1.0 / 3.0)), "volume_mm3": volume,
                      "max_probability": summary["max"], "mean_probability": summary["mean"]})
+        components.append(i)
     frame = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
-    return frame.sort_values("probability", ascending=False, kind="stable").reset_index(drop=True)
+    order = frame.sort_values("probability", ascending=False, kind="stable").index.to_numpy()
+    return frame.iloc[order].reset_index(drop=True), labels, n, np.asarray(components, dtype=np.int64)[order]
 
 
 # --------------------------------------------------------------------------- inference
@@ -188,24 +226,34 @@ def _box(region: np.ndarray, multiple: int, margin: int = BOX_MARGIN) -> tuple[s
 
 def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
                    batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
-                   planes: Sequence[str] = PLANES, amp: bool = False) -> np.ndarray:
+                   planes: Sequence[str] = PLANES, amp: bool = False, tta: bool = False) -> np.ndarray:
     """Nodule probability (z, y, x) float32 of one scan (``image`` int16 HU, ``lung`` uint8 mask, both
     (z, y, x)): the mean of the probability maps of the slicing ``planes`` (:mod:`noduleflow.planes`).
 
     ``model``: a torch module mapping (n, 2*context+1, h, w) inputs in [0, 1] to logits
     (n, out_channels, h, w); ``meta``: the model file's metadata (``label_mode``, ``context``,
     ``intensity.window_hu``, ``model.depth``). ``amp``: mixed precision where the device has it
-    (:func:`noduleflow.model.autocast_dtype`). See the module docstring for the region rules.
+    (:func:`noduleflow.model.autocast_dtype`). ``tta``: flip test-time augmentation, each plane's
+    map the mean over :data:`TTA_FLIPS` of the input (flipped back). See the module docstring for
+    the region rules.
     """
     planes = check_planes(planes, "predict.planes")
+    flips = TTA_FLIPS if tta else ((),)
     total = None
     for plane in planes:
-        prob = from_plane(predict_plane(model, meta, to_plane(np.asarray(image), plane),
-                                        to_plane(np.asarray(lung), plane), lung_roi, batch_size=batch_size,
-                                        device=device, hybrid_output=hybrid_output, amp=amp), plane)
-        total = prob.copy() if total is None else np.add(total, prob, out=total)
-    total /= np.float32(len(planes))
+        plane_image, plane_lung = to_plane(np.asarray(image), plane), to_plane(np.asarray(lung), plane)
+        for axes in flips:
+            prob = predict_plane(model, meta, _flipped(plane_image, axes), _flipped(plane_lung, axes), lung_roi,
+                                 batch_size=batch_size, device=device, hybrid_output=hybrid_output, amp=amp)
+            prob = from_plane(_flipped(prob, axes), plane)
+            total = prob.copy() if total is None else np.add(total, prob, out=total)
+    total /= np.float32(len(planes) * len(flips))
     return total
+
+
+def _flipped(volume: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``volume`` flipped along ``axes`` (a contiguous copy), or itself when ``axes`` is empty."""
+    return np.ascontiguousarray(np.flip(volume, axes)) if axes else volume
 
 
 def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
@@ -267,11 +315,12 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
                  out_candidates: str | Path, out_probabilities: str | Path, lung_roi: bool, threads: int = 1,
                  threshold: float = 0.5, min_volume_mm3: float = 10.0, batch_size: int = 8,
                  hybrid_output: str = "positive", planes: Sequence[str] = PLANES,
-                 amp: bool = True, candidate_score: str = "mean") -> pd.DataFrame:
+                 amp: bool = True, candidate_score: str = "mean", tta: bool = False) -> pd.DataFrame:
     """Run fold ``fold``'s model on its held-out scans; write probabilities and candidates.
 
-    ``slice_files``: slice stores ``{uid}.h5`` (any superset of the fold's scans). Returns the
-    candidates table. See the module docstring for the outputs.
+    ``slice_files``: slice stores ``{uid}.h5`` (any superset of the fold's scans). ``tta``: flip
+    test-time augmentation (:func:`predict_volume`). Returns the candidates table. See the module
+    docstring for the outputs.
     """
     import torch
 
@@ -311,7 +360,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
             started = time.perf_counter()
             image, lung, _nodule, geometry = read_slice_store(store)
             prob = predict_volume(model, meta, image, lung, lung_roi, batch_size=batch_size, device=device,
-                                  hybrid_output=hybrid_output, planes=planes, amp=amp)
+                                  hybrid_output=hybrid_output, planes=planes, amp=amp, tta=tta)
             stored = to_uint8(prob)
             write_image(stored, geometry, tmp_dir / f"{uid}.mha")
             cands = candidates_from_probability(stored, geometry, threshold, min_volume_mm3, seriesuid=uid,
@@ -322,7 +371,8 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
         settings = {"threshold": float(threshold), "min_volume_mm3": float(min_volume_mm3),
                     "hybrid_output": hybrid_output, "lung_roi": bool(lung_roi),
                     "label_mode": meta.get("label_mode"), "fold": int(fold), "model": str(model_path),
-                    "planes": list(planes), "amp": bool(amp), "candidate_score": candidate_score}
+                    "planes": list(planes), "amp": bool(amp), "candidate_score": candidate_score,
+                    "tta": bool(tta)}
         (tmp_dir / THRESHOLD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         candidates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
         candidates = candidates[CANDIDATE_COLUMNS]

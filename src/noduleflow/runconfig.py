@@ -26,7 +26,9 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "extract_slices": ((), ("resample", "lung_mask")),
     "split_folds": (("cv",), ()),
     "sample_patches": (("sampling", "preprocess.lung_roi"), ("extract_slices",)),
-    "train": (("train",), ("sample_patches", "split_folds")),
+    # the preprocessing keys are stored in model.pt, so a model applied to new scans repeats them
+    "train": (("train", "preprocess.spacing_mm", "preprocess.lung_roi", "lungmask"),
+              ("sample_patches", "split_folds")),
     "predict": (("predict", "preprocess.lung_roi"), ("train", "extract_slices")),
     "evaluate": (("evaluate",), ("predict", "split_folds")),
     "report": ((), ("evaluate",)),
@@ -46,6 +48,8 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate", "froc", "segmetrics", "predict", "io"),
     "report": ("report", "evaluate", "froc", "segmetrics", "slices"),
     "compare": ("experiments", "report"),
+    "apply": ("apply", "casepage", "predict", "planes", "model", "intensity", "preprocess", "lungmask",
+              "scans", "report", "io"),
 }
 
 

@@ -634,13 +634,17 @@ def _torch_settings(threads: int, device: torch.device) -> Iterator[None]:
 
 def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_model: str | Path,
                out_history: str | Path, checkpoint_dir: str | Path, threads: int = 1,
-               stop_after_epoch: int | None = None, **train_cfg: Any) -> dict[str, Any]:
+               stop_after_epoch: int | None = None, preprocessing: Mapping[str, Any] | None = None,
+               **train_cfg: Any) -> dict[str, Any]:
     """Train fold ``fold``'s U-Net; write ``out_model`` (model.pt) and ``out_history`` (CSV).
 
     ``train_cfg`` is the ``train:`` config block (see :data:`DEFAULTS`). ``threads``: torch CPU
     threads. ``checkpoint_dir``: where ``last.pt`` is kept (resumed when its hash matches).
     ``stop_after_epoch``: test hook, raise :class:`TrainingInterrupted` right after that epoch's
-    checkpoint (1-based), as if killed. Returns the metadata stored in model.pt (without weights).
+    checkpoint (1-based), as if killed. ``preprocessing``: the settings the training scans were
+    preprocessed with (``{"preprocess": {"spacing_mm", "lung_roi"}, "lungmask": {...}}``), stored
+    in model.pt so inference on new scans repeats them (:mod:`noduleflow.apply`). Returns the
+    metadata stored in model.pt (without weights).
 
     ``history.csv``: ``epoch,train_loss,val_loss,val_dice,lr,seconds`` (epochs 1-based) plus a last
     column ``heldout_patch_dice``, filled on the selected epoch's row only.
@@ -793,7 +797,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
             "lung_roi": patch_meta["lung_roi"], "fold": fold, "heldout_patch_dice": float(heldout_dice),
             "best_epoch": int(state["best_epoch"]), "val_dice": float(state["best_dice"]),
             "selected_on": cfg["select_on"],
-            "train": cfg, "train_scans": fit_scans, "validation_scans": val_scans, "heldout_scans": heldout_scans}
+            "train": cfg, "train_scans": fit_scans, "validation_scans": val_scans, "heldout_scans": heldout_scans,
+            **copy.deepcopy(dict(preprocessing or {}))}
     history = pd.DataFrame(state["history"], columns=HISTORY_COLUMNS)
     history["heldout_patch_dice"] = np.where(history["epoch"] == state["best_epoch"], float(heldout_dice), np.nan)
     out_model = Path(out_model)

@@ -251,3 +251,26 @@ def experiment_reports(wildcards):
         out[f"{name}__froc"] = f"{reports}/froc_pooled.csv"
         out[f"{name}__metrics"] = f"{reports}/metrics_pooled.json"
     return out
+
+
+def apply_inputs(wildcards):
+    """The models of apply.folds (default: every fold) and every scan under apply.input (a .mhd with
+    its .raw); the scans are discovered only when the target is requested."""
+    from noduleflow.apply import discover_inputs
+
+    block = config["apply"]
+    if block["input"] is None:
+        raise InputError(
+            "config apply.input is null: set it to the scans to apply the models to "
+            "(image files, DICOM series folders or data roots)"
+        )
+    paths = (
+        [block["input"]] if isinstance(block["input"], str) else list(block["input"])
+    )
+    scans = [str(p) for p in discover_inputs(paths).values()]
+    scans += [re.sub(r"\.mhd$", ".raw", s) for s in scans if scan_suffix(s) == ".mhd"]
+    folds = (
+        block["folds"] if block["folds"] is not None else list(folds_of(BASE_PREFIX))
+    )
+    models = f"{stage_owner(RUNS, BASE_PREFIX, 'train')}models"
+    return {"models": [f"{models}/fold{k}/model.pt" for k in folds], "scans": scans}
