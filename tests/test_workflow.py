@@ -40,12 +40,6 @@ def test_default_target_builds_reports(tiny_run):
     assert planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml")) == {}
 
 
-def test_lint_is_clean(tiny_run):
-    proc = snakemake(tiny_run, "--lint", "--configfile", "tiny.yaml", check=False)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "Lints for" not in output, output
-
-
 @pytest.mark.parametrize("change, expected", [
     ({"preprocess": {"spacing_mm": [2.5, 2.5, 2.5]}},
      PREPROCESS | AFTER_PATCHES),

@@ -14,7 +14,6 @@ from noduleflow.runconfig import (
 )
 from noduleflow.synthetic import cohort_uids
 
-
 check_config(config)
 RUNS = run_configs(config)
 for _prefix, _run in RUNS.items():
@@ -46,8 +45,9 @@ def _discover():
     if wanted is not None:
         unknown = [u for u in wanted if u not in found]
         if unknown:
-            raise InputError(f"dataset.seriesuids: {len(unknown)} seriesuid(s) have no scan under "
-                             f"{DATA_ROOT}, e.g. {unknown[0]}")
+            raise InputError(
+                f"dataset.seriesuids: {len(unknown)} seriesuid(s) have no scan under {DATA_ROOT}, e.g. {unknown[0]}"
+            )
         found = {u: found[u] for u in wanted}
     return found
 
@@ -65,8 +65,10 @@ def _annotation_rows():
     all_scans = set(discover_scans(DATA_ROOT))
     orphans = sorted(set(table["seriesuid"]) - all_scans)
     if orphans:
-        raise InputError(f"{ANNOTATIONS}: {len(orphans)} annotation(s) name a seriesuid with no scan "
-                         f"under {DATA_ROOT}, e.g. {orphans[0]}")
+        raise InputError(
+            f"{ANNOTATIONS}: {len(orphans)} annotation(s) name a seriesuid with no scan "
+            f"under {DATA_ROOT}, e.g. {orphans[0]}"
+        )
     rows = {}
     for uid, group in table.groupby("seriesuid", sort=False):
         rows[uid] = group[["coordX", "coordY", "coordZ", "diameter_mm"]].round(6).values.tolist()
@@ -74,6 +76,7 @@ def _annotation_rows():
 
 
 ANNOTATION_ROWS = _annotation_rows()
+
 
 wildcard_constraints:
     prefix="results/(experiments/[A-Za-z0-9_-]+/)?",
