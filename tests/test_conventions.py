@@ -1,5 +1,5 @@
 """The conventions of the Snakemake workflow catalog: `snakefmt --check` and `snakemake --lint` are
-clean."""
+clean, and every file the report shows has a caption that exists."""
 
 from __future__ import annotations
 
@@ -35,3 +35,23 @@ def test_snakemake_lint_is_clean(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Lints for" not in output, output
     assert "Congratulations" in output, output
+
+
+def test_every_report_file_has_a_caption_that_exists():
+    """Every `report(...)` in the rules names a caption under workflow/report/ that exists (paths in
+    a rule file are relative to it), and the Snakefile names the report's front page."""
+    rules = REPO_ROOT / "workflow" / "rules"
+    calls = []
+    for smk in sorted(rules.glob("*.smk")):
+        # report("path", caption=..., category=...): no argument holds a parenthesis
+        for match in re.finditer(r"\breport\(\s*(\"[^)]*)\)", smk.read_text()):
+            calls.append((smk, match.group(1)))
+    assert len(calls) >= 3, calls   # per-fold FROC, pooled FROC, experiments' FROC
+    for smk, args in calls:
+        caption = re.search(r'caption="([^"]+)"', args)
+        assert caption, f"{smk.name}: report({args}) has no caption"
+        path = (smk.parent / caption.group(1)).resolve()
+        assert path.parent == (REPO_ROOT / "workflow" / "report").resolve() and path.suffix == ".rst", path
+        assert path.is_file() and path.read_text().strip(), path
+    front = re.search(r'^report:\s*"([^"]+)"', (REPO_ROOT / "Snakefile").read_text(), re.M)
+    assert front and (REPO_ROOT / front.group(1)).is_file()
