@@ -1,6 +1,8 @@
 """Experiments, narrow per-stage params, stage ownership and code digests (noduleflow.runconfig)."""
 
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -87,6 +89,35 @@ def test_code_digest_changes_with_the_module_source(tmp_path, monkeypatch):
     assert runconfig.code_digest("fake_stage") == before
     fake.write_text("x = 2\n")
     assert runconfig.code_digest("fake_stage") != before
+
+
+def _noduleflow_imports(module: str) -> set[str]:
+    """noduleflow modules ``module``'s source imports (at the top or inside a function)."""
+    tree = ast.parse(runconfig.module_path(module).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "noduleflow":
+            found |= {a.name for a in node.names} if node.module == "noduleflow" else {node.module.split(".")[1]}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("noduleflow.")}
+    return found
+
+
+@pytest.mark.parametrize("stage", sorted(runconfig.STAGE_MODULES))
+def test_a_stage_code_digest_covers_every_module_it_runs(stage):
+    """A change to any noduleflow module a stage imports (directly or through another) must rerun the
+    stage: STAGE_MODULES lists all of them, so e.g. the folds reader shared by train, predict and
+    report is part of each one's digest."""
+    modules = runconfig.STAGE_MODULES[stage]
+    reached, todo = set(), [modules[0]]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(_noduleflow_imports(module))
+    assert reached <= set(modules), f"{stage}: add {sorted(reached - set(modules))} to STAGE_MODULES"
+    package = Path(runconfig.__file__).parent
+    assert all((package / f"{m}.py").is_file() for m in modules)
 
 
 def test_stage_params_do_not_depend_on_the_order_of_keys_in_a_config_file(base_config):

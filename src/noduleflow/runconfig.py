@@ -32,19 +32,24 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "report": ((), ("evaluate",)),
 }
 
-#: stage -> noduleflow modules whose source it runs (a change reruns the stage and what follows)
+#: stage -> noduleflow modules whose source it runs (a change reruns the stage and what follows): its
+#: own module first, then every noduleflow module that one imports, directly or through another
+#: (tests/test_runconfig.py checks the list against the imports)
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "synthesize": ("synthetic", "io"),
     "resample": ("preprocess", "io"),
     "lung_mask": ("lungmask", "io"),
     "extract_slices": ("slices", "io"),
     "split_folds": ("folds", "io"),
-    "sample_patches": ("sampling", "planes", "slices", "io"),
-    "train": ("train", "model", "losses", "intensity", "sampling"),
-    "predict": ("predict", "planes", "model", "intensity", "slices", "io"),
-    "evaluate": ("evaluate", "froc", "segmetrics", "predict", "io"),
-    "report": ("report", "evaluate", "froc", "segmetrics", "slices"),
-    "compare": ("experiments", "report"),
+    "sample_patches": ("sampling", "intensity", "planes", "slices", "io"),
+    "train": ("train", "model", "losses", "intensity", "sampling", "folds", "planes", "slices", "runconfig", "io"),
+    "predict": ("predict", "planes", "model", "intensity", "slices", "folds", "segmetrics", "io"),
+    "evaluate": ("evaluate", "froc", "segmetrics", "predict", "folds", "model", "intensity", "planes", "slices",
+                 "io"),
+    "report": ("report", "evaluate", "froc", "segmetrics", "predict", "folds", "model", "intensity", "planes",
+               "slices", "io"),
+    "compare": ("experiments", "report", "evaluate", "froc", "segmetrics", "predict", "folds", "model",
+                "intensity", "planes", "slices", "io"),
 }
 
 

@@ -61,15 +61,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from noduleflow.intensity import AIR_HU, apply_roi
+from noduleflow.intensity import AIR_HU, BODY_MIN_HU, apply_roi
 from noduleflow.io import InputError, atomic_path, open_h5
 from noduleflow.planes import PLANES, check_planes, context_offsets, indices_from_plane, split_count, to_plane
 
 log = logging.getLogger(__name__)
 
 KINDS = ("positive", "hard_negative", "negative")
-#: body region without a lung ROI (as at inference): HU above this, or lung
-BODY_MIN_HU = -500
 #: per-patch chunks, compressed (fast gzip level with byte shuffle)
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 PATCH_DATASETS = ("image", "mask", "roi")
