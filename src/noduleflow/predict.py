@@ -163,7 +163,7 @@ def _box(region: np.ndarray, multiple: int, margin: int = BOX_MARGIN) -> tuple[s
 
 def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
                    batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
-                   planes: Sequence[str] = PLANES, amp: bool = False) -> np.ndarray:
+                   planes: Sequence[str] = PLANES, amp: bool = True) -> np.ndarray:
     """Nodule probability (z, y, x) float32 of one scan (``image`` int16 HU, ``lung`` uint8 mask, both
     (z, y, x)): the mean of the probability maps of the slicing ``planes`` (:mod:`noduleflow.planes`).
 
@@ -185,7 +185,7 @@ def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_
 
 def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
                   batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
-                  amp: bool = False) -> np.ndarray:
+                  amp: bool = True) -> np.ndarray:
     """Nodule probability float32 of one scan run slice by slice along axis 0 of ``image`` and
     ``lung`` (any axis order, see :func:`noduleflow.planes.to_plane`); same shape and order."""
     import torch
