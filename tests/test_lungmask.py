@@ -9,7 +9,7 @@ import yaml
 from noduleflow.io import read_image, write_image
 from noduleflow.lungmask import closing_additions, lung_mask_file, nodule_concavities, segment_lungs
 from noduleflow.preprocess import resample_image, resample_labels, resample_scan
-from phantom import SYNTHETIC_SCANS, cached_phantom, synthetic_available, write_synthetic
+from phantom import SYNTHETIC_SCANS, cached_phantom, write_synthetic
 
 #: a chest slab with a realistic field of view: 250 mm, 1.3 x 1.3 x 2.5 mm voxels, 100 mm tall
 PHANTOM = dict(shape_zyx=(40, 192, 192), spacing_xyz=(1.3, 1.3, 2.5), origin_xyz=(-120.0, -80.5, -412.5),
@@ -132,10 +132,6 @@ def test_large_closing_fills_a_nodule_sized_dent_but_not_a_big_concavity():
 
 # --------------------------------------------------------------------------- the synthetic cohort
 
-synthetic = pytest.mark.skipif(not synthetic_available(), reason="noduleflow.synthetic not available")
-
-
-@synthetic
 @pytest.mark.parametrize("index", range(SYNTHETIC_SCANS))
 def test_synthetic_scans_lung_dice_and_every_nodule_inside(index, tmp_path):
     """Scan -> resample (1 mm) -> lung mask, against the cohort's true lung mask (lungs/{uid}.mha)."""
@@ -153,7 +149,6 @@ def test_synthetic_scans_lung_dice_and_every_nodule_inside(index, tmp_path):
         assert np.mean(mask[nodules == label] > 0) >= 0.97, (label, location)
 
 
-@synthetic
 def test_synthetic_test_scans_include_juxta_pleural_nodules():
     from phantom import cached_synthetic_scan
 
