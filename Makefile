@@ -1,5 +1,6 @@
 # make run   — build the default pipeline (synthetic cohort -> reports) in a local venv
 # make test  — the test suite (what CI runs)
+# make lint  — snakemake --lint and snakefmt --check (both also run by the tests)
 PYTHON ?= python3
 VENV   ?= .venv
 CORES  ?= 2
@@ -26,6 +27,7 @@ test: install
 
 lint: install
 	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check .
 
 clean:
 	rm -rf results .snakemake

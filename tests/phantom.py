@@ -148,15 +148,6 @@ SYNTHETIC_CFG = {"seed": 11, "min_nodules": 2, "max_nodules": 4,
 SYNTHETIC_SCANS = 4
 
 
-def synthetic_available() -> bool:
-    """Whether noduleflow.synthetic can make scans (it is written by another part of the project)."""
-    try:
-        from noduleflow.synthetic import make_scan, synthesize_scan  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @functools.lru_cache(maxsize=SYNTHETIC_SCANS)
 def cached_synthetic_scan(index: int):
     """(uid, plan, rendered scan) of scan ``index`` of the SYNTHETIC_CFG cohort, made once per session."""

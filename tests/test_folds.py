@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from noduleflow.folds import split_folds
+from noduleflow.folds import read_fold_uids, read_folds, split_folds
 from noduleflow.io import InputError
 
 UIDS = [f"1.2.{i:03d}" for i in range(23)]
@@ -165,3 +165,36 @@ def test_strata_file_problems_name_the_file(annotations, tmp_path, content, mess
     with pytest.raises(InputError, match=f"my_strata.csv.*{message}"):
         split_folds(annotations, UIDS, tmp_path / "folds.csv", folds=5, strata_path=strata)
     assert not (tmp_path / "folds.csv").exists()
+
+
+def test_the_folds_file_reads_back_as_written(annotations, tmp_path):
+    """Every later stage (train, predict, evaluate, report) reads folds.csv with read_folds."""
+    written = split_folds(annotations, UIDS, tmp_path / "folds.csv", folds=5, seed=0)
+    pd.testing.assert_frame_equal(read_folds(tmp_path / "folds.csv"), written)
+    for k in range(5):
+        assert read_fold_uids(tmp_path / "folds.csv", k) == written.loc[written["fold"] == k, "seriesuid"].tolist()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("seriesuid,fold\na,0\nb,1\nc,0\n", "fold 3 has no scans"),
+    ("seriesuid,split\na,0\n", "missing column"),
+    ("seriesuid,fold\na,0\nb,x\n", "line 3: fold = x is not an integer"),
+    ("seriesuid,fold\na,0\nb,-1\n", "line 3: fold = -1 is not an integer >= 0"),
+    ("seriesuid,fold\na,0\n,1\n", "line 3: empty seriesuid"),
+    ("seriesuid,fold\na,0\n a ,1\n", "seriesuid a is listed twice"),
+    ("", "malformed CSV"),
+])
+def test_a_bad_folds_file_is_an_input_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "bad_folds.csv"
+    path.write_text(content)
+    with pytest.raises(InputError, match="bad_folds.csv") as error:
+        read_fold_uids(path, 3)
+    assert message in str(error.value)
+    with pytest.raises(InputError, match="missing.csv: file not found"):
+        read_folds(tmp_path / "missing.csv")
+
+
+def test_fold_uids_keep_the_file_order_and_strip_blanks(tmp_path):
+    path = tmp_path / "folds.csv"
+    path.write_text("seriesuid,fold\nc ,0\nb,1\na,0\n")
+    assert read_fold_uids(path, 0) == ["c", "a"]

@@ -9,9 +9,10 @@ from scipy import ndimage as ndi
 
 from noduleflow.io import Geometry, read_image, world_to_voxel, write_image
 from noduleflow.lungmask import (closing_additions, find_airways, lung_mask_file, nodule_concavities,
-                                 nodule_inside_share, outside_fov, segment_lungs, superior_is_last)
+                                 outside_fov, segment_lungs, superior_is_last)
+from noduleflow.slices import nodule_inside_share
 from noduleflow.preprocess import resample_image, resample_labels, resample_scan
-from phantom import SYNTHETIC_SCANS, cached_phantom, synthetic_available, write_synthetic
+from phantom import SYNTHETIC_SCANS, cached_phantom, write_synthetic
 from realct import realct_root
 
 #: a chest slab with a realistic field of view: 250 mm, 1.3 x 1.3 x 2.5 mm voxels, 100 mm tall
@@ -135,10 +136,6 @@ def test_large_closing_fills_a_nodule_sized_dent_but_not_a_big_concavity():
 
 # --------------------------------------------------------------------------- the synthetic cohort
 
-synthetic = pytest.mark.skipif(not synthetic_available(), reason="noduleflow.synthetic not available")
-
-
-@synthetic
 @pytest.mark.parametrize("index", range(SYNTHETIC_SCANS))
 def test_synthetic_scans_lung_dice_and_every_nodule_inside(index, tmp_path):
     """Scan -> resample (1 mm) -> lung mask, against the cohort's true lung mask (lungs/{uid}.mha)."""
@@ -156,7 +153,6 @@ def test_synthetic_scans_lung_dice_and_every_nodule_inside(index, tmp_path):
         assert np.mean(mask[nodules == label] > 0) >= 0.97, (label, location)
 
 
-@synthetic
 def test_synthetic_test_scans_include_juxta_pleural_nodules():
     from phantom import cached_synthetic_scan
 

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from noduleflow import model as nf_model
 from noduleflow.io import Geometry, InputError, read_image, voxel_to_world, world_to_voxel
-from noduleflow.predict import CANDIDATE_COLUMNS, candidates_from_probability, read_fold_uids, to_uint8
+from noduleflow.predict import CANDIDATE_COLUMNS, candidates_from_probability, to_uint8
 
 GEOMETRY = Geometry(spacing=(0.9, 0.8, 1.25), origin=(-120.5, 33.2, -200.7),
                     direction=(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
@@ -66,18 +67,6 @@ def test_centre_is_probability_weighted():
     assert cands["volume_mm3"].iloc[0] == 8.0
 
 
-def test_fold_uids_and_bad_folds_file(tmp_path):
-    folds = tmp_path / "folds.csv"
-    folds.write_text("seriesuid,fold\na,0\nb,1\nc,0\n")
-    assert read_fold_uids(folds, 0) == ["a", "c"]
-    with pytest.raises(InputError, match="fold 3 has no scans"):
-        read_fold_uids(folds, 3)
-    bad = tmp_path / "bad.csv"
-    bad.write_text("seriesuid,split\na,0\n")
-    with pytest.raises(InputError, match="bad.csv"):
-        read_fold_uids(bad, 0)
-
-
 # --------------------------------------------------------------------------- with a stand-in model
 
 
@@ -120,13 +109,7 @@ META = {"model": {"in_channels": 3, "out_channels": 1, "depth": 3, "base_filters
         "patch_size": 32, "lung_roi": True, "fold": 0}
 
 
-@pytest.fixture
-def inference_modules():
-    pytest.importorskip("noduleflow.intensity")
-    return pytest.importorskip("noduleflow.model")
-
-
-def test_predict_volume_restricts_to_the_lung_only_with_lung_roi(inference_modules):
+def test_predict_volume_restricts_to_the_lung_only_with_lung_roi():
     from noduleflow.predict import predict_volume
 
     image, lung, nodule, centre = synthetic_scan()
@@ -166,8 +149,7 @@ def write_slice_store(path, uid, image, lung, nodule, geometry):
         f.create_dataset("slice_table", data=table)
 
 
-def test_predict_fold_writes_probabilities_and_candidates(tmp_path, inference_modules, monkeypatch):
-    pytest.importorskip("noduleflow.slices")
+def test_predict_fold_writes_probabilities_and_candidates(tmp_path, monkeypatch):
     from noduleflow.predict import predict_fold
 
     image, lung, nodule, centre = synthetic_scan()
@@ -181,7 +163,7 @@ def test_predict_fold_writes_probabilities_and_candidates(tmp_path, inference_mo
     folds.write_text("seriesuid,fold\n1.2.3,0\n4.5.6,1\n7.8.9,0\n")
     model_path = tmp_path / "model.pt"
     model_path.write_bytes(b"stand-in")
-    monkeypatch.setattr(inference_modules, "load_model", lambda path, device="cpu": (ThresholdNet(), dict(META)))
+    monkeypatch.setattr(nf_model, "load_model", lambda path, device="cpu": (ThresholdNet(), dict(META)))
 
     out = tmp_path / "pred" / "probabilities"
     cands_path = tmp_path / "pred" / "candidates.csv"
@@ -206,8 +188,7 @@ def test_predict_fold_writes_probabilities_and_candidates(tmp_path, inference_mo
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "xprob").exists()
 
 
-def test_predict_fold_with_a_real_saved_unet(tmp_path, inference_modules):
-    pytest.importorskip("noduleflow.slices")
+def test_predict_fold_with_a_real_saved_unet(tmp_path):
     import torch
 
     from noduleflow.predict import predict_fold
@@ -219,7 +200,7 @@ def test_predict_fold_with_a_real_saved_unet(tmp_path, inference_modules):
     folds.write_text("seriesuid,fold\n9.9,0\n")
     torch.manual_seed(0)
     kwargs = dict(in_channels=3, out_channels=2, depth=2, base_filters=4, norm="batch", dropout=0.0)
-    net = inference_modules.UNet2d(**kwargs)
+    net = nf_model.UNet2d(**kwargs)
     torch.save({"state_dict": net.state_dict(), "model": kwargs, "label_mode": "hybrid",
                 "intensity": {"window_hu": [-1000, 400]}, "context": 1, "patch_size": 32, "lung_roi": True,
                 "fold": 0, "heldout_patch_dice": 0.0}, tmp_path / "model.pt")
@@ -231,7 +212,7 @@ def test_predict_fold_with_a_real_saved_unet(tmp_path, inference_modules):
     assert pd.read_csv(tmp_path / "candidates.csv").columns.tolist() == CANDIDATE_COLUMNS
 
 
-def test_three_plane_probability_is_the_mean_of_the_planes(inference_modules):
+def test_three_plane_probability_is_the_mean_of_the_planes():
     from noduleflow.planes import from_plane, to_plane
     from noduleflow.predict import predict_plane, predict_volume
 
@@ -281,7 +262,7 @@ class RecordingNet:
 
 
 @pytest.mark.parametrize("context,step", [(1, 1), (2, 3)])
-def test_inference_channels_are_the_training_patch_channels(inference_modules, context, step):
+def test_inference_channels_are_the_training_patch_channels(context, step):
     """Each axial slice z is fed with the slices z + j*context_step (clamped), exactly the channels
     sample_patches cuts for a patch centred on slice z: a model never sees other neighbours."""
     from noduleflow.planes import context_offsets

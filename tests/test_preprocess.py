@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 
 from noduleflow.io import Geometry, InputError, read_image, voxel_to_world, write_image
 from noduleflow.preprocess import resample_image, resample_scan, target_geometry
-from phantom import SYNTHETIC_SCANS, cached_phantom, synthetic_available, write_phantom, write_synthetic
+from phantom import SYNTHETIC_SCANS, cached_phantom, write_phantom, write_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,6 @@ def test_bad_spacing_is_rejected(phantom, files, tmp_path):
     assert not out_image.exists() and not out_labels.exists()
 
 
-@pytest.mark.skipif(not synthetic_available(), reason="noduleflow.synthetic not available")
 @pytest.mark.parametrize("use_mask", [True, False], ids=["exact_mask", "spheres"])
 @pytest.mark.parametrize("index", range(SYNTHETIC_SCANS))
 def test_synthetic_annotations_land_on_their_nodules(index, use_mask, tmp_path):

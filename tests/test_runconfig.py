@@ -1,6 +1,8 @@
 """Experiments, narrow per-stage params, stage ownership and code digests (noduleflow.runconfig)."""
 
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -78,15 +80,91 @@ def test_invalid_values_name_the_key(base_config):
         check_config(bad)
 
 
-def test_code_digest_changes_with_the_module_source(tmp_path, monkeypatch):
-    fake = tmp_path / "fake.py"
-    fake.write_text("x = 1\n")
-    monkeypatch.setitem(runconfig.STAGE_MODULES, "fake_stage", ("fake",))
-    monkeypatch.setattr(runconfig, "module_path", lambda module: fake)
-    before = runconfig.code_digest("fake_stage")
-    assert runconfig.code_digest("fake_stage") == before
-    fake.write_text("x = 2\n")
-    assert runconfig.code_digest("fake_stage") != before
+def _copy_of_the_package(tmp_path, monkeypatch) -> Path:
+    """A copy of src/noduleflow that runconfig reads the modules' source from."""
+    package = Path(runconfig.__file__).parent
+    copy_dir = tmp_path / "noduleflow"
+    copy_dir.mkdir()
+    for path in package.glob("*.py"):
+        (copy_dir / path.name).write_text(path.read_text())
+    monkeypatch.setattr(runconfig, "module_path", lambda module: copy_dir / f"{module}.py")
+    return copy_dir
+
+
+def _edit_inside_a_function(path: Path) -> None:
+    """Add a statement to the body of the first top-level function of ``path``."""
+    lines = path.read_text().splitlines(keepends=True)
+    tree = ast.parse("".join(lines))
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef))
+    body = function.body[1] if len(function.body) > 1 else function.body[0]
+    indent = " " * body.col_offset
+    lines.insert(body.lineno - 1, f"{indent}_unused = 1\n")
+    path.write_text("".join(lines))
+
+
+def test_comments_and_docstrings_rerun_nothing(tmp_path, monkeypatch):
+    copy_dir = _copy_of_the_package(tmp_path, monkeypatch)
+    before = {stage: runconfig.code_digest(stage) for stage in runconfig.STAGE_ENTRY}
+    io = copy_dir / "io.py"
+    text = io.read_text()
+    text = text.replace('"""Files in and out', '"""Files (a reworded docstring) in and out', 1)
+    text = text.replace("def atomic_path(", "# a new comment\ndef atomic_path(", 1)
+    io.write_text(text + "\n# a comment at the end\n")
+    assert runconfig.code_fingerprint(io) == runconfig.code_fingerprint(Path(runconfig.__file__).parent / "io.py")
+    assert {stage: runconfig.code_digest(stage) for stage in runconfig.STAGE_ENTRY} == before
+
+
+def test_a_code_change_reruns_exactly_the_stages_that_import_the_module(tmp_path, monkeypatch):
+    copy_dir = _copy_of_the_package(tmp_path, monkeypatch)
+    before = {stage: runconfig.code_digest(stage) for stage in runconfig.STAGE_ENTRY}
+    _edit_inside_a_function(copy_dir / "intensity.py")
+    changed = {stage for stage in runconfig.STAGE_ENTRY if runconfig.code_digest(stage) != before[stage]}
+    users = {stage for stage in runconfig.STAGE_ENTRY if "intensity" in runconfig.stage_modules(stage)}
+    assert changed == users
+    assert {"sample_patches", "train", "predict"} <= changed
+    assert not changed & {"resample", "lung_mask", "extract_slices", "split_folds", "synthesize"}
+
+
+def test_a_new_import_is_covered_without_editing_a_list(tmp_path, monkeypatch):
+    copy_dir = _copy_of_the_package(tmp_path, monkeypatch)
+    assert "froc" not in runconfig.stage_modules("lung_mask")
+    before = runconfig.code_digest("lung_mask")
+    path = copy_dir / "lungmask.py"
+    path.write_text(path.read_text().replace("from noduleflow.io import", "from noduleflow.froc import FPS_POINTS  # noqa\n"
+                                             "from noduleflow.io import", 1))
+    assert "froc" in runconfig.stage_modules("lung_mask")
+    changed = runconfig.code_digest("lung_mask")
+    assert changed != before
+    (copy_dir / "froc.py").write_text((copy_dir / "froc.py").read_text() + "\nEXTRA = 1\n")
+    assert runconfig.code_digest("lung_mask") != changed
+
+
+@pytest.mark.parametrize("stage", sorted(runconfig.STAGE_ENTRY))
+def test_a_stage_code_digest_covers_every_module_it_runs(stage):
+    """Every noduleflow module a stage imports, directly or through another, is in its digest (so e.g.
+    the folds reader shared by train, predict and report is part of each one's)."""
+    modules = runconfig.stage_modules(stage)
+    reached, todo = set(), [modules[0]]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(_noduleflow_imports(module))
+    assert reached == set(modules)
+    assert modules[0] == runconfig.STAGE_ENTRY[stage]
+
+
+def _noduleflow_imports(module: str) -> set[str]:
+    """noduleflow modules ``module``'s source imports, by a plain text scan (independent of the AST walk)."""
+    found = set()
+    for line in runconfig.module_path(module).read_text().splitlines():
+        words = line.strip().split()
+        if len(words) >= 2 and words[0] in ("from", "import") and words[1].startswith("noduleflow."):
+            found.add(words[1].split(".")[1])
+        elif words[:3] == ["from", "noduleflow", "import"]:  # from noduleflow import a, b
+            names = " ".join(words[3:]).replace("(", "").replace(")", "").split(",")
+            found |= {name.split()[0] for name in names if name.strip()}
+    return found
 
 
 def test_stage_params_do_not_depend_on_the_order_of_keys_in_a_config_file(base_config):

@@ -53,7 +53,7 @@ def stores(tmp_path):
 
 
 def sample(stores, out, **kwargs):
-    cfg = dict(patch_size=32, context=1, patches_per_scan=60, positive_fraction=0.5,
+    cfg = dict(patch_size=32, context=1, context_step=1, patches_per_scan=60, positive_fraction=0.5,
                hard_negative_fraction=0.5, hard_negative_min_hu=-500, jitter_fraction=0.35, seed=3)
     cfg.update(kwargs)
     sample_balanced_patches(stores, out, lung_roi=cfg.pop("lung_roi", True), **cfg)
@@ -215,7 +215,8 @@ def test_border_patches_are_padded_with_air_and_context_slices_clamp():
     lung[1, 0, 0] = 0
     nodule = np.zeros((3, 6, 6), dtype=np.uint8)
     nodule[0, 0, 1] = 1
-    out = cut_patches(image, lung, nodule, np.array([[0, 0, 0]]), patch_size=4, context=1, lung_roi=True)
+    out = cut_patches(image, lung, nodule, np.array([[0, 0, 0]]), patch_size=4, context=1, lung_roi=True,
+                      context_step=1)
     img, mask, roi = out["image"][0], out["mask"][0], out["roi"][0]
     # window rows/cols -2..1: the first two are outside the volume
     assert (img[:, :2, :] == -1000).all() and (img[:, :, :2] == -1000).all()
@@ -224,7 +225,8 @@ def test_border_patches_are_padded_with_air_and_context_slices_clamp():
     np.testing.assert_array_equal(img[1, 2:, 2:], image[0, :2, :2])
     np.testing.assert_array_equal(img[2, 2:, 2:], np.where(lung[1, :2, :2] > 0, image[1, :2, :2], -1000))
     assert mask[2, 3] == 1 and mask.sum() == 1
-    plain = cut_patches(image, lung, nodule, np.array([[0, 0, 0]]), patch_size=4, context=1, lung_roi=False)
+    plain = cut_patches(image, lung, nodule, np.array([[0, 0, 0]]), patch_size=4, context=1,
+                        lung_roi=False, context_step=1)
     assert (plain["roi"] == 1).all()
     np.testing.assert_array_equal(plain["image"][0, 2, 2:, 2:], image[1, :2, :2])  # no ROI fill
 

@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from noduleflow.froc import FPS_POINTS, FrocResult, compute_froc, write_json_atomic
+from noduleflow.froc import FPS_POINTS, FrocResult, compute_froc, froc_figure, result_curve, write_json_atomic
 from noduleflow.io import (
     Geometry,
     InputError,
@@ -224,49 +224,13 @@ def evaluate_scans(candidates_df: pd.DataFrame, probability_paths: Mapping[str, 
 # --------------------------------------------------------------------------- plot
 
 
-_TICK_LABELS = ["1/8", "1/4", "1/2", "1", "2", "4", "8"]
-
-
 def plot_froc(out_path: str | Path, curves: Sequence[tuple[str, FrocResult]], title: str = "FROC",
               band: bool = True) -> None:
-    """FROC curves on a log2 FP axis (1/8..8 per scan), the seven CPM points marked, the bootstrap
-    band of each curve that has one (``band``). Written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = np.geomspace(FPS_POINTS[0], FPS_POINTS[-1], 400)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    try:
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, (label, res) in enumerate(curves):
-            color = colors[i % len(colors)]
-            if res.n_nodules == 0 or math.isnan(res.cpm):
-                ax.plot([], [], color=color, label=f"{label} (no nodules)")
-                continue
-            if band and res.band_fps is not None:
-                ax.fill_between(res.band_fps, res.band_lower, res.band_upper, color=color, alpha=0.15, lw=0)
-            ax.plot(grid, np.interp(grid, res.fps, res.sensitivity), color=color, lw=2,
-                    label=f"{label} CPM {res.cpm:.3f}")
-            ax.plot(FPS_POINTS, res.sensitivities, "o", color=color, ms=5)
-        ax.set_xscale("log", base=2)
-        ax.set_xlim(FPS_POINTS[0], FPS_POINTS[-1])
-        ax.set_xticks(FPS_POINTS)
-        ax.set_xticklabels(_TICK_LABELS)
-        ax.minorticks_off()
-        ax.set_ylim(0, 1.0)
-        ax.set_yticks(np.linspace(0, 1, 11))
-        ax.grid(True, which="major", alpha=0.4)
-        ax.set_xlabel("Average number of false positives per scan")
-        ax.set_ylabel("Sensitivity")
-        ax.set_title(title)
-        ax.legend(loc="lower right", fontsize="small")
-        fig.tight_layout()
-        with atomic_path(out_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    """FROC curves (:func:`noduleflow.froc.froc_figure`: log2 FP axis 1/8..8 per scan, the seven CPM
+    points marked, the bootstrap band of each curve that has one, ``band``) written atomically as PNG."""
+    fig = froc_figure([result_curve(label, res, band=band, lw=2) for label, res in curves], title=title)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
 
 
 # --------------------------------------------------------------------------- the rule

@@ -46,14 +46,13 @@ import numpy as np
 import pandas as pd
 
 from noduleflow.io import InputError, write_csv_atomic, write_text_atomic
+from noduleflow.froc import FPS_POINTS, froc_figure
 from noduleflow.report import (
-    FPS_POINTS,
     POOLED_FROC,
     POOLED_METRICS,
     SENS_COLUMNS,
     figure_png,
     fmt,
-    froc_figure,
     html_page,
     html_table,
     img_tag,

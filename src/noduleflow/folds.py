@@ -22,6 +22,9 @@ When every class has fewer scans than ``folds`` (scikit-learn refuses, e.g. 7 sc
 
 A user-supplied split (``cv.split_file``, a ``seriesuid,fold`` CSV) wins: it is validated against
 the scan list and copied (sorted by seriesuid).
+
+:func:`read_folds` and :func:`read_fold_uids` read ``folds.csv`` back for every later stage (train,
+predict, evaluate, report): one reader, one set of checks.
 """
 
 from __future__ import annotations
@@ -187,13 +190,7 @@ def read_split_file(path: str | Path, uids: Sequence[str], folds: int) -> pd.Dat
     """
     path = Path(path)
     frame = _read_csv(path, ("seriesuid", "fold"), "cv.split_file")
-    values = pd.to_numeric(frame["fold"], errors="coerce")
-    bad = values.isna() | (values != values.round()) | (values < 0) | (values >= folds)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"{path}: line {row + 2}: fold = {frame['fold'].iloc[row]!r} is not an integer "
-                         f"in 0..{folds - 1} (cv.folds = {folds})")
-    frame["fold"] = values.astype(int)
+    frame["fold"] = _fold_numbers(path, frame, folds)
     known = set(uids)
     unknown = sorted(set(frame["seriesuid"]) - known)
     if unknown:
@@ -207,6 +204,25 @@ def read_split_file(path: str | Path, uids: Sequence[str], folds: int) -> pd.Dat
         raise InputError(f"{path}: fold {empty[0]} has no scan (cv.folds = {folds}: folds 0..{folds - 1} "
                          f"must all be used)")
     return frame[["seriesuid", "fold"]].sort_values("seriesuid", kind="stable").reset_index(drop=True)
+
+
+def read_folds(path: str | Path, fold: int | None = None) -> pd.DataFrame:
+    """``folds.csv`` -> frame with ``seriesuid`` (str, stripped) and ``fold`` (int), in file order.
+
+    InputError naming the file when it is missing, not CSV, lacks a column, has an empty seriesuid, a
+    seriesuid twice or a fold that is not an integer >= 0, or (``fold`` given) has no scan in ``fold``."""
+    path = Path(path)
+    frame = _read_csv(path, ("seriesuid", "fold"), "folds file")
+    frame["fold"] = _fold_numbers(path, frame)
+    if fold is not None and not (frame["fold"] == int(fold)).any():
+        raise InputError(f"{path}: fold {fold} has no scans (folds: {sorted(set(frame['fold']))})")
+    return frame[["seriesuid", "fold"]]
+
+
+def read_fold_uids(path: str | Path, fold: int) -> list[str]:
+    """Seriesuids of fold ``fold`` in ``folds.csv``, in file order (checks as :func:`read_folds`)."""
+    frame = read_folds(path, fold)
+    return frame.loc[frame["fold"] == int(fold), "seriesuid"].tolist()
 
 
 def _read_csv(path: Path, columns: Sequence[str], key: str) -> pd.DataFrame:
@@ -227,6 +243,21 @@ def _read_csv(path: Path, columns: Sequence[str], key: str) -> pd.DataFrame:
     if duplicated.any():
         raise InputError(f"{path}: seriesuid {frame['seriesuid'][duplicated].iloc[0]} is listed twice")
     return frame
+
+
+def _fold_numbers(path: Path, frame: pd.DataFrame, folds: int | None = None) -> pd.Series:
+    """The ``fold`` column as int: InputError naming the line when one is not an integer >= 0 (below
+    ``folds`` when given)."""
+    values = pd.to_numeric(frame["fold"], errors="coerce")
+    bad = values.isna() | (values != values.round()) | (values < 0)
+    if folds is not None:
+        bad |= values >= folds
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        where = f" in 0..{folds - 1} (cv.folds = {folds})" if folds is not None else " >= 0"
+        raise InputError(f"{path}: line {row + 2}: fold = {frame['fold'].astype(str).iloc[row]} is not an "
+                         f"integer{where}")
+    return values.astype(int)
 
 
 def _check_uids(uids: Sequence[str]) -> list[str]:

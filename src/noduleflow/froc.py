@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 
 #: FPs per scan at which LUNA16 reads the sensitivities; CPM is the mean of the seven.
 FPS_POINTS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: the seven points as the plots and tables write them
+FPS_LABELS: tuple[str, ...] = ("1/8", "1/4", "1/2", "1", "2", "4", "8")
 #: candidates evaluated per scan (the official script's ``maxNumberOfCADMarks``)
 MAX_CANDIDATES_PER_SCAN = 100
 #: diameter used for excluded findings whose diameter is unknown (negative)
@@ -380,6 +382,67 @@ def _jsonable(value):
         value = float(value)
         return value if math.isfinite(value) else None
     return value
+
+
+def result_curve(label: str, result: FrocResult, band: bool = True, **style) -> dict:
+    """A :func:`froc_figure` curve of ``result``: its FROC, its seven points, its bootstrap band (when
+    it has one and ``band``), labelled ``label (CPM x.xxx)``; a result without nodules has no curve
+    (``label (no nodules)`` in the legend). ``style``: keys as in froc_figure."""
+    if result.n_nodules == 0 or math.isnan(result.cpm):   # no curve: in the legend only
+        return {"label": label, "fps": [np.nan], "sensitivity": [np.nan], **style}
+    has_band = band and result.band_fps is not None
+    return {"label": f"{label} (CPM {result.cpm:.3f})", "fps": result.fps, "sensitivity": result.sensitivity,
+            "points": result.sensitivities,
+            "band": (result.band_fps, result.band_lower, result.band_upper) if has_band else None, **style}
+
+
+def froc_figure(curves: Sequence[dict], title: str = "FROC"):
+    """A matplotlib Figure of FROC curves on a log2 FP axis (1/8..8 per scan): the one FROC plot of
+    every fold (``evaluate``), of the run (``report``) and of the experiments (``compare``).
+
+    Each curve is a mapping with ``label``, ``fps`` and ``sensitivity`` (the curve's points),
+    optional ``points`` (the seven sensitivities, marked), ``band`` ((fps, lower, upper) filled),
+    ``lw``, ``style`` (matplotlib line style), ``color``, ``ms`` (marker size). A curve whose
+    sensitivities are all NaN (no nodule) appears in the legend only. The curve is drawn as its
+    linear interpolation (as the seven points are read) on a dense log-spaced grid.
+    """
+    from matplotlib.figure import Figure
+
+    grid = np.geomspace(FPS_POINTS[0], FPS_POINTS[-1], 300)
+    fig = Figure(figsize=(6.6, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    colors = [f"C{i}" for i in range(10)]
+    for i, curve in enumerate(curves):
+        color = curve.get("color", colors[i % len(colors)])
+        fps = np.asarray(curve["fps"], dtype=float)
+        sens = np.asarray(curve["sensitivity"], dtype=float)
+        ok = ~(np.isnan(fps) | np.isnan(sens))
+        if not ok.any():
+            ax.plot([], [], color=color, label=f"{curve['label']} (no nodules)")
+            continue
+        order = np.argsort(fps[ok], kind="stable")
+        y = np.interp(grid, fps[ok][order], sens[ok][order])
+        if curve.get("band") is not None:
+            bfps, lower, upper = (np.asarray(v, dtype=float) for v in curve["band"])
+            ax.fill_between(bfps, lower, upper, color=color, alpha=0.15, lw=0)
+        ax.plot(grid, y, color=color, lw=curve.get("lw", 1.5), ls=curve.get("style", "-"), label=curve["label"])
+        if curve.get("points") is not None:
+            ax.plot(FPS_POINTS, np.asarray(curve["points"], dtype=float), "o", color=color,
+                    ms=curve.get("ms", 4))
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(FPS_POINTS[0], FPS_POINTS[-1])
+    ax.set_xticks(FPS_POINTS)
+    ax.set_xticklabels(FPS_LABELS)
+    ax.minorticks_off()
+    ax.set_ylim(0.0, 1.02)
+    ax.set_yticks(np.linspace(0, 1, 11))
+    ax.grid(True, alpha=0.35)
+    ax.set_xlabel("Average number of false positives per scan")
+    ax.set_ylabel("Sensitivity")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig
 
 
 def write_json_atomic(data: dict, path: str | Path) -> None:

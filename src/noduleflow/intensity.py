@@ -19,7 +19,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+#: HU of air: what apply_roi writes outside the ROI and what pads patches and slices, at sampling
+#: and at inference alike
 AIR_HU = -1000
+#: without a lung ROI, a voxel above this HU is body: the region negatives are drawn from (with the
+#: lung) and the region inference runs over
+BODY_MIN_HU = -500
 
 
 def apply_roi(image_hu: np.ndarray, roi: np.ndarray, fill_hu: int = AIR_HU) -> np.ndarray:

@@ -51,7 +51,7 @@ masks, and every nodule (3-32 mm, juxta-pleural included) at least 97 % inside b
 juxta-pleural ground-glass nodule, 96 %); steps 1, 2 and 4 change none of it. On a real scan,
 LIDC-IDRI-0001 at 1 mm: 3.95 L, its 23 mm nodule wholly inside, no bowel gas, no table; the same
 with a 230 mm reconstruction circle and 5 mm slices, cut by the array's side faces, or with
-170 ml of gas in the stomach (see tests/test_lungmask.py). :func:`nodule_inside_share` gives, per
+170 ml of gas in the stomach (see tests/test_lungmask.py). :func:`noduleflow.slices.nodule_inside_share` gives, per
 annotated nodule, the share of it inside the mask.
 
 Arrays are (z, y, x); spacing is (x, y, z) mm. The mask is uint8 0/1.
@@ -261,19 +261,6 @@ def select_lungs(candidates: np.ndarray, airway: np.ndarray, spacing_xyz: Sequen
     keep = np.zeros(len(counts), dtype=bool)
     keep[order] = True
     return keep[labels]
-
-
-def nodule_inside_share(mask: np.ndarray, labels: np.ndarray) -> dict[int, float]:
-    """Per nodule, the share (0-1) of its voxels inside the lung mask: ``{label: share}`` for every
-    label > 0 present in ``labels`` (a nodule label map on the mask's grid, z, y, x)."""
-    if mask.shape != labels.shape:
-        raise ValueError(f"nodule_inside_share: mask {mask.shape} and labels {labels.shape} differ")
-    flat = np.asarray(labels).ravel().astype(np.int64, copy=False)
-    if flat.size == 0 or flat.max() <= 0:
-        return {}
-    total = np.bincount(flat)
-    inside = np.bincount(flat, weights=(np.asarray(mask).ravel() > 0), minlength=total.size)
-    return {int(k): float(inside[k] / total[k]) for k in np.flatnonzero(total) if k > 0}
 
 
 def find_airways(air: np.ndarray, spacing_xyz: Sequence[float], trachea_max_area_mm2: float = 700,

@@ -67,7 +67,7 @@ def split_count(n: int, parts: Sequence) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(len(parts))]
 
 
-def context_offsets(context: int, context_step: int = 1) -> np.ndarray:
+def context_offsets(context: int, context_step: int) -> np.ndarray:
     """Slice offsets of the ``2 * context + 1`` input channels around the centre slice:
     ``-context * context_step .. context * context_step`` in steps of ``context_step`` (int64).
     Shared by sampling and inference, so both see the same neighbours."""

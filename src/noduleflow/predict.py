@@ -2,15 +2,17 @@
 
 For each held-out scan (``folds.csv``), the 2D U-Net runs, in each of the slicing ``planes``
 (axial, coronal, sagittal: :mod:`noduleflow.planes`), over every slice that contains lung
-(``lung_roi`` true) or body (``lung_roi`` false: any voxel above -500 HU); the scan's probability is
-the mean of the planes' maps (a nodule is round in all three planes, a vessel only in one). Inputs as
-in training: ``2*context+1`` neighbouring slices, ``context_step`` apart, as channels (edge slices
-repeated at the volume border; :func:`noduleflow.planes.context_offsets`), pixels outside the lung
-set to -1000 HU when ``lung_roi`` (:func:`noduleflow.intensity.apply_roi`), then
-:func:`noduleflow.intensity.normalize_intensity` with the model's ``intensity`` block, as in training. Each slice is cropped
-in-plane to the bounding box of the region (lung or body over the whole scan) plus a margin, and
-padded with -1000 HU to a multiple of ``2**depth``; voxels outside the box get probability 0. With
-``lung_roi`` the probability outside the lung mask is 0.
+(``lung_roi`` true) or body (``lung_roi`` false: any voxel above
+:data:`noduleflow.intensity.BODY_MIN_HU`, -500 HU); the scan's probability is the mean of the
+planes' maps (a nodule is round in all three planes, a vessel only in one). Inputs as in training:
+``2*context+1`` neighbouring slices, ``context_step`` apart, as channels (edge slices repeated at the
+volume border; :func:`noduleflow.planes.context_offsets`), pixels outside the lung set to air
+(:data:`noduleflow.intensity.AIR_HU`, -1000 HU) when ``lung_roi``
+(:func:`noduleflow.intensity.apply_roi`), then :func:`noduleflow.intensity.normalize_intensity` with
+the model's ``intensity`` block, as in training. Each slice is cropped in-plane to the bounding box
+of the region (lung or body over the whole scan) plus a margin, and padded with air to a multiple of
+``2**depth``; voxels outside the box get probability 0. With ``lung_roi`` the probability outside
+the lung mask is 0.
 
 Flip test-time augmentation (``tta``, ``predict.tta``): in each plane the model also runs on the
 volume flipped along the slices' rows, their columns, and both (:data:`TTA_FLIPS`: the flips
@@ -49,6 +51,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from noduleflow.folds import read_fold_uids
+from noduleflow.intensity import AIR_HU, BODY_MIN_HU
 from noduleflow.io import Geometry, InputError, voxel_to_world, write_csv_atomic, write_image
 from noduleflow.planes import PLANES, check_planes, context_offsets, from_plane, to_plane
 
@@ -58,10 +62,6 @@ CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability", "
                      "max_probability", "mean_probability"]
 #: how a candidate's ``probability`` summarises its component (``predict.candidate_score``)
 CANDIDATE_SCORES = ("mean", "max")
-#: a voxel above this HU is body (inference region when lung_roi is false)
-BODY_MIN_HU = -500
-#: HU of the air that pads and masks the model input
-FILL_HU = -1000
 #: in-plane margin (voxels) around the lung/body bounding box
 BOX_MARGIN = 8
 THRESHOLD_FILE = "threshold.json"
@@ -76,31 +76,6 @@ PREDICT_DEFAULTS: dict = {"threshold": 0.5, "min_volume_mm3": 10.0, "candidate_s
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def read_fold_uids(folds_path: str | Path, fold: int) -> list[str]:
-    """Seriesuids of fold ``fold`` in ``folds.csv`` (``seriesuid,fold``), in file order."""
-    path = Path(folds_path)
-    if not path.is_file():
-        raise InputError(f"{path}: folds file not found")
-    try:
-        frame = pd.read_csv(path, dtype={"seriesuid": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: malformed CSV: {exc}") from exc
-    missing = [c for c in ("seriesuid", "fold") if c not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected seriesuid,fold")
-    folds = pd.to_numeric(frame["fold"], errors="coerce")
-    if folds.isna().any() or (folds != folds.round()).any():
-        row = int(np.flatnonzero(folds.isna() | (folds != folds.round()))[0])
-        raise InputError(f"{path}: line {row + 2}: fold {frame['fold'].iloc[row]!r} is not an integer")
-    if frame["seriesuid"].duplicated().any():
-        raise InputError(f"{path}: seriesuid {frame['seriesuid'][frame['seriesuid'].duplicated()].iloc[0]} "
-                         f"appears twice")
-    uids = frame.loc[folds.astype(int) == int(fold), "seriesuid"].str.strip().tolist()
-    if not uids:
-        raise InputError(f"{path}: fold {fold} has no scans (folds: {sorted(set(folds.astype(int)))})")
-    return uids
 
 
 def paths_by_uid(files: Sequence[str | Path], suffix: str) -> dict[str, Path]:
@@ -226,7 +201,7 @@ def _box(region: np.ndarray, multiple: int, margin: int = BOX_MARGIN) -> tuple[s
 
 def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
                    batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
-                   planes: Sequence[str] = PLANES, amp: bool = False, tta: bool = False) -> np.ndarray:
+                   planes: Sequence[str] = PLANES, amp: bool = True, tta: bool = False) -> np.ndarray:
     """Nodule probability (z, y, x) float32 of one scan (``image`` int16 HU, ``lung`` uint8 mask, both
     (z, y, x)): the mean of the probability maps of the slicing ``planes`` (:mod:`noduleflow.planes`).
 
@@ -258,7 +233,7 @@ def _flipped(volume: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 
 def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
                   batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
-                  amp: bool = False) -> np.ndarray:
+                  amp: bool = True) -> np.ndarray:
     """Nodule probability float32 of one scan run slice by slice along axis 0 of ``image`` and
     ``lung`` (any axis order, see :func:`noduleflow.planes.to_plane`); same shape and order."""
     import torch
@@ -282,9 +257,9 @@ def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_r
 
     crop = image[:, ys, xs]
     roi_crop = lung[:, ys, xs] > 0 if lung_roi else np.ones(crop.shape, dtype=bool)
-    hu = apply_roi(crop, roi_crop.astype(np.uint8), fill_hu=FILL_HU) if lung_roi else crop.astype(np.int16)
+    hu = apply_roi(crop, roi_crop.astype(np.uint8), fill_hu=AIR_HU) if lung_roi else crop.astype(np.int16)
     if pad_y or pad_x:
-        hu = np.pad(hu, ((0, 0), (0, pad_y), (0, pad_x)), constant_values=FILL_HU)
+        hu = np.pad(hu, ((0, 0), (0, pad_y), (0, pad_x)), constant_values=AIR_HU)
     volume = normalize_intensity(hu, intensity).astype(np.float32, copy=False)
     h, w = crop.shape[1], crop.shape[2]
     torch_device = torch.device(device)

@@ -51,6 +51,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from noduleflow.folds import read_folds
+from noduleflow.froc import FPS_LABELS, FPS_POINTS, froc_figure, result_curve, write_json_atomic
 from noduleflow.io import (
     Geometry,
     InputError,
@@ -63,11 +65,10 @@ from noduleflow.io import (
     write_csv_atomic,
     write_text_atomic,
 )
+from noduleflow.predict import paths_by_uid
 
 log = logging.getLogger(__name__)
 
-#: FPs per scan of the seven LUNA16 operating points (same as noduleflow.froc.FPS_POINTS)
-FPS_POINTS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 SENS_COLUMNS = [f"sens_{p:g}" for p in FPS_POINTS]
 SUMMARY_COLUMNS = (["fold", "n_scans", "n_nodules", "cpm", "cpm_ci_low", "cpm_ci_high"] + SENS_COLUMNS
                    + ["dice_per_nodule", "dice_detected", "dice_per_scan", "pixel_dice", "pixel_accuracy",
@@ -88,7 +89,6 @@ CROP_HALF_MM = 24.0
 DEFAULT_CANDIDATE_RADIUS_MM = 3.0
 #: diameter bins (mm) of the per-nodule table
 SIZE_BINS_MM = (0.0, 6.0, 10.0, 20.0, math.inf)
-_TICK_LABELS = ["1/8", "1/4", "1/2", "1", "2", "4", "8"]
 
 
 # =========================================================================== shared helpers
@@ -174,54 +174,6 @@ def html_page(title: str, body: str) -> str:
             f"<h1>{html.escape(title)}</h1>\n{body}\n</body>\n</html>\n")
 
 
-def froc_figure(curves: Sequence[Mapping], title: str = "FROC"):
-    """A matplotlib Figure of FROC curves on a log2 FP axis (1/8..8 per scan).
-
-    Each curve is a mapping with ``label``, ``fps`` and ``sensitivity`` (the curve's points),
-    optional ``points`` (the seven sensitivities, marked), ``band`` ((fps, lower, upper) filled),
-    ``lw``, ``style`` (matplotlib line style), ``color``. A curve whose sensitivities are all NaN
-    (no nodule) appears in the legend only. The curve is drawn as its linear interpolation (as the
-    seven points are read) on a dense log-spaced grid.
-    """
-    from matplotlib.figure import Figure
-
-    grid = np.geomspace(FPS_POINTS[0], FPS_POINTS[-1], 300)
-    fig = Figure(figsize=(6.6, 4.8))
-    ax = fig.add_subplot(1, 1, 1)
-    colors = [f"C{i}" for i in range(10)]
-    for i, curve in enumerate(curves):
-        color = curve.get("color", colors[i % len(colors)])
-        fps = np.asarray(curve["fps"], dtype=float)
-        sens = np.asarray(curve["sensitivity"], dtype=float)
-        ok = ~(np.isnan(fps) | np.isnan(sens))
-        if not ok.any():
-            ax.plot([], [], color=color, label=f"{curve['label']} (no nodules)")
-            continue
-        order = np.argsort(fps[ok], kind="stable")
-        y = np.interp(grid, fps[ok][order], sens[ok][order])
-        if curve.get("band") is not None:
-            bfps, lower, upper = (np.asarray(v, dtype=float) for v in curve["band"])
-            ax.fill_between(bfps, lower, upper, color=color, alpha=0.15, lw=0)
-        ax.plot(grid, y, color=color, lw=curve.get("lw", 1.5), ls=curve.get("style", "-"), label=curve["label"])
-        if curve.get("points") is not None:
-            ax.plot(FPS_POINTS, np.asarray(curve["points"], dtype=float), "o", color=color,
-                    ms=curve.get("ms", 4))
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(FPS_POINTS[0], FPS_POINTS[-1])
-    ax.set_xticks(FPS_POINTS)
-    ax.set_xticklabels(_TICK_LABELS)
-    ax.minorticks_off()
-    ax.set_ylim(0.0, 1.02)
-    ax.set_yticks(np.linspace(0, 1, 11))
-    ax.grid(True, alpha=0.35)
-    ax.set_xlabel("Average number of false positives per scan")
-    ax.set_ylabel("Sensitivity")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    return fig
-
-
 def write_png_atomic(png: bytes, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(png)
@@ -293,30 +245,6 @@ def summary_frame(fold_metrics: Sequence[tuple[int, Mapping]], pooled: Mapping |
     return frame
 
 
-def read_folds(path: str | Path) -> pd.DataFrame:
-    """``folds.csv`` -> frame with ``seriesuid`` (str) and ``fold`` (int), file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: folds file not found")
-    try:
-        frame = pd.read_csv(path, dtype={"seriesuid": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: malformed CSV: {exc}") from exc
-    missing = [c for c in ("seriesuid", "fold") if c not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected seriesuid,fold")
-    folds = pd.to_numeric(frame["fold"], errors="coerce")
-    if folds.isna().any() or (folds != folds.round()).any():
-        row = int(np.flatnonzero((folds.isna() | (folds != folds.round())).to_numpy())[0])
-        raise InputError(f"{path}: line {row + 2}: fold {frame['fold'].iloc[row]!r} is not an integer")
-    frame["seriesuid"] = frame["seriesuid"].str.strip()
-    if frame["seriesuid"].duplicated().any():
-        dup = frame["seriesuid"][frame["seriesuid"].duplicated()].iloc[0]
-        raise InputError(f"{path}: seriesuid {dup} appears twice")
-    frame["fold"] = folds.astype(int)
-    return frame[["seriesuid", "fold"]]
-
-
 def read_settings(probabilities_dir: str | Path) -> dict:
     """What ``predict`` recorded in ``threshold.json`` of a probabilities folder ({} when absent)."""
     path = Path(probabilities_dir) / "threshold.json"
@@ -344,19 +272,6 @@ def read_curve(path: str | Path) -> pd.DataFrame | None:
         log.warning("%s: no fps_per_scan/sensitivity columns, not drawn", path)
         return None
     return frame
-
-
-def _by_uid(files: Sequence[str | Path], suffix: str) -> dict[str, Path]:
-    out = {}
-    for f in files:
-        p = Path(f)
-        if not p.name.endswith(suffix):
-            raise InputError(f"{p}: expected a file named {{seriesuid}}{suffix}")
-        out[p.name[: -len(suffix)]] = p
-    return out
-
-
-# =========================================================================== crops
 
 
 def _slice_at(store: Path, center_xyz: Sequence[float]) -> tuple[int, np.ndarray, np.ndarray, Geometry, np.ndarray]:
@@ -471,7 +386,7 @@ def _row_class(fold: str) -> str:
 
 
 def _summary_table(summary: pd.DataFrame) -> str:
-    headers = ["fold", "scans", "nodules", "CPM", "CPM 95% CI"] + [f"sens@{t}" for t in _TICK_LABELS] + [
+    headers = ["fold", "scans", "nodules", "CPM", "CPM 95% CI"] + [f"sens@{t}" for t in FPS_LABELS] + [
         "Dice/nodule", "Dice detected", "Dice/scan", "pixel Dice", "pixel acc.", "pixel sens.", "pixel spec."]
     lines = [f"<table id=\"summary\"><caption>summary.csv — folds, pooled out-of-fold result, mean and "
              f"sd over folds</caption><thead><tr>"
@@ -493,7 +408,7 @@ def _summary_table(summary: pd.DataFrame) -> str:
 
 def _detection_table(fold_metrics: Sequence[tuple[int, Mapping]], pooled: Mapping) -> str:
     headers = (["fold", "scans", "nodules", "detected", "candidates", "false positives", "bootstrap draws"]
-               + [f"sens@{t} (95% CI)" for t in _TICK_LABELS])
+               + [f"sens@{t} (95% CI)" for t in FPS_LABELS])
     rows = []
     for name, m in [(str(k), m) for k, m in fold_metrics] + [("pooled", pooled)]:
         cis = m.get("sensitivities_ci") or [[None, None]] * len(FPS_POINTS)
@@ -641,7 +556,7 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     candidates = pd.concat(candidate_frames, ignore_index=True)
     uids = folds["seriesuid"].tolist()
     fold_of = dict(zip(folds["seriesuid"], folds["fold"]))
-    stores = _by_uid(slice_files, ".h5")
+    stores = paths_by_uid(slice_files, ".h5")
     missing = [u for u in uids if u not in stores]
     if missing:
         raise InputError(f"{folds_path}: scan {missing[0]} has no slice store among the {len(stores)} given "
@@ -671,9 +586,7 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
             fps, sens = curve["fps_per_scan"].to_numpy(float), curve["sensitivity"].to_numpy(float)
         curves.append({"label": f"fold {k} (CPM {fmt(_num(m['cpm']))})", "fps": fps, "sensitivity": sens,
                        "points": [_num(s) for s in m["sensitivities"]], "lw": 1.0, "style": "--", "ms": 3})
-    band = ((froc.band_fps, froc.band_lower, froc.band_upper) if froc.band_fps is not None else None)
-    curves.append({"label": f"pooled (CPM {fmt(froc.cpm)})", "fps": froc.fps, "sensitivity": froc.sensitivity,
-                   "points": froc.sensitivities, "band": band, "lw": 2.5, "color": "black", "ms": 5})
+    curves.append(result_curve("pooled", froc, lw=2.5, color="black", ms=5))
     froc_png = figure_png(froc_figure(curves, title=f"FROC: {n_folds} folds and pooled ({len(uids)} scans, "
                                                     f"{froc.n_nodules} nodules)"))
 
@@ -732,7 +645,6 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     out_dir = Path(out_summary).parent
     write_csv_atomic(ev.froc.curve_frame(), out_dir / POOLED_FROC)
     write_csv_atomic(nodules, out_dir / POOLED_NODULES)
-    from noduleflow.froc import write_json_atomic
 
     write_json_atomic({"fold": "pooled", **pooled,
                        "settings": {"folds": {str(k): s for k, s in settings.items()}, **_common(settings),

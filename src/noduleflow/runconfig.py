@@ -10,6 +10,7 @@ experiment that only changes ``train`` reuses the base's resampled scans, slices
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
 import importlib.util
@@ -34,22 +35,23 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "report": ((), ("evaluate",)),
 }
 
-#: stage -> noduleflow modules whose source it runs (a change reruns the stage and what follows)
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "synthesize": ("synthetic", "io"),
-    "lidc_annotations": ("lidc", "io"),
-    "resample": ("preprocess", "scans", "io"),
-    "lung_mask": ("lungmask", "io"),
-    "extract_slices": ("slices", "lungmask", "io"),
-    "split_folds": ("folds", "io"),
-    "sample_patches": ("sampling", "planes", "slices", "io"),
-    "train": ("train", "model", "losses", "intensity", "sampling"),
-    "predict": ("predict", "planes", "model", "intensity", "slices", "io"),
-    "evaluate": ("evaluate", "froc", "segmetrics", "predict", "io"),
-    "report": ("report", "evaluate", "froc", "segmetrics", "slices"),
-    "compare": ("experiments", "report"),
-    "apply": ("apply", "casepage", "predict", "planes", "model", "intensity", "preprocess", "lungmask",
-              "scans", "report", "io"),
+#: stage -> the noduleflow module its script runs. A stage's code digest covers that module and
+#: every noduleflow module it imports, directly or through another (found in the source, so a new
+#: import is covered without editing a list): see :func:`stage_modules` and :func:`code_digest`.
+STAGE_ENTRY: dict[str, str] = {
+    "synthesize": "synthetic",
+    "lidc_annotations": "lidc",
+    "resample": "preprocess",
+    "lung_mask": "lungmask",
+    "extract_slices": "slices",
+    "split_folds": "folds",
+    "sample_patches": "sampling",
+    "train": "train",
+    "predict": "predict",
+    "evaluate": "evaluate",
+    "report": "report",
+    "compare": "experiments",
+    "apply": "apply",
 }
 
 
@@ -155,18 +157,66 @@ def module_path(module: str) -> Path:
     """Source file of ``noduleflow.<module>``."""
     spec = importlib.util.find_spec(f"noduleflow.{module}")
     if spec is None or spec.origin is None:
-        raise ConfigError(f"noduleflow.{module} not found (STAGE_MODULES)")
+        raise ConfigError(f"noduleflow.{module} not found (STAGE_ENTRY or an import of noduleflow)")
     return Path(spec.origin)
 
 
+def noduleflow_imports(module: str) -> set[str]:
+    """The noduleflow modules ``noduleflow.<module>`` imports, at the top or inside a function."""
+    tree = ast.parse(module_path(module).read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            parts = node.module.split(".")
+            if parts[0] == "noduleflow":
+                found |= {a.name for a in node.names} if len(parts) == 1 else {parts[1]}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("noduleflow.")}
+    return found
+
+
+def stage_modules(stage: str) -> tuple[str, ...]:
+    """Every noduleflow module ``stage`` runs: its entry module first, then what it imports,
+    transitively, sorted."""
+    entry = STAGE_ENTRY[stage]
+    reached: set[str] = set()
+    todo = [entry]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(sorted(noduleflow_imports(module)))
+    return (entry, *sorted(reached - {entry}))
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` without the docstrings of its module, classes and functions (in place)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_fingerprint(path: str | Path) -> bytes:
+    """What a Python source file does, without its comments, docstrings and layout: the dump of
+    its syntax tree (no line numbers) with docstrings removed. Editing documentation leaves it
+    unchanged; any change to code changes it."""
+    tree = _strip_docstrings(ast.parse(Path(path).read_text()))
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def code_digest(stage: str) -> str:
-    """SHA-256 (first 16 hex digits) of the source of the noduleflow modules ``stage`` runs.
+    """SHA-256 (first 16 hex digits) of the code of the noduleflow modules ``stage`` runs
+    (:func:`stage_modules`, :func:`code_fingerprint`).
 
     Snakemake only tracks the ``script:`` file; passing this as a ``params:`` value makes a change
-    in a module rerun the stages that use it, and only those.
+    in a module's code rerun the stages that use it, and only those; comments and docstrings
+    rerun nothing.
     """
     digest = hashlib.sha256()
-    for module in STAGE_MODULES[stage]:
-        path = module_path(module)
-        digest.update(module.encode() + b"\0" + path.read_bytes() + b"\0")
+    for module in stage_modules(stage):
+        digest.update(module.encode() + b"\0" + code_fingerprint(module_path(module)) + b"\0")
     return digest.hexdigest()[:16]

@@ -61,15 +61,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from noduleflow.intensity import AIR_HU, apply_roi
+from noduleflow.intensity import AIR_HU, BODY_MIN_HU, apply_roi
 from noduleflow.io import InputError, atomic_path, open_h5
 from noduleflow.planes import PLANES, check_planes, context_offsets, indices_from_plane, split_count, to_plane
 
 log = logging.getLogger(__name__)
 
 KINDS = ("positive", "hard_negative", "negative")
-#: body region without a lung ROI (as at inference): HU above this, or lung
-BODY_MIN_HU = -500
 #: per-patch chunks, compressed (fast gzip level with byte shuffle)
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 PATCH_DATASETS = ("image", "mask", "roi")
@@ -80,11 +78,11 @@ TABLE_DATASETS = ("seriesuid", "z", "y", "x", "kind", "plane")
 
 
 def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Path, lung_roi: bool,
-                            patch_size: int = 64, context: int = 1, patches_per_scan: int = 160,
+                            patch_size: int = 64, context: int = 3, patches_per_scan: int = 160,
                             positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5,
                             hard_negative_min_hu: float = -500, jitter_fraction: float = 0.35,
                             seed: int = 0, planes: Sequence[str] = PLANES, thick_negative_fraction: float = 0.5,
-                            thick_negative_sigma_mm: float = 2.0, context_step: int = 1) -> dict:
+                            thick_negative_sigma_mm: float = 2.0, context_step: int = 2) -> dict:
     """Sample balanced patches from every slice store in ``slice_files`` into ``out_h5``.
 
     See the module docstring for the scheme and the file format. ``patch_size`` in pixels,
@@ -170,8 +168,8 @@ def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Pat
 
 
 def _check_settings(patch_size: int, context: int, patches_per_scan: int, positive_fraction: float,
-                    hard_negative_fraction: float, jitter_fraction: float, thick_negative_fraction: float = 0.0,
-                    thick_negative_sigma_mm: float = 2.0, context_step: int = 1) -> None:
+                    hard_negative_fraction: float, jitter_fraction: float, thick_negative_fraction: float,
+                    thick_negative_sigma_mm: float, context_step: int) -> None:
     if int(patch_size) < 2:
         raise ValueError(f"sampling.patch_size = {patch_size}: must be at least 2 pixels")
     if int(context) < 0:
@@ -268,11 +266,11 @@ def scan_rng(seed: int, uid: str) -> np.random.Generator:
 
 
 def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: int, patch_size: int = 64,
-                context: int = 1, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
+                context: int = 3, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
                 jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
                 thick_negative_fraction: float = 0.5,
                 thick_negative_sigma_mm: float = 2.0,
-                context_step: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                context_step: int = 2) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
     "kind", "plane"}``): ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
     negatives, of which a ``hard_negative_fraction`` share hard ones (a ``thick_negative_fraction``
@@ -320,7 +318,7 @@ def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rng:
                    lung_roi: bool, n_positive: int, n_negative: int, patch_size: int,
                    hard_negative_fraction: float, hard_negative_min_hu: float,
                    jitter_fraction: float, thick: np.ndarray | None = None,
-                   thick_negative_fraction: float = 0.0) -> tuple[np.ndarray, list[str]]:
+                   thick_negative_fraction: float = 0.5) -> tuple[np.ndarray, list[str]]:
     """Patch centres (k, 3) int64 voxel indices and their kinds (positives, then hard negatives, then
     negatives). Volumes image HU, lung 0/1, nodule ids, all in one axis order (slices along axis 0:
     (z, y, x) for axial patches, see :func:`noduleflow.planes.to_plane`); centres in that order.
@@ -457,7 +455,7 @@ def _draw(candidates: np.ndarray, n: int, rng: np.random.Generator, replace: boo
 
 
 def cut_patches(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, centres: np.ndarray, patch_size: int,
-                context: int, lung_roi: bool, context_step: int = 1) -> dict[str, np.ndarray]:
+                context: int, lung_roi: bool, context_step: int) -> dict[str, np.ndarray]:
     """``image`` int16 (k, c, p, p) (ROI applied per channel when ``lung_roi``), ``mask`` and ``roi``
     uint8 (k, p, p) of the centre slice, for centres (k, 3) (z, y, x). Outside the volume: -1000 HU
     and 0; channels are slices ``z + j * context_step``, ``j = -context .. context``, clamped to the

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from noduleflow.io import Geometry, InputError, atomic_path, check_same_grid, open_h5, read_image
-from noduleflow.lungmask import nodule_inside_share
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +94,19 @@ def extract_slices(image_path: str | Path, lung_path: str | Path, labels_path: s
                 "%s: nodule %d: %.1f %% of its voxels inside the lung mask", uid, label, 100 * share)
     return table
 
+
+
+def nodule_inside_share(mask: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Per nodule, the share (0-1) of its voxels inside the lung mask: ``{label: share}`` for every
+    label > 0 present in ``labels`` (a nodule label map on the mask's grid, z, y, x)."""
+    if mask.shape != labels.shape:
+        raise ValueError(f"nodule_inside_share: mask {mask.shape} and labels {labels.shape} differ")
+    flat = np.asarray(labels).ravel().astype(np.int64, copy=False)
+    if flat.size == 0 or flat.max() <= 0:
+        return {}
+    total = np.bincount(flat)
+    inside = np.bincount(flat, weights=(np.asarray(mask).ravel() > 0), minlength=total.size)
+    return {int(k): float(inside[k] / total[k]) for k in np.flatnonzero(total) if k > 0}
 
 
 # --------------------------------------------------------------------------- readers

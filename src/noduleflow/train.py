@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from noduleflow.folds import read_folds
 from noduleflow.intensity import normalize_intensity
 from noduleflow.io import InputError, atomic_path, write_csv_atomic
 from noduleflow.losses import LOSSES, make_loss
@@ -188,22 +189,6 @@ def _load_patch_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
             "patch_size": int(attrs.get("patch_size", image.shape[-1])),
             "lung_roi": bool(attrs.get("lung_roi", True))}
     return arrays, meta
-
-
-def _read_folds(path: Path, fold: int) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: folds file not found")
-    folds = pd.read_csv(path, dtype={"seriesuid": str})
-    missing = [c for c in ("seriesuid", "fold") if c not in folds.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected header seriesuid,fold")
-    if folds["seriesuid"].duplicated().any():
-        uid = folds["seriesuid"][folds["seriesuid"].duplicated()].iloc[0]
-        raise InputError(f"{path}: seriesuid {uid} is listed twice")
-    if fold not in set(folds["fold"].astype(int)):
-        raise InputError(f"{path}: fold {fold} not found (folds: {sorted(set(folds['fold'].astype(int)))})")
-    return folds
 
 
 def inner_split(uids: list[str], has_positive: Mapping[str, bool], fraction: float,
@@ -652,7 +637,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
     cfg = resolve_config(train_cfg)
     fold = int(fold)
     patches_path, checkpoint_dir = Path(patches_path), Path(checkpoint_dir)
-    folds = _read_folds(Path(folds_path), fold)
+    folds = read_folds(folds_path, fold)
     arrays, patch_meta = _load_patch_file(patches_path)
 
     patch_uids = np.asarray(arrays["seriesuid"]).astype(str)

@@ -15,7 +15,6 @@ from noduleflow.runconfig import (
 from noduleflow.scans import find_scans, scan_suffix
 from noduleflow.synthetic import cohort_uids
 
-
 check_config(config)
 RUNS = run_configs(config)
 for _prefix, _run in RUNS.items():
@@ -89,8 +88,9 @@ def _discover():
     if wanted is not None:
         unknown = [u for u in wanted if u not in found]
         if unknown:
-            raise InputError(f"dataset.seriesuids: {len(unknown)} seriesuid(s) have no scan under "
-                             f"{DATA_ROOT}, e.g. {unknown[0]}")
+            raise InputError(
+                f"dataset.seriesuids: {len(unknown)} seriesuid(s) have no scan under {DATA_ROOT}, e.g. {unknown[0]}"
+            )
         found = {u: found[u] for u in wanted}
     return found
 
@@ -108,8 +108,10 @@ def _annotation_rows():
     table = read_annotations(ANNOTATIONS)
     orphans = sorted(set(table["seriesuid"]) - set(ALL_SCANS))
     if orphans:
-        raise InputError(f"{ANNOTATIONS}: {len(orphans)} annotation(s) name a seriesuid with no scan "
-                         f"under {DATA_ROOT}, e.g. {orphans[0]}")
+        raise InputError(
+            f"{ANNOTATIONS}: {len(orphans)} annotation(s) name a seriesuid with no scan "
+            f"under {DATA_ROOT}, e.g. {orphans[0]}"
+        )
     rows = {}
     for uid, group in table.groupby("seriesuid", sort=False):
         rows[uid] = group[["coordX", "coordY", "coordZ", "diameter_mm"]].round(6).values.tolist()
@@ -117,6 +119,7 @@ def _annotation_rows():
 
 
 ANNOTATION_ROWS = _annotation_rows()
+
 
 wildcard_constraints:
     prefix="results/(experiments/[A-Za-z0-9_-]+/)?",

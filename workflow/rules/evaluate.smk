@@ -13,7 +13,12 @@ rule evaluate:
         metrics="{prefix}reports/fold{k}/metrics.json",
         froc="{prefix}reports/fold{k}/froc.csv",
         nodules="{prefix}reports/fold{k}/nodules.csv",
-        plot=report("{prefix}reports/fold{k}/froc.png", category="FROC", subcategory="per fold"),
+        plot=report(
+            "{prefix}reports/fold{k}/froc.png",
+            caption="../report/froc_fold.rst",
+            category="FROC",
+            subcategory="per fold",
+        ),
     params:
         cfg=params_of("evaluate"),
         code=code_digest("evaluate"),
@@ -41,8 +46,10 @@ rule report:
         slices=slice_files,
         annotations=ANNOTATIONS,
     output:
-        summary="{prefix}reports/summary.csv",
-        plot=report("{prefix}reports/froc.png", category="FROC", subcategory="pooled"),
+        summary=report("{prefix}reports/summary.csv", caption="../report/summary.rst", category="Summary"),
+        plot=report(
+            "{prefix}reports/froc.png", caption="../report/froc_pooled.rst", category="FROC", subcategory="pooled"
+        ),
         html="{prefix}reports/report.html",
         pooled_froc="{prefix}reports/froc_pooled.csv",
         pooled_nodules="{prefix}reports/nodules_pooled.csv",
@@ -70,7 +77,7 @@ rule compare_experiments:
     output:
         table="results/experiments/comparison.csv",
         html="results/experiments/comparison.html",
-        plot=report("results/experiments/froc.png", category="Experiments"),
+        plot=report("results/experiments/froc.png", caption="../report/froc_experiments.rst", category="Experiments"),
     params:
         code=code_digest("compare"),
     log:
