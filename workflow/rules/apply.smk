@@ -10,19 +10,19 @@ rule apply:
         html=f"{config['apply']['output']}/predictions.html",
         labels=directory(f"{config['apply']['output']}/labels"),
         probabilities=directory(f"{config['apply']['output']}/probabilities"),
-    log:
-        f"{config['apply']['output']}/predict.log",
-    benchmark:
-        "results/benchmarks/apply.tsv"
-    conda:
-        "../../envs/train.yaml"
-    threads: 2
-    resources:
-        mem_mb=12000,
-        runtime=120,
     params:
         cfg=lambda wc: stage_params(RUNS[BASE_PREFIX], "predict"),
         inputs=lambda wc: config["apply"]["input"],
         code=code_digest("apply"),
+    log:
+        f"{config['apply']['output']}/predict.log",
+    benchmark:
+        "results/benchmarks/apply.tsv"
+    threads: 2
+    resources:
+        mem_mb=12000,
+        runtime=120,
+    conda:
+        "../../envs/train.yaml"
     script:
         "../scripts/apply.py"

@@ -25,12 +25,16 @@ for _prefix, _run in RUNS.items():
 SYNTHETIC = config["dataset"]["root"] is None
 DATA_ROOT = Path(config["synthetic"]["output"] if SYNTHETIC else config["dataset"]["root"])
 # Real data: every scan under the root, any accepted format, discovered once (seriesuid -> path)
-ALL_SCANS = {} if SYNTHETIC else {
-    u: str(p) for u, p in find_scans(DATA_ROOT, skip_dirs=[d for d in [config["dataset"]["masks"]] if d]).items()
-}
+ALL_SCANS = (
+    {}
+    if SYNTHETIC
+    else {u: str(p) for u, p in find_scans(DATA_ROOT, skip_dirs=[d for d in [config["dataset"]["masks"]] if d]).items()}
+)
 if not SYNTHETIC and not ALL_SCANS:
-    raise InputError(f"{DATA_ROOT}: no scans found (expected DICOM series folders or files ending in "
-                     f"{', '.join(('.mhd', '.mha', '.nrrd', '.nii', '.nii.gz'))}; config dataset.root)")
+    raise InputError(
+        f"{DATA_ROOT}: no scans found (expected DICOM series folders or files ending in "
+        f"{', '.join(('.mhd', '.mha', '.nrrd', '.nii', '.nii.gz'))}; config dataset.root)"
+    )
 
 
 def _lidc_xml():
@@ -49,8 +53,10 @@ def _annotation_source():
     if not (DATA_ROOT / name).is_file() and name == "annotations.csv" and any(_lidc_xml().values()):
         return "lidc"
     if not (DATA_ROOT / name).is_file():
-        raise InputError(f"{DATA_ROOT / name}: annotations file not found (config dataset.annotations; "
-                         f"'lidc_xml' derives them from LIDC-IDRI readers' XML)")
+        raise InputError(
+            f"{DATA_ROOT / name}: annotations file not found (config dataset.annotations; "
+            f"'lidc_xml' derives them from LIDC-IDRI readers' XML)"
+        )
     return "csv"
 
 
@@ -66,9 +72,11 @@ else:
     if not SYNTHETIC and config["dataset"]["excluded"]:
         EXCLUDED = str(DATA_ROOT / config["dataset"]["excluded"])
         if not Path(EXCLUDED).is_file():
-            raise InputError(f"{EXCLUDED}: excluded findings file not found (config dataset.excluded). "
-                             f"LUNA16 scores with annotations_excluded.csv; set dataset.excluded: null "
-                             f"to evaluate without excluded findings")
+            raise InputError(
+                f"{EXCLUDED}: excluded findings file not found (config dataset.excluded). "
+                f"LUNA16 scores with annotations_excluded.csv; set dataset.excluded: null "
+                f"to evaluate without excluded findings"
+            )
 # strata of the folds: the synthetic cohort writes its own (rule synthesize_annotations); on real data
 # the file is used when it exists
 _strata = DATA_ROOT / config["dataset"]["strata"] if config["dataset"]["strata"] else None
@@ -267,13 +275,9 @@ def apply_inputs(wildcards):
             "config apply.input is null: set it to the scans to apply the models to "
             "(image files, DICOM series folders or data roots)"
         )
-    paths = (
-        [block["input"]] if isinstance(block["input"], str) else list(block["input"])
-    )
+    paths = [block["input"]] if isinstance(block["input"], str) else list(block["input"])
     scans = [str(p) for p in discover_inputs(paths).values()]
     scans += [re.sub(r"\.mhd$", ".raw", s) for s in scans if scan_suffix(s) == ".mhd"]
-    folds = (
-        block["folds"] if block["folds"] is not None else list(folds_of(BASE_PREFIX))
-    )
+    folds = block["folds"] if block["folds"] is not None else list(folds_of(BASE_PREFIX))
     models = f"{stage_owner(RUNS, BASE_PREFIX, 'train')}models"
     return {"models": [f"{models}/fold{k}/model.pt" for k in folds], "scans": scans}
