@@ -227,3 +227,53 @@ def test_compare_reads_what_the_report_writes(tmp_path):
     assert table.loc["roi_complementary", "paper_dice"] == 0.701
     assert table.loc["no_roi", "cpm_pooled"] == pytest.approx(0.5)
     assert table.loc["no_roi", "cpm_mean"] == pytest.approx(0.5)   # fold 1 has no nodules
+
+
+def test_learning_curve_of_training_scans_per_labelling(tmp_path):
+    """Experiments with train.training_scans: comparison.csv records the number, comparison.html
+    adds pixel Dice and CPM against training scans per fold, one line per labelling."""
+    settings = {"positive": {"label_mode": "positive", "lung_roi": True, "hybrid_output": "positive"},
+                "complementary": {"label_mode": "complementary", "lung_roi": True, "hybrid_output": "positive"}}
+    summaries, scans = {}, {}
+    for labelling, dice in (("positive", 0.5), ("complementary", 0.4)):
+        for n in (2, 4, None):
+            name = f"{labelling}_{n or 'all'}"
+            gain = {2: 0.0, 4: 0.1, None: 0.2}[n]
+            folds = [_metrics(0.5 + gain, dice + gain), _metrics(0.7 + gain, dice + gain)]
+            pooled = {**_metrics(0.6 + gain, dice + gain), "n_scans": 20}   # 10 per fold
+            summaries[name] = _experiment(tmp_path, name, folds, pooled, settings[labelling])
+            scans[name] = n
+    out = tmp_path / "out"
+    table = compare_experiments(summaries, out_table=out / "comparison.csv", out_html=out / "comparison.html",
+                                out_plot=out / "froc.png", training_scans=scans).set_index("name")
+    written = pd.read_csv(out / "comparison.csv").set_index("name")
+    assert written.loc["positive_2", "training_scans"] == 2
+    assert math.isnan(written.loc["positive_all", "training_scans"])   # all
+    # all: 20 scans in 2 folds, each fold trained on the other 10
+    assert written["training_scans_per_fold"].tolist() == [2, 4, 10] * 2
+    assert table.loc["complementary_4", "pixel_dice_pooled"] == pytest.approx(0.5)
+    parser = _Tags()
+    parser.feed((out / "comparison.html").read_text(encoding="utf-8"))
+    assert parser.table_rows["learning_curve"] == 1 + 6   # labelling x training scans
+    images = [a for t, a in parser.tags if t == "img"]
+    assert len(images) == 2   # FROC and the learning curve
+    assert base64.b64decode(images[1]["src"].split(",", 1)[1]).startswith(PNG_MAGIC)
+    text = " ".join(parser.text)
+    assert "Learning curve" in text and "lung ROI, complementary labels" in text
+
+
+def test_learning_curve_figure_draws_a_line_per_labelling():
+    from noduleflow.experiments import learning_curve_figure
+
+    table = pd.DataFrame({"description": ["lung ROI, positive labels"] * 3 + ["lung ROI, complementary labels"] * 3,
+                          "label_mode": ["positive"] * 3 + ["complementary"] * 3,
+                          "training_scans_per_fold": [2, 4, 16] * 2,
+                          "pixel_dice_pooled": [0.3, 0.5, 0.8, 0.2, 0.4, 0.7],
+                          "cpm_pooled": [0.4, 0.6, 0.9, 0.3, 0.5, 0.8]})
+    fig = learning_curve_figure(table)
+    dice_axes, cpm_axes = fig.axes
+    assert [line.get_label() for line in dice_axes.lines] == ["lung ROI, positive labels",
+                                                              "lung ROI, complementary labels"]
+    assert list(dice_axes.lines[1].get_ydata()) == [0.2, 0.4, 0.7]
+    assert list(cpm_axes.lines[0].get_xdata()) == [2, 4, 16]
+    assert [t.get_text() for t in dice_axes.get_xticklabels()] == ["2", "4", "16"]
