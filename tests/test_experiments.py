@@ -45,7 +45,8 @@ def test_paper_config_defines_the_articles_five_settings_with_dice_loss(paper_ru
     assert set(ARTICLE_NAMES) == set(PAPER_TABLE2)   # every experiment maps to an article row
     settings = {name: runs[_prefix(name)] for name in ARTICLE_NAMES}
     for name, cfg in settings.items():
-        assert cfg["train"]["loss"] == "dice", name
+        # the article's Dice loss; for complementary labels the Dice over both classes (the plain one collapses)
+        assert cfg["train"]["loss"] == ("dice_both" if name == "roi_complementary" else "dice"), name
         assert cfg["preprocess"]["lung_roi"] is (name != "no_roi"), name
         # nothing else differs from the base but what the article varies
         for block in ("sampling", "cv", "lungmask", "evaluate"):
@@ -277,3 +278,50 @@ def test_learning_curve_figure_draws_a_line_per_labelling():
     assert list(dice_axes.lines[1].get_ydata()) == [0.2, 0.4, 0.7]
     assert list(cpm_axes.lines[0].get_xdata()) == [2, 4, 16]
     assert [t.get_text() for t in dice_axes.get_xticklabels()] == ["2", "4", "16"]
+
+
+# --------------------------------------------------------------------------- config/paper_small_data.yaml
+
+LABELLINGS = {"positive": "roi_positive", "complementary": "roi_complementary", "hybrid": "roi_hybrid_positive"}
+
+
+@pytest.fixture(scope="module")
+def small_data_runs(repo_root):
+    base = yaml.safe_load((repo_root / "config.yaml").read_text())
+    overlay = yaml.safe_load((repo_root / "config" / "paper_small_data.yaml").read_text())
+    return base, overlay, run_configs(deep_merge(base, overlay))
+
+
+def test_small_data_config_trains_each_labelling_on_2_4_8_and_all_scans(small_data_runs, paper_runs, repo_root):
+    from snakemake.utils import validate
+
+    base, overlay, runs = small_data_runs
+    assert set(overlay) == {"experiments"}
+    names = {(labelling, n): (f"{labelling}_{n}" if n else all_name)
+             for labelling, all_name in LABELLINGS.items() for n in (2, 4, 8, None)}
+    assert sorted(overlay["experiments"]) == sorted(names.values())
+    for (labelling, n), name in names.items():
+        cfg = runs[_prefix(name)]
+        validate(cfg, str(repo_root / "workflow" / "schemas" / "config.schema.yaml"), set_default=True)
+        assert cfg["train"]["label_mode"] == labelling and cfg["train"].get("training_scans") == n, name
+        if labelling == "hybrid":
+            assert cfg["predict"]["hybrid_output"] == "positive"
+        # the same scans, folds (held-out scans) and patches as the base: only training differs
+        for stage in ("resample", "lung_mask", "extract_slices", "split_folds", "sample_patches"):
+            assert stage_owner(runs, _prefix(name), stage) == BASE_PREFIX, (name, stage)
+    for n in (2, 4, 8, None):
+        # at one size the labellings differ only in labels and their loss
+        blocks = [{k: v for k, v in runs[_prefix(names[(lab, n)])]["train"].items() if k not in ("label_mode", "loss")}
+                  for lab in LABELLINGS]
+        assert blocks[0] == blocks[1] == blocks[2], n
+    # fewer scans, more epochs of fewer batches: as many optimiser steps (early stopping scaled alike)
+    epochs = [runs[_prefix(names[("positive", n)])]["train"]["epochs"] for n in (2, 4, 8, None)]
+    patience = [runs[_prefix(names[("positive", n)])]["train"]["early_stopping_patience"] for n in (2, 4, 8, None)]
+    assert epochs == sorted(epochs, reverse=True) and epochs[-1] == base["train"]["epochs"]
+    assert patience[-1] == base["train"]["early_stopping_patience"]
+    assert all(abs(p / e - patience[-1] / epochs[-1]) < 0.05 for p, e in zip(patience, epochs))
+    # the "all" rows are config/paper_table2.yaml's rows: reused after `make experiments`
+    _, _, table2_runs = paper_runs
+    for all_name in LABELLINGS.values():
+        for block in ("train", "predict", "preprocess", "sampling", "evaluate"):
+            assert runs[_prefix(all_name)][block] == table2_runs[_prefix(all_name)][block], (all_name, block)
