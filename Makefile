@@ -1,7 +1,8 @@
 # make run   — build the default pipeline (synthetic cohort -> reports) in a local venv
 # make test  — the test suite (what CI runs)
 # make experiments — the article's Table 2 settings side by side (config/paper_table2.yaml)
-# make small-data  — its small-data claim: each labelling on 2, 4, 8 and all training scans (config/paper_small_data.yaml)
+# make small-data  — its small-data claim: each labelling on 2, 4, 8 and all training scans
+#                    (config/paper_small_data.yaml)
 PYTHON ?= python3
 VENV   ?= .venv
 CORES  ?= 2

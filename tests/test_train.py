@@ -258,7 +258,8 @@ def test_complementary_labels_learn_nodules_that_are_2_percent_of_the_pixels_wha
     for seed in (3, 4, 5):
         meta, history, _ = run(data, tmp_path / f"seed{seed}", epochs=12, label_mode="complementary",
                                loss="dice_both", ema_decay=0.0, seed=seed, threads=1)
-        assert history["val_dice"].max() > 0.5 and meta["heldout_patch_dice"] > 0.5, (seed, history["val_dice"].tolist())
+        assert history["val_dice"].max() > 0.5 and meta["heldout_patch_dice"] > 0.5, \
+            (seed, history["val_dice"].tolist())
 
 
 def test_augmentation_moves_image_and_mask_together_and_is_seeded():
