@@ -45,7 +45,8 @@ def test_paper_config_defines_the_articles_five_settings_with_dice_loss(paper_ru
     assert set(ARTICLE_NAMES) == set(PAPER_TABLE2)   # every experiment maps to an article row
     settings = {name: runs[_prefix(name)] for name in ARTICLE_NAMES}
     for name, cfg in settings.items():
-        assert cfg["train"]["loss"] == "dice", name
+        # the article's Dice loss; for complementary labels the Dice over both classes (the plain one collapses)
+        assert cfg["train"]["loss"] == ("dice_both" if name == "roi_complementary" else "dice"), name
         assert cfg["preprocess"]["lung_roi"] is (name != "no_roi"), name
         # nothing else differs from the base but what the article varies
         for block in ("sampling", "cv", "lungmask", "evaluate"):
@@ -227,3 +228,100 @@ def test_compare_reads_what_the_report_writes(tmp_path):
     assert table.loc["roi_complementary", "paper_dice"] == 0.701
     assert table.loc["no_roi", "cpm_pooled"] == pytest.approx(0.5)
     assert table.loc["no_roi", "cpm_mean"] == pytest.approx(0.5)   # fold 1 has no nodules
+
+
+def test_learning_curve_of_training_scans_per_labelling(tmp_path):
+    """Experiments with train.training_scans: comparison.csv records the number, comparison.html
+    adds pixel Dice and CPM against training scans per fold, one line per labelling."""
+    settings = {"positive": {"label_mode": "positive", "lung_roi": True, "hybrid_output": "positive"},
+                "complementary": {"label_mode": "complementary", "lung_roi": True, "hybrid_output": "positive"}}
+    summaries, scans = {}, {}
+    for labelling, dice in (("positive", 0.5), ("complementary", 0.4)):
+        for n in (2, 4, None):
+            name = f"{labelling}_{n or 'all'}"
+            gain = {2: 0.0, 4: 0.1, None: 0.2}[n]
+            folds = [_metrics(0.5 + gain, dice + gain), _metrics(0.7 + gain, dice + gain)]
+            pooled = {**_metrics(0.6 + gain, dice + gain), "n_scans": 20}   # 10 per fold
+            summaries[name] = _experiment(tmp_path, name, folds, pooled, settings[labelling])
+            scans[name] = n
+    out = tmp_path / "out"
+    table = compare_experiments(summaries, out_table=out / "comparison.csv", out_html=out / "comparison.html",
+                                out_plot=out / "froc.png", training_scans=scans).set_index("name")
+    written = pd.read_csv(out / "comparison.csv").set_index("name")
+    assert written.loc["positive_2", "training_scans"] == 2
+    assert math.isnan(written.loc["positive_all", "training_scans"])   # all
+    # all: 20 scans in 2 folds, each fold trained on the other 10
+    assert written["training_scans_per_fold"].tolist() == [2, 4, 10] * 2
+    assert table.loc["complementary_4", "pixel_dice_pooled"] == pytest.approx(0.5)
+    parser = _Tags()
+    parser.feed((out / "comparison.html").read_text(encoding="utf-8"))
+    assert parser.table_rows["learning_curve"] == 1 + 6   # labelling x training scans
+    images = [a for t, a in parser.tags if t == "img"]
+    assert len(images) == 2   # FROC and the learning curve
+    assert base64.b64decode(images[1]["src"].split(",", 1)[1]).startswith(PNG_MAGIC)
+    text = " ".join(parser.text)
+    assert "Learning curve" in text and "lung ROI, complementary labels" in text
+
+
+def test_learning_curve_figure_draws_a_line_per_labelling():
+    from noduleflow.experiments import learning_curve_figure
+
+    table = pd.DataFrame({"description": ["lung ROI, positive labels"] * 3 + ["lung ROI, complementary labels"] * 3,
+                          "label_mode": ["positive"] * 3 + ["complementary"] * 3,
+                          "training_scans_per_fold": [2, 4, 16] * 2,
+                          "pixel_dice_pooled": [0.3, 0.5, 0.8, 0.2, 0.4, 0.7],
+                          "cpm_pooled": [0.4, 0.6, 0.9, 0.3, 0.5, 0.8]})
+    fig = learning_curve_figure(table)
+    dice_axes, cpm_axes = fig.axes
+    assert [line.get_label() for line in dice_axes.lines] == ["lung ROI, positive labels",
+                                                              "lung ROI, complementary labels"]
+    assert list(dice_axes.lines[1].get_ydata()) == [0.2, 0.4, 0.7]
+    assert list(cpm_axes.lines[0].get_xdata()) == [2, 4, 16]
+    assert [t.get_text() for t in dice_axes.get_xticklabels()] == ["2", "4", "16"]
+
+
+# --------------------------------------------------------------------------- config/paper_small_data.yaml
+
+LABELLINGS = {"positive": "roi_positive", "complementary": "roi_complementary", "hybrid": "roi_hybrid_positive"}
+
+
+@pytest.fixture(scope="module")
+def small_data_runs(repo_root):
+    base = yaml.safe_load((repo_root / "config.yaml").read_text())
+    overlay = yaml.safe_load((repo_root / "config" / "paper_small_data.yaml").read_text())
+    return base, overlay, run_configs(deep_merge(base, overlay))
+
+
+def test_small_data_config_trains_each_labelling_on_2_4_8_and_all_scans(small_data_runs, paper_runs, repo_root):
+    from snakemake.utils import validate
+
+    base, overlay, runs = small_data_runs
+    assert set(overlay) == {"experiments"}
+    names = {(labelling, n): (f"{labelling}_{n}" if n else all_name)
+             for labelling, all_name in LABELLINGS.items() for n in (2, 4, 8, None)}
+    assert sorted(overlay["experiments"]) == sorted(names.values())
+    for (labelling, n), name in names.items():
+        cfg = runs[_prefix(name)]
+        validate(cfg, str(repo_root / "workflow" / "schemas" / "config.schema.yaml"), set_default=True)
+        assert cfg["train"]["label_mode"] == labelling and cfg["train"].get("training_scans") == n, name
+        if labelling == "hybrid":
+            assert cfg["predict"]["hybrid_output"] == "positive"
+        # the same scans, folds (held-out scans) and patches as the base: only training differs
+        for stage in ("resample", "lung_mask", "extract_slices", "split_folds", "sample_patches"):
+            assert stage_owner(runs, _prefix(name), stage) == BASE_PREFIX, (name, stage)
+    for n in (2, 4, 8, None):
+        # at one size the labellings differ only in labels and their loss
+        blocks = [{k: v for k, v in runs[_prefix(names[(lab, n)])]["train"].items() if k not in ("label_mode", "loss")}
+                  for lab in LABELLINGS]
+        assert blocks[0] == blocks[1] == blocks[2], n
+    # fewer scans, more epochs of fewer batches: as many optimiser steps (early stopping scaled alike)
+    epochs = [runs[_prefix(names[("positive", n)])]["train"]["epochs"] for n in (2, 4, 8, None)]
+    patience = [runs[_prefix(names[("positive", n)])]["train"]["early_stopping_patience"] for n in (2, 4, 8, None)]
+    assert epochs == sorted(epochs, reverse=True) and epochs[-1] == base["train"]["epochs"]
+    assert patience[-1] == base["train"]["early_stopping_patience"]
+    assert all(abs(p / e - patience[-1] / epochs[-1]) < 0.05 for p, e in zip(patience, epochs))
+    # the "all" rows are config/paper_table2.yaml's rows: reused after `make experiments`
+    _, _, table2_runs = paper_runs
+    for all_name in LABELLINGS.values():
+        for block in ("train", "predict", "preprocess", "sampling", "evaluate"):
+            assert runs[_prefix(all_name)][block] == table2_runs[_prefix(all_name)][block], (all_name, block)

@@ -59,3 +59,57 @@ def test_losses_handle_two_channels_and_reject_mismatched_shapes():
         make_loss("dice")(torch.zeros(4, 2, 16, 16), torch.zeros(4, 1, 16, 16))
     with pytest.raises(ValueError):
         make_loss("hinge")
+
+
+def _nodules_2_percent():
+    """(8, 1, 32, 32) targets: a disc of ~5 % of the pixels in every other patch, ~2 % overall,
+    about the nodule share of the default cohort's patches."""
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    targets = torch.zeros(8, 1, 32, 32)
+    for i in range(0, 8, 2):
+        targets[i, 0] = (((yy - 10 - i) ** 2 + (xx - 16) ** 2) <= 16).float()
+    return targets
+
+
+def test_the_all_not_nodule_answer_is_cheap_under_the_plain_dice_of_complementary_labels_but_not_dice_both():
+    """Why complementary labels collapse with the plain (batch or per-patch) Dice: the target "not
+    nodule" covers ~98 % of the pixels, so answering "not nodule" everywhere already scores a loss
+    near 0.01. dice_both also scores the nodule map 1 - output, so that answer costs ~0.5."""
+    nodule = _nodules_2_percent()
+    assert 0.01 < float(nodule.mean()) < 0.03
+    complement = 1 - nodule
+    everywhere = torch.full_like(complement, 20.0)  # sigmoid = 1: "not nodule" everywhere
+    perfect = (2 * complement - 1) * 20
+    assert float(make_loss("dice")(everywhere, complement)) < 0.02
+    assert float(make_loss("dice_patch")(everywhere, complement)) < 0.03
+    assert float(make_loss("dice_both")(everywhere, complement)) > 0.45
+    for name in ("dice", "dice_patch", "dice_both"):
+        assert float(make_loss(name)(perfect, complement)) < 1e-3
+    # the positive labels' Dice charges the all-background answer fully, as dice_both does
+    assert float(make_loss("dice")(-everywhere, nodule)) > 0.9
+
+
+def test_dice_both_of_complementary_labels_is_that_of_positive_labels_with_the_output_flipped():
+    g = torch.Generator().manual_seed(1)
+    nodule = _nodules_2_percent()
+    logits = torch.randn(nodule.shape, generator=g) * 3
+    weight = (torch.rand(8, 32, 32, generator=g) < 0.8).float()
+    # nodule probability 1 - sigmoid(z) = sigmoid(-z): the same task seen from the other side
+    complementary = make_loss("dice_both")(logits, (1 - nodule) * weight[:, None], weight)
+    positive = make_loss("dice_both")(-logits, nodule, weight)
+    assert torch.allclose(complementary, positive, atol=1e-6)
+    # the plain batch Dice is not symmetric: it is the positive task only for positive labels
+    assert not torch.allclose(make_loss("dice")(logits, 1 - nodule, weight), make_loss("dice")(-logits, nodule, weight))
+
+
+def test_dice_patch_counts_every_patch_alike():
+    """Per-patch Dice: a small nodule missed in one patch costs as much as a large one missed in
+    another, whereas the batch Dice weighs them by their pixels."""
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    targets = torch.zeros(2, 1, 32, 32)
+    targets[0, 0] = (((yy - 16) ** 2 + (xx - 16) ** 2) <= 100).float()   # large, found
+    targets[1, 0] = (((yy - 16) ** 2 + (xx - 16) ** 2) <= 4).float()     # small, missed
+    logits = torch.full_like(targets, -20.0)
+    logits[0] = (2 * targets[0] - 1) * 20
+    assert float(make_loss("dice")(logits, targets)) < 0.1
+    assert float(make_loss("dice_patch")(logits, targets)) == pytest.approx(0.5, abs=0.05)

@@ -29,6 +29,13 @@ Outputs: ``comparison.csv`` (columns :data:`COMPARISON_COLUMNS`, one row per exp
 given order), ``froc.png`` (every experiment's pooled FROC curve on one plot), ``comparison.html``
 (self-contained: tables and the plot as a base64 data URI).
 
+Learning curve (``config/paper_small_data.yaml``): when experiments set ``train.training_scans``
+(``training_scans`` argument: name -> the configured number, None = all), ``comparison.html`` also
+has the pooled pixel Dice and CPM against the number of training scans per fold, one line per
+labelling (the experiment's description), and a table labelling x training scans. "All" is plotted
+at the mean number of training scans per fold, ``n_scans * (n_folds - 1) / n_folds`` (every scan is
+held out in exactly one fold).
+
 An experiment maps to an article row by its **name** (the keys of :data:`PAPER_TABLE2`, the names
 used in ``config/paper_table2.yaml``); other experiments get empty ``paper_*`` columns.
 """
@@ -84,8 +91,8 @@ PAPER_TABLE2: dict[str, dict] = {
 PIXEL_METRICS = ("dice", "accuracy", "sensitivity", "specificity")
 #: summary.csv columns compared (pooled, mean and sd over folds)
 COMPARED = [f"pixel_{m}" for m in PIXEL_METRICS] + ["cpm", "dice_per_nodule", "dice_detected"]
-COMPARISON_COLUMNS = (["name", "description", "label_mode", "lung_roi", "hybrid_output", "n_folds",
-                       "n_scans", "n_nodules"]
+COMPARISON_COLUMNS = (["name", "description", "label_mode", "lung_roi", "hybrid_output", "training_scans",
+                       "training_scans_per_fold", "n_folds", "n_scans", "n_nodules"]
                       + [f"{c}_{kind}" for c in COMPARED for kind in ("pooled", "mean", "sd")]
                       + ["paper_setting"] + [f"paper_{m}" for m in PIXEL_METRICS])
 
@@ -140,14 +147,22 @@ def _read_settings(folder: Path) -> dict:
     return settings if isinstance(settings, dict) else {}
 
 
-def comparison_row(name: str, summary: pd.DataFrame, settings: Mapping) -> dict:
+def comparison_row(name: str, summary: pd.DataFrame, settings: Mapping, training_scans: int | None = None) -> dict:
     """One ``comparison.csv`` row: pooled value, mean and sd over folds of each compared metric,
-    the recorded settings, and the article's values when ``name`` maps to a Table 2 row."""
+    the recorded settings, and the article's values when ``name`` maps to a Table 2 row.
+    ``training_scans``: the experiment's ``train.training_scans`` (None = all);
+    ``training_scans_per_fold`` is that number, or for all the mean number of training scans per
+    fold, ``n_scans * (n_folds - 1) / n_folds``."""
     folds = summary[summary["fold"].str.fullmatch(r"\d+")]
     pooled = summary[summary["fold"] == "pooled"].iloc[0]
+    n_scans = float(pooled["n_scans"])
+    all_scans = n_scans * (len(folds) - 1) / len(folds)
     row: dict = {"name": name, "description": describe(settings), "label_mode": settings.get("label_mode"),
                  "lung_roi": settings.get("lung_roi"), "hybrid_output": settings.get("hybrid_output"),
-                 "n_folds": len(folds), "n_scans": float(pooled["n_scans"]),
+                 "training_scans": training_scans,
+                 "training_scans_per_fold": all_scans if training_scans is None else min(float(training_scans),
+                                                                                          all_scans),
+                 "n_folds": len(folds), "n_scans": n_scans,
                  "n_nodules": float(pooled["n_nodules"])}
     for column in COMPARED:
         values = pd.to_numeric(folds[column], errors="coerce").astype(float)
@@ -166,6 +181,61 @@ def _mean_sd(row: Mapping, column: str, digits: int = 3) -> str:
     if mean is None or math.isnan(mean):
         return "–"
     return fmt(mean, digits) + ("" if sd is None or math.isnan(sd) else f" ± {fmt(sd, digits)}")
+
+
+def _labelling(row: Mapping) -> str:
+    """A learning-curve line's label: the experiment's description, or its label mode."""
+    return str(row["description"] or row["label_mode"] or "settings unknown")
+
+
+def learning_curve_figure(table: pd.DataFrame):
+    """Pooled pixel Dice and CPM against training scans per fold (log2 axis), one line per labelling."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10.5, 4.4))
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    xs = sorted(set(table["training_scans_per_fold"].astype(float)))
+    for i, (label, group) in enumerate(table.groupby(table.apply(_labelling, axis=1), sort=False)):
+        group = group.sort_values("training_scans_per_fold")
+        for ax, column in zip(axes, ("pixel_dice_pooled", "cpm_pooled")):
+            ax.plot(group["training_scans_per_fold"], group[column], "o-", color=f"C{i % 10}", label=label)
+    for ax, name in zip(axes, ("Pixel Dice, pooled", "CPM, pooled")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.minorticks_off()
+        ax.set_ylim(0.0, 1.02)
+        ax.grid(True, alpha=0.35)
+        ax.set_xlabel("Training scans per fold")
+        ax.set_title(name)
+    axes[0].legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _learning_curve_html(table: pd.DataFrame) -> str:
+    rows = []
+    ordered = table.assign(_label=table.apply(_labelling, axis=1))
+    ordered = ordered.sort_values(["_label", "training_scans_per_fold"], kind="stable")
+    for _, r in ordered.iterrows():
+        scans = "all" if r["training_scans"] is None or pd.isna(r["training_scans"]) else fmt(int(r["training_scans"]))
+        rows.append([html.escape(r["_label"]), f"{scans} ({fmt(r['training_scans_per_fold'], 1)})",
+                     html.escape(str(r["name"])),
+                     f"<b>{fmt(r['pixel_dice_pooled'])}</b>", _mean_sd(r, "pixel_dice"),
+                     f"<b>{fmt(r['cpm_pooled'])}</b>", _mean_sd(r, "cpm"),
+                     f"<b>{fmt(r['dice_per_nodule_pooled'])}</b>", _mean_sd(r, "dice_per_nodule")])
+    png = figure_png(learning_curve_figure(table))
+    return "\n".join([
+        "<h2>Learning curve: training scans per fold</h2>",
+        img_tag(png, "pooled pixel Dice and CPM against training scans per fold", "plot"),
+        html_table(["labelling", "training scans (per fold)", "experiment", "pixel Dice pooled",
+                    "pixel Dice mean ± sd", "CPM pooled", "CPM mean ± sd", "Dice/nodule pooled",
+                    "Dice/nodule mean ± sd"], rows, table_id="learning_curve",
+                   caption="Every row is scored on the same held-out scans of each fold"),
+        '<p class="note">Each fold trains on that many of its training scans (inner validation split '
+        "included), the same held-out scans for every row; \"all\" is plotted at the mean number of "
+        "training scans per fold.</p>",
+    ])
 
 
 def _html(table: pd.DataFrame, froc_png: bytes) -> str:
@@ -207,14 +277,19 @@ def _html(table: pd.DataFrame, froc_png: bytes) -> str:
         "<h2>FROC, pooled, every experiment</h2>",
         img_tag(froc_png, "pooled FROC curves of every experiment", "plot"),
     ])
+    if table["training_scans"].notna().any():
+        body += "\n" + _learning_curve_html(table)
     return html_page("noduleflow experiments", body)
 
 
 def compare_experiments(summaries: Mapping[str, str | Path], out_table: str | Path, out_html: str | Path,
-                        out_plot: str | Path) -> pd.DataFrame:
+                        out_plot: str | Path, training_scans: Mapping[str, int | None] | None = None) -> pd.DataFrame:
     """Write ``comparison.csv``, ``comparison.html`` and ``froc.png`` for the experiments
     ``summaries`` (name -> its ``reports/summary.csv``, in display order); see the module docstring.
-    Every input is read and checked before anything is written. Returns the comparison table."""
+    ``training_scans``: name -> the experiment's ``train.training_scans`` (missing or None = all
+    training scans); any number adds the learning curve to the HTML. Every input is read and
+    checked before anything is written. Returns the comparison table."""
+    training_scans = dict(training_scans or {})
     if not summaries:
         raise InputError("compare_experiments: no experiments (config 'experiments:' is empty)")
     rows, curves = [], []
@@ -222,7 +297,7 @@ def compare_experiments(summaries: Mapping[str, str | Path], out_table: str | Pa
         summary = read_summary(path)
         folder = Path(path).parent
         settings = _read_settings(folder)
-        row = comparison_row(str(name), summary, settings)
+        row = comparison_row(str(name), summary, settings, training_scans.get(name))
         rows.append(row)
         pooled = summary[summary["fold"] == "pooled"].iloc[0]
         points = pd.to_numeric(pooled[SENS_COLUMNS], errors="coerce").to_numpy(dtype=float)

@@ -8,6 +8,15 @@ under mixed precision) and return a scalar tensor; every channel counts equally.
 
 * ``dice``: soft Dice loss ``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` per channel, summed
   over the whole batch ("batch Dice", stable when a patch has no nodule), ``s = 1``;
+* ``dice_patch``: the same soft Dice computed per patch (sums over one patch's pixels), mean over
+  patches and channels;
+* ``dice_both``: the mean of two batch Dice losses per channel, one of the target and one of its
+  complement inside the ROI (``1 - p`` against ``1 - t``), as a two-class Dice with its background
+  class. With complementary labels (target "not nodule", covering ~98 % of the ROI) the plain
+  ``dice`` loss of the all-"not nodule" answer is already ~0.01, and it charges a missed nodule
+  pixel and a false one alike, like pixel accuracy: the network is never pushed to carve out
+  the nodules. The second term is the Dice of the nodule map ``1 - output`` against the pixels the
+  complementary label leaves out, so that answer costs ~0.5;
 * ``bce``: binary cross-entropy, target-1 pixels weighted by ``pos_weight``, mean over counted pixels;
 * ``focal``: ``(1 - p_t) ** gamma`` times the cross-entropy (Lin et al. 2017), mean over counted pixels;
 * ``dice_bce`` (the default): ``dice + bce``.
@@ -20,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("dice_bce", "dice", "focal", "bce")
+LOSSES = ("dice_bce", "dice", "dice_patch", "dice_both", "focal", "bce")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -39,16 +48,38 @@ def _prepare(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor |
     return logits, targets, weight.expand_as(targets)
 
 
+def _soft_dice(prob: torch.Tensor, targets: torch.Tensor, dims: tuple[int, ...], smooth: float) -> torch.Tensor:
+    """``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` with the sums over ``dims`` (not reduced further)."""
+    intersection = (prob * targets).sum(dims)
+    denominator = prob.sum(dims) + targets.sum(dims)
+    return 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)
+
+
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
               smooth: float = 1.0) -> torch.Tensor:
     """Soft batch Dice loss (0 = perfect), mean over channels."""
     logits, targets, weight = _prepare(logits, targets, weight)
-    prob = torch.sigmoid(logits) * weight
-    targets = targets * weight
+    return _soft_dice(torch.sigmoid(logits) * weight, targets * weight, (0, 2, 3), smooth).mean()
+
+
+def patch_dice_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
+                    smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss of each patch and channel (0 = perfect), mean over patches and channels; a
+    patch whose target and prediction are both empty scores ~0."""
+    logits, targets, weight = _prepare(logits, targets, weight)
+    return _soft_dice(torch.sigmoid(logits) * weight, targets * weight, (2, 3), smooth).mean()
+
+
+def both_dice_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
+                   smooth: float = 1.0) -> torch.Tensor:
+    """Mean of the soft batch Dice loss of the target and of its complement inside the ROI (``1 - p``
+    against ``1 - t``, both times ``weight``), mean over channels (0 = perfect)."""
+    logits, targets, weight = _prepare(logits, targets, weight)
+    prob = torch.sigmoid(logits)
     dims = (0, 2, 3)
-    intersection = (prob * targets).sum(dims)
-    denominator = prob.sum(dims) + targets.sum(dims)
-    return (1.0 - (2.0 * intersection + smooth) / (denominator + smooth)).mean()
+    target_term = _soft_dice(prob * weight, targets * weight, dims, smooth)
+    complement_term = _soft_dice((1.0 - prob) * weight, (1.0 - targets) * weight, dims, smooth)
+    return (0.5 * (target_term + complement_term)).mean()
 
 
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
@@ -83,6 +114,10 @@ def make_loss(name: str, pos_weight: float = 1.0, focal_gamma: float = 2.0) -> L
         return lambda logits, targets, weight=None: dice_bce_loss(logits, targets, weight, pos_weight)
     if name == "dice":
         return lambda logits, targets, weight=None: dice_loss(logits, targets, weight)
+    if name == "dice_patch":
+        return lambda logits, targets, weight=None: patch_dice_loss(logits, targets, weight)
+    if name == "dice_both":
+        return lambda logits, targets, weight=None: both_dice_loss(logits, targets, weight)
     if name == "bce":
         return lambda logits, targets, weight=None: bce_loss(logits, targets, weight, pos_weight)
     if name == "focal":

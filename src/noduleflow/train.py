@@ -2,7 +2,8 @@
 
 Data: ``patches.h5`` (see :func:`noduleflow.sampling.load_patches`; image int16 HU
 (n, c, h, w), ``mask`` and ``roi`` (n, h, w)) and ``folds.csv`` (``seriesuid,fold``). The fold's
-*training scans* are all scans not in fold ``k``; a seeded inner split of them by scan
+*training scans* are all scans not in fold ``k`` (with ``training_scans: n``, ``n`` of them:
+:func:`training_subset`, the small-data experiment); a seeded inner split of them by scan
 (``validation_fraction``, stratified by whether a scan has positive patches) is the validation set
 that picks the best epoch (lowest validation loss, or highest validation Dice with ``select_on:
 dice``) and stops early. The loss is the default criterion: on a few validation scans the
@@ -73,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0001,
     "ema_decay": 0.99,
     "validation_fraction": 0.2,
+    "training_scans": None,
     "early_stopping_patience": 4,
     "select_on": "loss",
     "intensity": {"mode": "window", "window_hu": [-1000, 400]},
@@ -129,6 +131,11 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("epochs", "batch_size", "early_stopping_patience"):
         if int(cfg[key]) < 1:
             raise InputError(f"config train.{key}: must be >= 1, got {cfg[key]!r}")
+    if cfg["training_scans"] is not None and (isinstance(cfg["training_scans"], bool)
+                                              or not isinstance(cfg["training_scans"], int)
+                                              or cfg["training_scans"] < 2):
+        raise InputError(f"config train.training_scans: {cfg['training_scans']!r} must be null (all) or an "
+                         f"integer >= 2 (one scan is kept for the inner validation split)")
     if not 0 < float(cfg["validation_fraction"]) < 1:
         raise InputError(f"config train.validation_fraction: must be in (0, 1), got {cfg['validation_fraction']!r}")
     window = cfg["intensity"]["window_hu"]
@@ -189,6 +196,33 @@ def _load_patch_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
             "patch_size": int(attrs.get("patch_size", image.shape[-1])),
             "lung_roi": bool(attrs.get("lung_roi", True))}
     return arrays, meta
+
+
+def training_subset(uids: Sequence[str], has_positive: Mapping[str, bool], n: int | None, seed: int,
+                    fold: int) -> list[str]:
+    """The ``n`` training scans a fold uses out of its ``uids`` (all of them when ``n`` is None or not
+    smaller), for the small-data experiment. The scans are put in a seeded order (a function of
+    ``seed`` and ``fold``) in which every prefix of length ``m`` holds ``round(m * share)`` scans
+    with nodules (``share`` their share of ``uids``; at least one when there is any) and the first
+    ``n`` are taken: the subsets of one fold are nested (the 2 scans are among the 4, ...) and keep
+    the cohort's mix of scans with and without nodules. Sorted."""
+    uids = sorted(str(u) for u in uids)
+    if n is None or n >= len(uids):
+        return uids
+    rng = np.random.default_rng(_seed_of(seed, 17, fold))
+    groups = {}
+    for flag in (True, False):
+        group = [u for u in uids if bool(has_positive.get(u, False)) == flag]
+        groups[flag] = [group[i] for i in rng.permutation(len(group))]
+    share = len(groups[True]) / len(uids)
+    order: list[str] = []
+    while len(order) < n:
+        taken = len(order) + 1
+        quota = max(1, int(round(taken * share))) if groups[True] else 0
+        with_nodules = sum(bool(has_positive.get(u, False)) for u in order)
+        flag = (with_nodules < quota and bool(groups[True])) or not groups[False]
+        order.append(groups[flag].pop(0))
+    return sorted(order)
 
 
 def inner_split(uids: list[str], has_positive: Mapping[str, bool], fraction: float,
@@ -652,6 +686,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
         raise InputError(f"{patches_path}: fold {fold} has {len(train_scans)} training scan(s) with patches; "
                          f"at least 2 are needed (one for the inner validation split)")
     has_positive = {u: bool(arrays["mask"][patch_uids == u].any()) for u in train_scans}
+    train_scans = training_subset(train_scans, has_positive, cfg["training_scans"], int(cfg["seed"]), fold)
     fit_scans, val_scans = inner_split(train_scans, has_positive, float(cfg["validation_fraction"]), int(cfg["seed"]))
     pick = {name: np.flatnonzero(np.isin(patch_uids, scans))
             for name, scans in (("fit", fit_scans), ("val", val_scans), ("heldout", heldout_scans))}
