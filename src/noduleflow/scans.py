@@ -48,6 +48,8 @@ _AXIS_TOLERANCE = 1e-4
 #: HU sanity check: among the voxels above padding, this low percentile must be air ...
 _AIR_PERCENTILE = 1.0
 _AIR_MAX_HU = -800.0
+#: air in HU
+_AIR_HU = -1000.0
 #: ... and nothing in a CT may be below this (padding excluded, see _PADDING_MAX_HU)
 _PADDING_MAX_HU = -1500.0
 #: relative tolerance of the slice spacing of a DICOM series (gaps beyond it: missing or uneven)
@@ -262,14 +264,16 @@ def read_sitk(path: str | Path):
 
 def check_hu(array: np.ndarray, source: str | Path) -> None:
     """Raise InputError unless ``array`` looks like a CT in Hounsfield units: among the voxels
-    above padding (> -1500 HU and above the scan's minimum value), the 1st percentile is air
+    above padding (> -1500 HU, and above the scan's minimum value when that lies below air), the
+    1st percentile is air
     (<= -800 HU). Raw stored values without the rescale (air near 0 or +24), or a scan of no air,
     fail."""
     values = np.asarray(array)
     sample = values.ravel()[:: max(1, values.size // 2_000_000)]
-    # padding outside the field of view is the scan's minimum (-2048, -3024, or -1024 when the
-    # stored values lack the rescale); it says nothing about the scale of the values
-    inside = sample[(sample > _PADDING_MAX_HU) & (sample > sample.min())]
+    # padding outside the field of view is the scan's minimum, below air (-2048, -3024, or -1024
+    # when the stored values lack the rescale); it says nothing about the scale of the values
+    padding = sample.min() if sample.min() < _AIR_HU - 10 else None
+    inside = sample[(sample > _PADDING_MAX_HU) & ((sample > padding) if padding is not None else True)]
     if inside.size == 0:
         raise InputError(f"{source}: every value is below {_PADDING_MAX_HU:g}: not a CT in HU")
     low = float(np.percentile(inside, _AIR_PERCENTILE))
