@@ -53,7 +53,7 @@ from noduleflow.io import (Geometry, InputError, atomic_path, voxel_to_world, wo
                           write_image, write_text_atomic)
 from noduleflow.planes import check_planes
 from noduleflow.predict import (CANDIDATE_COLUMNS, PREDICT_DEFAULTS, check_candidate_score, label_candidates,
-                                predict_volume, to_uint8)
+                                input_settings, predict_volume, to_uint8)
 from noduleflow.scans import DICOM_SUFFIX, SCAN_SUFFIXES, CanonicalScan, find_scans, read_canonical, scan_suffix
 
 log = logging.getLogger(__name__)
@@ -329,12 +329,17 @@ def predict_scan(ensemble: Ensemble, scan: CanonicalScan, uid: str, settings: Pr
     image, lung, geometry = preprocess_scan(scan, ensemble.spacing_mm, ensemble.lungmask)
     times["preprocess"] = time.perf_counter() - started
     started = time.perf_counter()
-    total = None
+    # members that read the same input share each input batch (the usual case: one config's folds)
+    groups: dict[tuple, list] = {}
     for member in ensemble.members:
-        prob = predict_volume(member.model, member.meta, image, lung, ensemble.lung_roi,
+        groups.setdefault(input_settings(member.meta), []).append(member)
+    total = None
+    for members in groups.values():
+        prob = predict_volume([m.model for m in members], members[0].meta, image, lung, ensemble.lung_roi,
                               batch_size=settings.batch_size, device=device,
                               hybrid_output=settings.hybrid_output, planes=settings.planes, amp=settings.amp,
                               tta=settings.tta)
+        prob *= np.float32(len(members))
         total = prob if total is None else np.add(total, prob, out=total)
     total /= np.float32(len(ensemble.members))
     stored = to_uint8(total)
