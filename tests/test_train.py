@@ -44,24 +44,10 @@ def write_disc_patches(path, n_scans=6, per_scan=24, size=SIZE, context=1, seed=
             mask[i] = disc
         elif kind == "hard_negative":
             hu[:, int(rng.integers(4, size - 4)), :] = -100
-        strip = int(rng.integers(0, 6))
-        if strip:
-            roi[i, :, :strip] = 0
-        hu[:, roi[i] == 0] = -1000
+        _cut_roi_strip(rng, hu, roi[i])
         image[i] = np.clip(hu, -1024, 3000)
         kinds.append(kind)
-    uids = np.repeat([f"1.2.826.0.{k}" for k in range(n_scans)], per_scan)
-    with h5py.File(path, "w") as h5:
-        h5["image"], h5["mask"], h5["roi"] = image, mask, roi
-        h5["seriesuid"] = uids.astype("S")
-        h5["z"] = np.arange(n)
-        h5["y"] = np.full(n, size // 2)
-        h5["x"] = np.full(n, size // 2)
-        h5["kind"] = np.asarray(kinds).astype("S")
-        h5["plane"] = np.full(len(kinds), "axial").astype("S")
-        h5.attrs.update({"context": context, "context_step": 2, "patch_size": size, "lung_roi": True,
-                         "seed": seed})
-    return path
+    return _write_patch_store(path, image, mask, roi, kinds, n_scans, per_scan, context, seed)
 
 
 def write_textured_patches(path, n_scans=6, per_scan=24, size=SIZE, seed=0):
@@ -108,12 +94,23 @@ def write_textured_patches(path, n_scans=6, per_scan=24, size=SIZE, seed=0):
                 core = (yy - cy) ** 2 + (xx - cx) ** 2 <= (r / 2) ** 2
                 hu[::2, core] = bright((2, int(core.sum())))
                 mask[i] = disc
-        strip = int(rng.integers(0, 6))
-        if strip:
-            roi[i, :, :strip] = 0
-        hu[:, roi[i] == 0] = -1000
+        _cut_roi_strip(rng, hu, roi[i])
         image[i] = np.clip(hu, -1024, 3000)
         kinds.append(kind)
+    return _write_patch_store(path, image, mask, roi, kinds, n_scans, per_scan, 1, seed)
+
+
+def _cut_roi_strip(rng, hu, roi) -> None:
+    """Leave a random border strip (0-5 px) out of the patch's ROI; outside it the image is air."""
+    strip = int(rng.integers(0, 6))
+    if strip:
+        roi[:, :strip] = 0
+    hu[:, roi == 0] = -1000
+
+
+def _write_patch_store(path, image, mask, roi, kinds, n_scans, per_scan, context, seed):
+    """patches.h5 in the contract format: the arrays, a table per patch, the attributes."""
+    n, size = len(kinds), image.shape[-1]
     uids = np.repeat([f"1.2.826.0.{k}" for k in range(n_scans)], per_scan)
     with h5py.File(path, "w") as h5:
         h5["image"], h5["mask"], h5["roi"] = image, mask, roi
@@ -121,7 +118,8 @@ def write_textured_patches(path, n_scans=6, per_scan=24, size=SIZE, seed=0):
         h5["z"], h5["y"], h5["x"] = np.arange(n), np.full(n, size // 2), np.full(n, size // 2)
         h5["kind"] = np.asarray(kinds).astype("S")
         h5["plane"] = np.full(n, "axial").astype("S")
-        h5.attrs.update({"context": 1, "context_step": 2, "patch_size": size, "lung_roi": True, "seed": seed})
+        h5.attrs.update({"context": context, "context_step": 2, "patch_size": size, "lung_roi": True,
+                         "seed": seed})
     return path
 
 

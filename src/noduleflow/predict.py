@@ -214,6 +214,8 @@ def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_
     map the mean over :data:`TTA_FLIPS` of the input (flipped back). See the module docstring for
     the region rules.
     """
+    import torch
+
     from noduleflow.model import memory_format_for
 
     planes = check_planes(planes, "predict.planes")
@@ -224,7 +226,8 @@ def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_
     # layout up to the bfloat16/float16 rounding of the kernels
     memory_format = memory_format_for(meta.get("model", {}).get("norm", "batch"))
     for member in models:
-        member.to(memory_format=memory_format)
+        if isinstance(member, torch.nn.Module):
+            member.to(memory_format=memory_format)
     total = None
     for plane in planes:
         plane_image, plane_lung = to_plane(np.asarray(image), plane), to_plane(np.asarray(lung), plane)
