@@ -73,7 +73,7 @@ def run_predict(models: Path, scan: Path, out: Path, cores: int, threads: int, e
     stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stdout}\n{stderr}")
-    log = (out / "predict.log").read_text()
+    log = (out / "predict.log").read_text(encoding="utf-8")
     seconds = [float(m) for m in re.findall(r"candidate\(s\), top p \S+, (\d+\.\d+) s \(preprocess", log)]
     parts = re.findall(r"\(preprocess (\d+\.\d+) s, inference (\d+\.\d+) s\)", log)
     return {"seconds": seconds[0], "preprocess": float(parts[0][0]), "inference": float(parts[0][1]),

@@ -197,7 +197,7 @@ def test_predict_writes_every_output_from_a_copied_models_folder(cli_run, small_
 
     # progress per scan on the terminal, seconds per scan in the log
     assert "scan 1/2" in proc.stderr and "scan 2/2" in proc.stderr
-    lines = [ln for ln in (out / LOG_FILE).read_text().splitlines() if re.search(r"scan \d/2 \S+: \d+ candidate", ln)]
+    lines = [ln for ln in (out / LOG_FILE).read_text(encoding="utf-8").splitlines() if re.search(r"scan \d/2 \S+: \d+ candidate", ln)]
     assert len(lines) == 2 and all(re.search(r", \d+\.\d s \(preprocess", ln) for ln in lines)
 
 
@@ -245,7 +245,7 @@ def test_the_html_page_has_a_section_per_candidate_with_three_planes(cli_run, sm
     out, _, _ = cli_run
     table = pd.read_csv(out / CANDIDATES_FILE, dtype={"seriesuid": str})
     parser = PageParser()
-    parser.feed((out / HTML_FILE).read_text())
+    parser.feed((out / HTML_FILE).read_text(encoding="utf-8"))
     assert parser.scans == [LIDC_0001_UID, uid_of(small_scan)]
     assert parser.scan_rows == 1 + 2 and not parser.failed              # header + a row per scan
     assert len(parser.candidates) >= 3
@@ -280,7 +280,7 @@ def test_a_single_fold_ensemble_equals_the_pipelines_predict_of_that_fold(models
 
     _, meta = load_model(models / "fold0" / "model.pt")
     annotations = tmp_path / "annotations.csv"
-    annotations.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    annotations.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n", encoding="utf-8")
     work = tmp_path / "pipeline"
     resample_scan(lidc, annotations, LIDC_0001_UID, work / "image.mha", work / "labels.mha",
                   spacing_mm=meta["preprocess"]["spacing_mm"])
@@ -288,7 +288,7 @@ def test_a_single_fold_ensemble_equals_the_pipelines_predict_of_that_fold(models
     store = work / "slices" / f"{LIDC_0001_UID}.h5"
     extract_slices(work / "image.mha", work / "lung.mha", work / "labels.mha", LIDC_0001_UID, store)
     folds = work / "folds.csv"
-    folds.write_text(f"seriesuid,fold\n{LIDC_0001_UID},0\n")
+    folds.write_text(f"seriesuid,fold\n{LIDC_0001_UID},0\n", encoding="utf-8")
     predict_fold(models / "fold0" / "model.pt", folds, 0, [store], work / "candidates.csv", work / "probabilities",
                  lung_roi=meta["preprocess"]["lung_roi"], threads=2, **FAST)
     pipeline_map, geometry = read_image(work / "probabilities" / f"{LIDC_0001_UID}.mha")
@@ -376,9 +376,9 @@ def test_an_unreadable_input_is_named_and_leaves_no_output_of_its_own(models, tm
     assert not (out / "labels" / "broken.mha").exists() and not (out / "probabilities" / "broken.mha").exists()
     assert pd.read_csv(out / CANDIDATES_FILE).empty
     parser = PageParser()
-    parser.feed((out / HTML_FILE).read_text())
+    parser.feed((out / HTML_FILE).read_text(encoding="utf-8"))
     assert parser.failed and not parser.candidates
-    assert "FAILED" in (out / LOG_FILE).read_text()
+    assert "FAILED" in (out / LOG_FILE).read_text(encoding="utf-8")
 
     with pytest.raises(InputError, match="nowhere.mhd: input not found"):
         apply_models(models, [tmp_path / "nowhere.mhd"], tmp_path / "out2")
@@ -483,16 +483,16 @@ def test_the_label_map_numbers_candidates_by_rank():
 
 
 def test_predict_defaults_are_the_schemas(repo_root):
-    schema = yaml.safe_load((repo_root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((repo_root / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))
     defaults = {k: v["default"] for k, v in schema["properties"]["predict"]["properties"].items()}
     assert defaults == PREDICT_DEFAULTS
-    config = yaml.safe_load((repo_root / "config.yaml").read_text())
+    config = yaml.safe_load((repo_root / "config.yaml").read_text(encoding="utf-8"))
     assert config["predict"] == PREDICT_DEFAULTS
     assert set(config["apply"]) == set(schema["properties"]["apply"]["properties"])
 
 
 def test_the_console_script_is_declared(repo_root):
-    project = tomllib.loads((repo_root / "pyproject.toml").read_text())
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))
     assert project["project"]["scripts"]["noduleflow"] == "noduleflow.cli:main"
 
 
@@ -507,7 +507,7 @@ def test_invalid_settings_are_named():
 def test_models_carry_the_preprocessing_they_were_trained_with(models, repo_root):
     from noduleflow.model import load_model
 
-    schema = yaml.safe_load((repo_root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((repo_root / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))
     lungmask = {k: v["default"] for k, v in schema["properties"]["lungmask"]["properties"].items()}
     for k in (0, 1):
         _, meta = load_model(models / f"fold{k}" / "model.pt")
@@ -534,7 +534,7 @@ def test_the_apply_rule_runs_the_same_function_on_the_configs_scans(tiny_run, tm
     source = sitk.ReadImage(str(scan))
     for kind in ("labels", "probabilities"):
         assert sitk_grid(sitk.ReadImage(str(out / kind / f"{uid}.mha"))) == sitk_grid(source)
-    assert "1 scan(s)" in (out / LOG_FILE).read_text()
+    assert "1 scan(s)" in (out / LOG_FILE).read_text(encoding="utf-8")
     # the rule's candidates are the function's on the same scan and settings
     direct = apply_models(workdir / "results" / "models", [scan], tmp_path / "direct", folds=[1],
                           settings=PredictSettings(threshold=0.01, planes=("axial",)))

@@ -23,7 +23,7 @@ def test_snakefmt_check_is_clean():
 
 def test_snakefmt_check_fails_on_a_misformatted_rule(tmp_path):
     """The check above can fail: a rule written by hand without snakefmt's layout is reported."""
-    (tmp_path / "Snakefile").write_text('rule a:\n    output: "x"\n    shell: "touch {output}"\n')
+    (tmp_path / "Snakefile").write_text('rule a:\n    output: "x"\n    shell: "touch {output}"\n', encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "."], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
@@ -44,7 +44,7 @@ def test_every_report_file_has_a_caption_that_exists():
     calls = []
     for smk in sorted(rules.glob("*.smk")):
         # report("path", caption=..., category=...): no argument holds a parenthesis
-        for match in re.finditer(r"\breport\(\s*(\"[^)]*)\)", smk.read_text()):
+        for match in re.finditer(r"\breport\(\s*(\"[^)]*)\)", smk.read_text(encoding="utf-8")):
             calls.append((smk, match.group(1)))
     assert len(calls) >= 3, calls   # per-fold FROC, pooled FROC, experiments' FROC
     for smk, args in calls:
@@ -52,6 +52,6 @@ def test_every_report_file_has_a_caption_that_exists():
         assert caption, f"{smk.name}: report({args}) has no caption"
         path = (smk.parent / caption.group(1)).resolve()
         assert path.parent == (REPO_ROOT / "workflow" / "report").resolve() and path.suffix == ".rst", path
-        assert path.is_file() and path.read_text().strip(), path
-    front = re.search(r'^report:\s*"([^"]+)"', (REPO_ROOT / "Snakefile").read_text(), re.M)
+        assert path.is_file() and path.read_text(encoding="utf-8").strip(), path
+    front = re.search(r'^report:\s*"([^"]+)"', (REPO_ROOT / "Snakefile").read_text(encoding="utf-8"), re.M)
     assert front and (REPO_ROOT / front.group(1)).is_file()

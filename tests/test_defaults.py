@@ -12,7 +12,7 @@ from snakemake.utils import validate
 
 from workflow_helpers import REPO_ROOT
 
-CONFIG = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+CONFIG = yaml.safe_load((REPO_ROOT / "config.yaml").read_text(encoding="utf-8"))
 SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 #: module -> config blocks whose keys its functions take as keyword arguments

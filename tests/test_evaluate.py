@@ -52,7 +52,7 @@ def fold_case(tmp_path):
     probdir = tmp_path / "pred" / "probabilities"
     write_image(prob, GEOMETRY, probdir / "1.1.mha")
     write_image(np.zeros(SHAPE, np.uint8), GEOMETRY, probdir / "2.2.mha")
-    (probdir / "threshold.json").write_text(json.dumps({"threshold": 0.3}))
+    (probdir / "threshold.json").write_text(json.dumps({"threshold": 0.3}), encoding="utf-8")
     stores = []
     for uid, lab in (("1.1", labels), ("2.2", np.zeros(SHAPE, np.uint8)), ("3.3", labels)):
         stores.append(tmp_path / "slices" / f"{uid}.h5")
@@ -66,7 +66,7 @@ def fold_case(tmp_path):
                   ("2.2", 0.0, 0.0, 0.0, 0.2, 3.0, 10.0), ("3.3", *w1, 0.9, 6.0, 113.0)],
                  columns=["seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm",
                           "volume_mm3"]).to_csv(tmp_path / "pred" / "candidates.csv", index=False)
-    (tmp_path / "folds.csv").write_text("seriesuid,fold\n1.1,0\n2.2,0\n3.3,1\n")
+    (tmp_path / "folds.csv").write_text("seriesuid,fold\n1.1,0\n2.2,0\n3.3,1\n", encoding="utf-8")
     return {"tmp": tmp_path, "probdir": probdir, "stores": stores, "n1": int(n1.sum()), "n2": int(n2.sum())}
 
 
@@ -83,7 +83,7 @@ def run_fold(case, bootstrap=0, **kw):
 def test_evaluate_fold_numbers_and_files(fold_case):
     metrics, out = run_fold(fold_case, bootstrap=50)
     n1, n2 = fold_case["n1"], fold_case["n2"]
-    saved = json.loads(out["out_metrics"].read_text())
+    saved = json.loads(out["out_metrics"].read_text(encoding="utf-8"))
     assert CONTRACT_KEYS <= set(saved)
     assert saved["fold"] == 0 and saved["n_scans"] == 2 and saved["n_nodules"] == 2
     assert saved["n_candidates"] == 3                      # scan 3.3's candidate is not in this fold
@@ -117,7 +117,7 @@ def test_evaluate_fold_numbers_and_files(fold_case):
 
 
 def test_threshold_comes_from_predict(fold_case):
-    (fold_case["probdir"] / "threshold.json").write_text(json.dumps({"threshold": 0.5}))
+    (fold_case["probdir"] / "threshold.json").write_text(json.dumps({"threshold": 0.5}), encoding="utf-8")
     metrics, _ = run_fold(fold_case)
     assert metrics["pixel_counts"]["fp"] == 0                # the p = 0.39 blob is below 0.5 now
 

@@ -28,8 +28,8 @@ ARTICLE_NAMES = ["no_roi", "roi_positive", "roi_complementary", "roi_hybrid_posi
 
 @pytest.fixture(scope="module")
 def paper_runs(repo_root):
-    base = yaml.safe_load((repo_root / "config.yaml").read_text())
-    overlay = yaml.safe_load((repo_root / "config" / "paper_table2.yaml").read_text())
+    base = yaml.safe_load((repo_root / "config.yaml").read_text(encoding="utf-8"))
+    overlay = yaml.safe_load((repo_root / "config" / "paper_table2.yaml").read_text(encoding="utf-8"))
     merged = deep_merge(base, overlay)  # what `--configfile config/paper_table2.yaml` gives
     return base, overlay, run_configs(merged)
 
@@ -73,7 +73,7 @@ def test_paper_experiments_share_preprocessing_and_the_hybrid_model(paper_runs):
     assert stage_owner(runs, _prefix("roi_positive"), "train") == _prefix("roi_positive")
     dice_base = deep_merge(base, {"train": {"loss": "dice"},
                                   "experiments": yaml.safe_load(
-                                      (Path(__file__).parents[1] / "config" / "paper_table2.yaml").read_text()
+                                      (Path(__file__).parents[1] / "config" / "paper_table2.yaml").read_text(encoding="utf-8")
                                   )["experiments"]})
     dice_runs = run_configs(dice_base)
     for stage in ("train", "predict", "evaluate", "report"):
@@ -108,7 +108,7 @@ def _experiment(root: Path, name: str, folds: list[dict], pooled: dict, settings
         pd.DataFrame({"fps_per_scan": [0.0, 0.5, 2.0], "sensitivity": [0.2, 0.6, 0.8],
                       "threshold": [np.inf, 0.9, 0.5]}).to_csv(folder / POOLED_FROC, index=False)
     if settings is not None:
-        (folder / POOLED_METRICS).write_text(json.dumps({"fold": "pooled", **pooled, "settings": settings}))
+        (folder / POOLED_METRICS).write_text(json.dumps({"fold": "pooled", **pooled, "settings": settings}), encoding="utf-8")
     return folder / "summary.csv"
 
 
@@ -287,8 +287,8 @@ LABELLINGS = {"positive": "roi_positive", "complementary": "roi_complementary", 
 
 @pytest.fixture(scope="module")
 def small_data_runs(repo_root):
-    base = yaml.safe_load((repo_root / "config.yaml").read_text())
-    overlay = yaml.safe_load((repo_root / "config" / "paper_small_data.yaml").read_text())
+    base = yaml.safe_load((repo_root / "config.yaml").read_text(encoding="utf-8"))
+    overlay = yaml.safe_load((repo_root / "config" / "paper_small_data.yaml").read_text(encoding="utf-8"))
     return base, overlay, run_configs(deep_merge(base, overlay))
 
 

@@ -95,7 +95,7 @@ def test_annotations_of_other_scans_are_ignored_and_output_is_sorted(annotations
 ])
 def test_split_file_problems_are_reported_with_the_file_name(annotations, tmp_path, content, message):
     split = tmp_path / "my_split.csv"
-    split.write_text(content)
+    split.write_text(content, encoding="utf-8")
     with pytest.raises(InputError, match=f"my_split.csv.*{message}"):
         split_folds(annotations, UIDS, tmp_path / "folds.csv", folds=3, split_file=split)
     assert not (tmp_path / "folds.csv").exists()
@@ -161,7 +161,7 @@ def test_strata_are_honoured_by_the_greedy_split_of_small_cohorts(tmp_path):
 ])
 def test_strata_file_problems_name_the_file(annotations, tmp_path, content, message):
     strata = tmp_path / "my_strata.csv"
-    strata.write_text(content)
+    strata.write_text(content, encoding="utf-8")
     with pytest.raises(InputError, match=f"my_strata.csv.*{message}"):
         split_folds(annotations, UIDS, tmp_path / "folds.csv", folds=5, strata_path=strata)
     assert not (tmp_path / "folds.csv").exists()
@@ -186,7 +186,7 @@ def test_the_folds_file_reads_back_as_written(annotations, tmp_path):
 ])
 def test_a_bad_folds_file_is_an_input_error_naming_it(tmp_path, content, message):
     path = tmp_path / "bad_folds.csv"
-    path.write_text(content)
+    path.write_text(content, encoding="utf-8")
     with pytest.raises(InputError, match="bad_folds.csv") as error:
         read_fold_uids(path, 3)
     assert message in str(error.value)
@@ -196,5 +196,5 @@ def test_a_bad_folds_file_is_an_input_error_naming_it(tmp_path, content, message
 
 def test_fold_uids_keep_the_file_order_and_strip_blanks(tmp_path):
     path = tmp_path / "folds.csv"
-    path.write_text("seriesuid,fold\nc ,0\nb,1\na,0\n")
+    path.write_text("seriesuid,fold\nc ,0\nb,1\na,0\n", encoding="utf-8")
     assert read_fold_uids(path, 0) == ["c", "a"]

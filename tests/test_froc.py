@@ -185,7 +185,7 @@ def write_case(tmp_path):
     excluded.to_csv(paths["excluded"], index=False)
     cands.to_csv(paths["candidates"], index=False)
     paths["seriesuids"] = tmp_path / "seriesuids.csv"
-    paths["seriesuids"].write_text("\n".join(uids) + "\n")  # LUNA16 style: one uid per line, no header
+    paths["seriesuids"].write_text("\n".join(uids) + "\n", encoding="utf-8")  # LUNA16 style: one uid per line, no header
     return paths
 
 
@@ -196,7 +196,7 @@ def test_command_line_writes_metrics_and_curve(tmp_path):
            "--candidates", str(p["candidates"]), "--excluded", str(p["excluded"]),
            "--seriesuids", str(p["seriesuids"]), "--bootstrap", "50", "--seed", "3", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["cpm"] == pytest.approx(3.875 / 7, abs=1e-9)
     assert metrics["sensitivities"] == pytest.approx([0.25, 0.25, 0.375, 0.75, 0.75, 0.75, 0.75])
     assert metrics["n_scans"] == 5 and metrics["bootstrap"] == 50
@@ -209,17 +209,17 @@ def test_command_line_writes_metrics_and_curve(tmp_path):
     out2 = tmp_path / "out2"
     main(["--annotations", str(p["annotations"]), "--candidates", str(p["candidates"]),
           "--excluded", str(p["excluded"]), "--out", str(out2)])
-    assert json.loads((out2 / "metrics.json").read_text())["n_scans"] == 5
+    assert json.loads((out2 / "metrics.json").read_text(encoding="utf-8"))["n_scans"] == 5
 
 
 def test_malformed_csv_is_an_input_error_naming_the_file(tmp_path):
     p = write_case(tmp_path)
     bad = tmp_path / "bad_candidates.csv"
-    bad.write_text("seriesuid,coordX,coordY,coordZ,probability\nA,1,2,3,high\n")
+    bad.write_text("seriesuid,coordX,coordY,coordZ,probability\nA,1,2,3,high\n", encoding="utf-8")
     with pytest.raises(InputError, match="bad_candidates.csv"):
         main(["--annotations", str(p["annotations"]), "--candidates", str(bad), "--out", str(tmp_path / "o")])
     no_col = tmp_path / "no_diameter.csv"
-    no_col.write_text("seriesuid,coordX,coordY,coordZ\nA,1,2,3\n")
+    no_col.write_text("seriesuid,coordX,coordY,coordZ\nA,1,2,3\n", encoding="utf-8")
     with pytest.raises(InputError, match="no_diameter.csv"):
         main(["--annotations", str(no_col), "--candidates", str(p["candidates"]), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()

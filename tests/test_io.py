@@ -24,7 +24,7 @@ def scan(tmp_path) -> Path:
 def _edit_header(path: Path, key: str, value: str | None) -> None:
     """Set (or with None remove) a header field; a new field goes before ElementDataFile."""
     lines, found = [], False
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         name = line.split("=")[0].strip()
         if name == key:
             found = True
@@ -34,7 +34,7 @@ def _edit_header(path: Path, key: str, value: str | None) -> None:
         if name == "ElementDataFile" and not found and value is not None:
             lines.append(f"{key} = {value}")
         lines.append(line)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def test_valid_scan_reads_back_with_its_geometry(scan):
@@ -87,8 +87,8 @@ def test_header_size_is_taken_into_account(scan):
     raw.write_bytes(b"\0" * 16 + raw.read_bytes())
     with pytest.raises(InputError, match="truncated or oversized"):
         validate_mhd(scan)
-    text = scan.read_text().replace("ElementDataFile", "HeaderSize = 16\nElementDataFile")
-    scan.write_text(text)
+    text = scan.read_text(encoding="utf-8").replace("ElementDataFile", "HeaderSize = 16\nElementDataFile")
+    scan.write_text(text, encoding="utf-8")
     validate_mhd(scan)
     array, _ = read_scan(scan)
     assert array[0, 0, 0] == -1000
@@ -103,7 +103,7 @@ def test_unreadable_or_missing_files_name_the_file(tmp_path):
 
 def _csv(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "annotations.csv"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -164,7 +164,7 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.mha"
     with pytest.raises(RuntimeError):
         with atomic_path(target) as tmp:
-            tmp.write_text("partial")
+            tmp.write_text("partial", encoding="utf-8")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 

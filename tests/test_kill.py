@@ -77,14 +77,14 @@ def test_sigterm_during_training_resumes_and_matches_an_uninterrupted_run(refere
     assert any(checkpoints.glob("*.pt")), "the checkpoint must survive the killed job"
 
     snakemake(workdir, "--cores", "2", "--configfile", "tiny.yaml")
-    train_log = (workdir / "results" / "logs" / "train" / "fold0.log").read_text()
+    train_log = (workdir / "results" / "logs" / "train" / "fold0.log").read_text(encoding="utf-8")
     assert "resum" in train_log.lower(), train_log[-2000:]
     for k in range(TINY_CONFIG["cv"]["folds"]):
         history = pd.read_csv(workdir / "results" / "models" / f"fold{k}" / "history.csv")
         assert history["epoch"].is_unique
         assert list(history["epoch"]) == list(range(1, len(history) + 1))
-        ours = json.loads((workdir / "results" / "reports" / f"fold{k}" / "metrics.json").read_text())
-        theirs = json.loads((reference / "results" / "reports" / f"fold{k}" / "metrics.json").read_text())
+        ours = json.loads((workdir / "results" / "reports" / f"fold{k}" / "metrics.json").read_text(encoding="utf-8"))
+        theirs = json.loads((reference / "results" / "reports" / f"fold{k}" / "metrics.json").read_text(encoding="utf-8"))
         assert ours == theirs
     pd.testing.assert_frame_equal(pd.read_csv(workdir / "results" / "reports" / "summary.csv"),
                                   pd.read_csv(reference / "results" / "reports" / "summary.csv"))

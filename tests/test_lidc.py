@@ -130,10 +130,10 @@ def test_consensus_keeps_voxels_of_half_the_readers():
 
 def test_bad_xml_files_name_the_file(tmp_path):
     bad = tmp_path / "bad.xml"
-    bad.write_text("<LidcReadMessage><ResponseHeader>")
+    bad.write_text("<LidcReadMessage><ResponseHeader>", encoding="utf-8")
     with pytest.raises(InputError, match="bad.xml.*well-formed"):
         lidc.parse_reads(bad)
-    bad.write_text("<IdriReadMessage/>")
+    bad.write_text("<IdriReadMessage/>", encoding="utf-8")
     with pytest.raises(InputError, match="bad.xml.*root element"):
         lidc.parse_reads(bad)
     bad.write_text('<LidcReadMessage xmlns="http://www.nih.gov"><ResponseHeader><SeriesInstanceUid>1.2'
@@ -250,7 +250,7 @@ def test_real_excluded_rows_match_luna16(real, luna):
 
 def broken_copies(series_dir: Path, tmp_path: Path) -> dict[str, Path]:
     """Bad variants of 069.xml: truncated, of another series, an ROI on an unknown slice."""
-    text = (series_dir / "069.xml").read_text()
+    text = (series_dir / "069.xml").read_text(encoding="utf-8")
     variants = {
         "truncated": text[: len(text) // 2],
         "other_series": text.replace(f"<SeriesInstanceUid>{UID}<", "<SeriesInstanceUid>1.2.840.99<"),
@@ -263,7 +263,7 @@ def broken_copies(series_dir: Path, tmp_path: Path) -> dict[str, Path]:
     paths = {}
     for name, body in variants.items():
         paths[name] = tmp_path / f"{name}.xml"
-        paths[name].write_text(body)
+        paths[name].write_text(body, encoding="utf-8")
     return paths
 
 
@@ -305,5 +305,5 @@ def test_copy_of_series_folder_finds_its_xml(real, tmp_path):
     """find_series_xml skips XML of another series in the same folder."""
     series_dir, _, _, _ = real
     shutil.copy(series_dir / "069.xml", tmp_path / "069.xml")
-    (tmp_path / "other.xml").write_text((series_dir / "069.xml").read_text().replace(UID, "1.2.840.7"))
+    (tmp_path / "other.xml").write_text((series_dir / "069.xml").read_text(encoding="utf-8").replace(UID, "1.2.840.7"))
     assert lidc.find_series_xml(tmp_path, UID) == [tmp_path / "069.xml"]

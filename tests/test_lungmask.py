@@ -114,8 +114,8 @@ def test_lung_mask_file_writes_a_mask_on_the_same_grid(resampled, tmp_path):
 
 def test_config_block_matches_the_function(repo_root):
     """Every key under lungmask: in config.yaml is a parameter of lung_mask_file and vice versa."""
-    config = yaml.safe_load((repo_root / "config.yaml").read_text())["lungmask"]
-    schema = yaml.safe_load((repo_root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    config = yaml.safe_load((repo_root / "config.yaml").read_text(encoding="utf-8"))["lungmask"]
+    schema = yaml.safe_load((repo_root / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))
     params = set(inspect.signature(lung_mask_file).parameters) - {"image_path", "out_mask"}
     assert set(config) == params == set(schema["properties"]["lungmask"]["properties"])
     for key, value in config.items():

@@ -160,7 +160,7 @@ def test_predict_fold_writes_probabilities_and_candidates(tmp_path, monkeypatch)
         write_slice_store(path, uid, image, lung, nodule, GEOMETRY)
         stores.append(path)
     folds = tmp_path / "folds.csv"
-    folds.write_text("seriesuid,fold\n1.2.3,0\n4.5.6,1\n7.8.9,0\n")
+    folds.write_text("seriesuid,fold\n1.2.3,0\n4.5.6,1\n7.8.9,0\n", encoding="utf-8")
     model_path = tmp_path / "model.pt"
     model_path.write_bytes(b"stand-in")
     monkeypatch.setattr(nf_model, "load_model", lambda path, device="cpu": (ThresholdNet(), dict(META)))
@@ -170,7 +170,7 @@ def test_predict_fold_writes_probabilities_and_candidates(tmp_path, monkeypatch)
     cands = predict_fold(model_path, folds, 0, stores, cands_path, out, lung_roi=True, threads=1,
                          threshold=0.4, min_volume_mm3=10, batch_size=8)
     assert sorted(p.name for p in out.iterdir()) == ["1.2.3.mha", "7.8.9.mha", "threshold.json"]
-    assert json.loads((out / "threshold.json").read_text())["threshold"] == 0.4
+    assert json.loads((out / "threshold.json").read_text(encoding="utf-8"))["threshold"] == 0.4
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]   # no temporary left
     prob, geometry = read_image(out / "1.2.3.mha")
     assert prob.dtype == np.uint8 and prob.shape == image.shape
@@ -197,7 +197,7 @@ def test_predict_fold_with_a_real_saved_unet(tmp_path):
     store = tmp_path / "9.9.h5"
     write_slice_store(store, "9.9", image, lung, nodule, GEOMETRY)
     folds = tmp_path / "folds.csv"
-    folds.write_text("seriesuid,fold\n9.9,0\n")
+    folds.write_text("seriesuid,fold\n9.9,0\n", encoding="utf-8")
     torch.manual_seed(0)
     kwargs = dict(in_channels=3, out_channels=2, depth=2, base_filters=4, norm="batch", dropout=0.0)
     net = nf_model.UNet2d(**kwargs)

@@ -149,13 +149,13 @@ def _delete_raw(files):
 
 def _element_type(files):
     header = files["scan"]
-    header.write_text(header.read_text().replace("MET_SHORT", "MET_COMPLEX"))
+    header.write_text(header.read_text(encoding="utf-8").replace("MET_SHORT", "MET_COMPLEX"))
     return header.name, "unsupported ElementType"
 
 
 def _two_d(files):
     header = files["scan"]
-    header.write_text(header.read_text().replace("NDims = 3", "NDims = 2"))
+    header.write_text(header.read_text(encoding="utf-8").replace("NDims = 3", "NDims = 2"))
     return header.name, "only 3-D"
 
 

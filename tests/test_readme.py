@@ -15,7 +15,7 @@ from snakemake.utils import validate
 
 from workflow_helpers import REPO_ROOT, copy_workflow
 
-README = (REPO_ROOT / "README.md").read_text()
+README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 
 
@@ -55,7 +55,7 @@ def test_the_quick_start_plans_the_whole_default_run(tmp_path):
 @pytest.mark.parametrize("block", _code_blocks(README, "yaml"), ids=lambda b: b.splitlines()[0])
 def test_every_configuration_snippet_in_the_readme_is_valid(block):
     config = yaml.safe_load(block)
-    defaults = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    defaults = yaml.safe_load((REPO_ROOT / "config.yaml").read_text(encoding="utf-8"))
     for key, value in config.items():
         defaults[key] = {**defaults.get(key, {}), **value} if isinstance(value, dict) else value
     validate(defaults, str(REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"))
@@ -69,7 +69,7 @@ def _slug(heading: str) -> str:
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
 def test_every_relative_link_points_to_an_existing_file_and_heading(page):
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     links = re.findall(r"\]\(([^)\s]+)\)", text)
     for link in links:
         if re.match(r"[a-z]+:", link):
@@ -78,5 +78,5 @@ def test_every_relative_link_points_to_an_existing_file_and_heading(page):
         path = (page.parent / target).resolve() if target else page
         assert path.is_file(), f"{page.name}: {link}"
         if anchor:
-            headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+            headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)
             assert anchor in {_slug(h) for h in headings}, f"{page.name}: {link}"

@@ -51,9 +51,9 @@ def test_the_lidc_download_is_preprocessed_without_conversion(tmp_path):
     assert np.linalg.norm(_nodule_centroid(nodule, geometry) - LUNA_NODULE) < 1.5
     share = np.count_nonzero(nodule & lung) / np.count_nonzero(nodule)
     assert share >= 0.97
-    logged = (workdir / f"results/logs/extract_slices/{LIDC_0001_UID}.log").read_text()
+    logged = (workdir / f"results/logs/extract_slices/{LIDC_0001_UID}.log").read_text(encoding="utf-8")
     assert re.search(r"nodule 1: \d+\.\d % of its voxels inside the lung mask", logged)
-    assert "exact mask" in (workdir / f"results/logs/resample/{LIDC_0001_UID}.log").read_text()
+    assert "exact mask" in (workdir / f"results/logs/resample/{LIDC_0001_UID}.log").read_text(encoding="utf-8")
 
 
 def _preprocess(scan, mask, work, spacing):
@@ -87,7 +87,7 @@ def test_a_scan_with_permuted_and_flipped_axes_preprocesses_the_same(tmp_path, c
 
     sitk.WriteImage(scramble(sitk.Cast(reader.Execute(), sitk.sitkInt16)), str(scrambled_dir / "scan.nii.gz"))
     sitk.WriteImage(scramble(sitk.ReadImage(str(tmp_path / "lidc/mask.mha"))), str(scrambled_dir / "mask.mha"))
-    (scrambled_dir / "nodules.csv").write_text((tmp_path / "lidc/nodules.csv").read_text())
+    (scrambled_dir / "nodules.csv").write_text((tmp_path / "lidc/nodules.csv").read_text(encoding="utf-8"))
     spacing = (1.5, 1.5, 1.5)
     original = _preprocess(series, tmp_path / "lidc/mask.mha", (tmp_path / "a"), spacing)
     again = _preprocess(scrambled_dir / "scan.nii.gz", scrambled_dir / "mask.mha", (tmp_path / "b"), spacing)

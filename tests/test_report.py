@@ -104,7 +104,7 @@ def make_run(root: Path, settings: dict | None = None) -> dict:
         candidate_paths.append(path)
         report_dir = root / "reports" / f"fold{k}"
         report_dir.mkdir(parents=True)
-        (report_dir / "metrics.json").write_text(json.dumps(FOLD_METRICS[k]))
+        (report_dir / "metrics.json").write_text(json.dumps(FOLD_METRICS[k]), encoding="utf-8")
         sens = [0.0, 0.5, 0.5] if k == 0 else [float("nan")] * 3
         pd.DataFrame({"fps_per_scan": [0.0, 0.0, 0.5], "sensitivity": sens, "threshold": [np.inf, 0.9, 0.6]}
                      ).to_csv(report_dir / "froc.csv", index=False)
@@ -185,7 +185,7 @@ def test_pooled_files_beside_the_summary(reported):
     assert curve["sensitivity"].max() == pytest.approx(0.5)
     nodules = pd.read_csv(out / POOLED_NODULES)
     assert nodules.set_index("seriesuid")["detected"].to_dict() == {"1.2.826.A": True, "1.2.826.C": False}
-    metrics = json.loads((out / POOLED_METRICS).read_text())
+    metrics = json.loads((out / POOLED_METRICS).read_text(encoding="utf-8"))
     assert metrics["fold"] == "pooled" and metrics["cpm"] == pytest.approx(0.5)
     assert metrics["settings"]["label_mode"] == "positive" and metrics["settings"]["lung_roi"] is True
     assert (out / "froc.png").read_bytes().startswith(PNG_MAGIC)
@@ -279,7 +279,7 @@ def test_report_reads_the_evaluate_rules_real_outputs(tmp_path):
                       out_froc=fold_dir / "froc.csv", out_nodules=fold_dir / "nodules.csv",
                       out_plot=fold_dir / "froc.png", bootstrap=0, seed=0, dice_margin_mm=5)
     summary = run_report(run, bootstrap=0).set_index("fold")
-    fold0 = json.loads((run["reports"] / "fold0" / "metrics.json").read_text())
+    fold0 = json.loads((run["reports"] / "fold0" / "metrics.json").read_text(encoding="utf-8"))
     assert summary.loc["0", "cpm"] == pytest.approx(fold0["cpm"]) == pytest.approx(0.5)
     assert summary.loc["0", "pixel_dice"] == pytest.approx(fold0["pixel"]["dice"])
     assert math.isnan(summary.loc["1", "cpm"]) and summary.loc["1", "n_nodules"] == 0

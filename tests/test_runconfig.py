@@ -14,7 +14,7 @@ from noduleflow.runconfig import (BASE_PREFIX, ConfigError, check_config, deep_m
 
 @pytest.fixture()
 def base_config(repo_root):
-    return yaml.safe_load((repo_root / "config.yaml").read_text())
+    return yaml.safe_load((repo_root / "config.yaml").read_text(encoding="utf-8"))
 
 
 def test_deep_merge_overrides_nested_keys_only(base_config):
@@ -86,30 +86,30 @@ def _copy_of_the_package(tmp_path, monkeypatch) -> Path:
     copy_dir = tmp_path / "noduleflow"
     copy_dir.mkdir()
     for path in package.glob("*.py"):
-        (copy_dir / path.name).write_text(path.read_text())
+        (copy_dir / path.name).write_text(path.read_text(encoding="utf-8"))
     monkeypatch.setattr(runconfig, "module_path", lambda module: copy_dir / f"{module}.py")
     return copy_dir
 
 
 def _edit_inside_a_function(path: Path) -> None:
     """Add a statement to the body of the first top-level function of ``path``."""
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     tree = ast.parse("".join(lines))
     function = next(node for node in tree.body if isinstance(node, ast.FunctionDef))
     body = function.body[1] if len(function.body) > 1 else function.body[0]
     indent = " " * body.col_offset
     lines.insert(body.lineno - 1, f"{indent}_unused = 1\n")
-    path.write_text("".join(lines))
+    path.write_text("".join(lines), encoding="utf-8")
 
 
 def test_comments_and_docstrings_rerun_nothing(tmp_path, monkeypatch):
     copy_dir = _copy_of_the_package(tmp_path, monkeypatch)
     before = {stage: runconfig.code_digest(stage) for stage in runconfig.STAGE_ENTRY}
     io = copy_dir / "io.py"
-    text = io.read_text()
+    text = io.read_text(encoding="utf-8")
     text = text.replace('"""Files in and out', '"""Files (a reworded docstring) in and out', 1)
     text = text.replace("def atomic_path(", "# a new comment\ndef atomic_path(", 1)
-    io.write_text(text + "\n# a comment at the end\n")
+    io.write_text(text + "\n# a comment at the end\n", encoding="utf-8")
     assert runconfig.code_fingerprint(io) == runconfig.code_fingerprint(Path(runconfig.__file__).parent / "io.py")
     assert {stage: runconfig.code_digest(stage) for stage in runconfig.STAGE_ENTRY} == before
 
@@ -130,12 +130,12 @@ def test_a_new_import_is_covered_without_editing_a_list(tmp_path, monkeypatch):
     assert "froc" not in runconfig.stage_modules("lung_mask")
     before = runconfig.code_digest("lung_mask")
     path = copy_dir / "lungmask.py"
-    path.write_text(path.read_text().replace("from noduleflow.io import", "from noduleflow.froc import FPS_POINTS  # noqa\n"
+    path.write_text(path.read_text(encoding="utf-8").replace("from noduleflow.io import", "from noduleflow.froc import FPS_POINTS  # noqa\n"
                                              "from noduleflow.io import", 1))
     assert "froc" in runconfig.stage_modules("lung_mask")
     changed = runconfig.code_digest("lung_mask")
     assert changed != before
-    (copy_dir / "froc.py").write_text((copy_dir / "froc.py").read_text() + "\nEXTRA = 1\n")
+    (copy_dir / "froc.py").write_text((copy_dir / "froc.py").read_text(encoding="utf-8") + "\nEXTRA = 1\n")
     assert runconfig.code_digest("lung_mask") != changed
 
 
@@ -157,7 +157,7 @@ def test_a_stage_code_digest_covers_every_module_it_runs(stage):
 def _noduleflow_imports(module: str) -> set[str]:
     """noduleflow modules ``module``'s source imports, by a plain text scan (independent of the AST walk)."""
     found = set()
-    for line in runconfig.module_path(module).read_text().splitlines():
+    for line in runconfig.module_path(module).read_text(encoding="utf-8").splitlines():
         words = line.strip().split()
         if len(words) >= 2 and words[0] in ("from", "import") and words[1].startswith("noduleflow."):
             found.add(words[1].split(".")[1])

@@ -135,7 +135,7 @@ def fit_profile(profile: dict, cpus: int, mem_mb: int, accounting: bool) -> dict
 
 def test_profile_fits_node_and_drops_gpus():
     """Pure: the fitting above keeps the per-rule values that fit and removes every GPU request."""
-    profile = yaml.safe_load(PROFILE.read_text())
+    profile = yaml.safe_load(PROFILE.read_text(encoding="utf-8"))
     fitted = fit_profile(profile, cpus=2, mem_mb=8000, accounting=False)
     res = fitted["set-resources"]
     assert profile["set-resources"]["train"]["gpu"] == 1 and profile["set-resources"]["predict"]["gpu"] == 1
@@ -168,7 +168,7 @@ def run_snakemake(workdir: Path, args: list[str], timeout: float) -> tuple[int, 
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             rc = -1
-    text = log_path.read_text()
+    text = log_path.read_text(encoding="utf-8")
     if rc == -1:
         run_id = re.search(r"SLURM run ID: (\S+)", text)
         if run_id:
@@ -215,9 +215,9 @@ def job_records(ids: list[str], accounting: bool) -> dict[str, dict]:
 def failure_context(workdir: Path, output: str) -> str:
     parts = [output[-8000:]]
     for log in sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))[-6:]:
-        parts.append(f"--- {log.relative_to(workdir)}\n{log.read_text()[-2500:]}")
+        parts.append(f"--- {log.relative_to(workdir)}\n{log.read_text(encoding='utf-8')[-2500:]}")
     for log in sorted((workdir / "results" / "logs").rglob("*.log")):
-        text = log.read_text()
+        text = log.read_text(encoding="utf-8")
         if "Error" in text or "Traceback" in text:
             parts.append(f"--- {log.relative_to(workdir)}\n{text[-2500:]}")
     return "\n".join(parts)
@@ -236,10 +236,10 @@ def test_tiny_workflow_on_slurm(tmp_path):
     accounting = accounting_enabled()
 
     workdir = copy_workflow(tmp_path / "repo")
-    shipped = yaml.safe_load(PROFILE.read_text())
+    shipped = yaml.safe_load(PROFILE.read_text(encoding="utf-8"))
     fitted = fit_profile(shipped, cpus, mem_mb, accounting)
-    (workdir / "profiles" / "slurm" / "config.yaml").write_text(yaml.safe_dump(fitted, sort_keys=False))
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG, sort_keys=False))
+    (workdir / "profiles" / "slurm" / "config.yaml").write_text(yaml.safe_dump(fitted, sort_keys=False), encoding="utf-8")
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG, sort_keys=False), encoding="utf-8")
 
     start = time.monotonic()
     rc, output = run_snakemake(
@@ -272,10 +272,10 @@ def test_tiny_workflow_on_slurm(tmp_path):
     # the reports
     reports = workdir / "results" / "reports"
     for k in range(TINY_CONFIG["cv"]["folds"]):
-        metrics = json.loads((reports / f"fold{k}" / "metrics.json").read_text())
+        metrics = json.loads((reports / f"fold{k}" / "metrics.json").read_text(encoding="utf-8"))
         assert metrics["fold"] == k and 0.0 <= metrics["cpm"] <= 1.0
         assert (reports / f"fold{k}" / "froc.csv").is_file()
-    summary = (reports / "summary.csv").read_text().splitlines()
+    summary = (reports / "summary.csv").read_text(encoding="utf-8").splitlines()
     assert summary[0].startswith("fold,") and any(line.startswith("pooled,") for line in summary)
     assert (reports / "report.html").stat().st_size > 0
     print(f"{len(jobs)} SLURM jobs, workflow done in {seconds:.0f} s")

@@ -216,7 +216,7 @@ def test_merge_annotations_keeps_order_and_writes_a_header_when_empty(tmp_path):
     assert merged["seriesuid"].tolist() == ["u2", "u1", "u1"]
     assert merged["diameter_mm"].tolist() == [5.0, 7.0, 9.5]
     merge_annotations([empty], tmp_path / "none.csv")
-    assert (tmp_path / "none.csv").read_text().strip() == ",".join(cols)
+    assert (tmp_path / "none.csv").read_text(encoding="utf-8").strip() == ",".join(cols)
 
 
 def test_merge_annotations_writes_the_texture_stratum_of_every_scan(tmp_path):

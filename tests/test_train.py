@@ -448,7 +448,7 @@ def test_ct_normalisation_stores_its_statistics_for_inference(data, tmp_path):
 def _linux_cpu_flags() -> set[str] | None:
     """The CPU flags the Linux kernel reports (None elsewhere)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return None
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}

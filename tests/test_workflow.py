@@ -35,10 +35,10 @@ def test_default_target_builds_reports_and_finds_the_nodules(tiny_run):
     for name in ("summary.csv", "froc.png", "report.html"):
         assert (reports / name).stat().st_size > 0
     for k in range(TINY_CONFIG["cv"]["folds"]):
-        metrics = json.loads((reports / f"fold{k}" / "metrics.json").read_text())
+        metrics = json.loads((reports / f"fold{k}" / "metrics.json").read_text(encoding="utf-8"))
         assert len(metrics["sensitivities"]) == 7
         assert metrics["n_detected"] > 0 and metrics["cpm"] > 0, metrics  # every fold finds nodules
-    pooled = json.loads((reports / "metrics_pooled.json").read_text())
+    pooled = json.loads((reports / "metrics_pooled.json").read_text(encoding="utf-8"))
     assert pooled["n_scans"] == TINY_CONFIG["synthetic"]["n_scans"]
     assert pooled["cpm"] >= TINY_MIN_POOLED_CPM, pooled
     # nothing left to do: an unchanged rerun plans no job
@@ -130,19 +130,19 @@ def test_a_changed_module_reruns_its_stage_and_what_follows(tiny_run, tmp_path):
     shutil.copytree(REPO_ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     env = {"PYTHONPATH": str(src)}
     io = src / "noduleflow" / "io.py"
-    io.write_text(io.read_text().replace("def atomic_path(", "# a new comment\ndef atomic_path(", 1) + "\n# more\n")
+    io.write_text(io.read_text(encoding="utf-8").replace("def atomic_path(", "# a new comment\ndef atomic_path(", 1) + "\n# more\n")
     assert planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml", env=env)) == {}
     intensity = src / "noduleflow" / "intensity.py"
-    original = intensity.read_text()
+    original = intensity.read_text(encoding="utf-8")
     marker = "def apply_roi("
     head, tail = original.split(marker, 1)
     signature_end = tail.index('"""', tail.index('"""') + 3) + 3  # after the docstring
-    intensity.write_text(head + marker + tail[:signature_end] + "\n    _unused = 1" + tail[signature_end:])
+    intensity.write_text(head + marker + tail[:signature_end] + "\n    _unused = 1" + tail[signature_end:], encoding="utf-8")
     rules = planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml", env=env))
     assert set(rules) == {"sample_patches"} | AFTER_PATCHES, rules
-    intensity.write_text(original)
+    intensity.write_text(original, encoding="utf-8")
     froc = src / "noduleflow" / "froc.py"
-    froc.write_text(froc.read_text() + "\nEXTRA_CONSTANT = 1\n")
+    froc.write_text(froc.read_text(encoding="utf-8") + "\nEXTRA_CONSTANT = 1\n")
     rules = planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml", env=env))
     assert set(rules) == {"evaluate", "report"}, rules
 
@@ -173,7 +173,7 @@ def test_documented_experiment_commands_name_the_target_before_configfile():
     file ("No such file: experiments"): the Makefile, README and paper_table2.yaml must put it first."""
     commands = []
     for name in ("Makefile", "README.md", "config/paper_table2.yaml"):
-        for line in (REPO_ROOT / name).read_text().splitlines():
+        for line in (REPO_ROOT / name).read_text(encoding="utf-8").splitlines():
             for segment in line.split("#"):  # commands in comments too ("make experiments  # = snakemake ...")
                 command = segment.strip().lstrip("=").split()
                 if "snakemake" in " ".join(command) and "--configfile" in command and "experiments" in command:

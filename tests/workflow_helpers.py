@@ -48,7 +48,7 @@ def copy_workflow(dest: Path) -> Path:
 
 def write_config(workdir: Path, overrides: dict, name: str = "tiny.yaml") -> Path:
     path = workdir / name
-    path.write_text(yaml.safe_dump(overrides, sort_keys=False))
+    path.write_text(yaml.safe_dump(overrides, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -70,8 +70,8 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: int =
     proc = subprocess.run([*SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results" / "logs").rglob("*.log"))
-                         if "rror" in p.read_text()) if (workdir / "results" / "logs").exists() else ""
+        logs = "\n".join(f"--- {p}\n{p.read_text(encoding='utf-8')[-3000:]}" for p in sorted((workdir / "results" / "logs").rglob("*.log"))
+                         if "rror" in p.read_text(encoding="utf-8")) if (workdir / "results" / "logs").exists() else ""
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-6000:]}\n{proc.stderr[-8000:]}\n{logs}")
     return proc

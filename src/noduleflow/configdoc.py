@@ -41,7 +41,7 @@ a key says "relative to root" (`dataset.root`).
 
 
 def load_schema(path: str | Path = SCHEMA) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
 
 
 def _resolve(node: Mapping, schema: Mapping) -> dict:
@@ -200,7 +200,7 @@ def expected_files(root: str | Path = ".") -> dict[Path, str]:
     """Path -> the text it must have, from the schema under ``root``."""
     root = Path(root)
     schema = load_schema(root / SCHEMA)
-    readme = (root / README).read_text()
+    readme = (root / README).read_text(encoding="utf-8")
     return {root / REFERENCE: reference_markdown(schema),
             root / README: with_readme_block(readme, readme_block(schema))}
 
@@ -220,13 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stale = []
     for path, text in expected_files(root).items():
-        current = path.read_text() if path.is_file() else None
+        current = path.read_text(encoding="utf-8") if path.is_file() else None
         if current == text:
             continue
         stale.append(path)
         if not args.check:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            path.write_text(text, encoding="utf-8")
     if args.check and stale:
         print("out of date (run `python -m noduleflow.configdoc`): " + ", ".join(map(str, stale)), file=sys.stderr)
         return 1

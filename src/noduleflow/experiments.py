@@ -139,7 +139,7 @@ def _read_settings(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s: malformed JSON, experiment settings unknown", path)
         return {}

@@ -58,10 +58,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # seriesuids are full of dots: only a known double suffix counts as one
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else (path.suffix or ".tmp")
-    fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part" + suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part" + suffix, dir=path.parent)
+        tmp = Path(tmp_name)
+        os.close(fd)
         yield tmp
         if tmp.exists():  # mkstemp makes 0600 files; give the result the usual umask permissions
             umask = os.umask(0)
@@ -69,7 +70,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
@@ -82,7 +83,7 @@ def write_csv_atomic(frame: pd.DataFrame, path: str | Path, **kwargs) -> None:
 def write_text_atomic(text: str, path: str | Path) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- geometry
@@ -287,10 +288,10 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compres
             tmp_base = tmp_mhd.with_name(tmp_mhd.name[: -len(".mhd")])
             sitk.WriteImage(image, str(tmp_base) + ".mhd", False)
             os.replace(str(tmp_base) + ".raw", tmp_raw)
-            text = Path(str(tmp_base) + ".mhd").read_text()
+            text = Path(str(tmp_base) + ".mhd").read_text(encoding="utf-8")
             lines = [f"ElementDataFile = {raw.name}" if ln.startswith("ElementDataFile") else ln
                      for ln in text.splitlines()]
-            tmp_mhd.write_text("\n".join(lines) + "\n")
+            tmp_mhd.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), compress, int(compression_level))
@@ -378,7 +379,7 @@ def read_uid_list(value: str | Path | Sequence[str] | None) -> list[str] | None:
     path = Path(value)
     if not path.is_file():
         raise InputError(f"{path}: seriesuid list not found")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if lines and "seriesuid" in lines[0].split(","):
         frame = pd.read_csv(path, dtype={"seriesuid": str})
         return frame["seriesuid"].str.strip().tolist()

@@ -35,6 +35,9 @@ def logging_to(log_path: str | Path, level: int = logging.INFO) -> Iterator[logg
     previous_sigterm = signal.getsignal(signal.SIGTERM)
 
     def _terminate(signum, frame):
+        # one SIGTERM is enough: a second one (Snakemake forwards its own) must not interrupt the
+        # cleanup that the first one started (temporary files of atomic writes)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminate)

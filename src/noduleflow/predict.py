@@ -378,7 +378,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
                     "label_mode": meta.get("label_mode"), "fold": int(fold), "model": str(model_path),
                     "planes": list(planes), "amp": bool(amp), "candidate_score": candidate_score,
                     "tta": bool(tta)}
-        (tmp_dir / THRESHOLD_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        (tmp_dir / THRESHOLD_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         candidates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
         candidates = candidates[CANDIDATE_COLUMNS]
         write_csv_atomic(candidates, out_candidates)
@@ -403,7 +403,7 @@ def read_threshold(probabilities_dir: str | Path, default: float | None = None) 
             return float(default)
         raise InputError(f"{path}: not found (written by predict; it holds the threshold)")
     try:
-        value = float(json.loads(path.read_text())["threshold"])
+        value = float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: no numeric 'threshold' ({exc})") from exc
     if not 0.0 < value < 1.0:

@@ -188,7 +188,7 @@ def read_metrics(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: metrics file not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: malformed JSON ({exc})") from exc
     if not isinstance(data, dict):
@@ -251,7 +251,7 @@ def read_settings(probabilities_dir: str | Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s: malformed JSON, settings not shown", path)
         return {}

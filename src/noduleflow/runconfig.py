@@ -163,7 +163,7 @@ def module_path(module: str) -> Path:
 
 def noduleflow_imports(module: str) -> set[str]:
     """The noduleflow modules ``noduleflow.<module>`` imports, at the top or inside a function."""
-    tree = ast.parse(module_path(module).read_text())
+    tree = ast.parse(module_path(module).read_text(encoding="utf-8"))
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -204,7 +204,7 @@ def code_fingerprint(path: str | Path) -> bytes:
     """What a Python source file does, without its comments, docstrings and layout: the dump of
     its syntax tree (no line numbers) with docstrings removed. Editing documentation leaves it
     unchanged; any change to code changes it."""
-    tree = _strip_docstrings(ast.parse(Path(path).read_text()))
+    tree = _strip_docstrings(ast.parse(Path(path).read_text(encoding="utf-8")))
     return ast.dump(tree, include_attributes=False).encode()
 
 
