@@ -37,9 +37,8 @@ if not SYNTHETIC and not ALL_SCANS:
     )
 
 
-def _lidc_xml():
-    """seriesuid -> the LIDC readers' XML files beside its DICOM slices (DICOM scans only)."""
-    return {u: sorted(str(x) for x in Path(p).glob("*.xml")) for u, p in ALL_SCANS.items() if Path(p).is_dir()}
+# seriesuid -> the LIDC readers' XML files beside its DICOM slices (DICOM scans only; globbed once)
+SERIES_XML = {u: sorted(str(x) for x in Path(p).glob("*.xml")) for u, p in ALL_SCANS.items() if Path(p).is_dir()}
 
 
 def _annotation_source():
@@ -50,7 +49,7 @@ def _annotation_source():
     name = config["dataset"]["annotations"]
     if name == "lidc_xml":
         return "lidc"
-    if not (DATA_ROOT / name).is_file() and name == "annotations.csv" and any(_lidc_xml().values()):
+    if not (DATA_ROOT / name).is_file() and name == "annotations.csv" and any(SERIES_XML.values()):
         return "lidc"
     if not (DATA_ROOT / name).is_file():
         raise InputError(
@@ -61,7 +60,7 @@ def _annotation_source():
 
 
 ANNOTATION_SOURCE = _annotation_source()
-LIDC_XML = _lidc_xml() if ANNOTATION_SOURCE == "lidc" else {}
+LIDC_XML = SERIES_XML if ANNOTATION_SOURCE == "lidc" else {}
 LIDC_OUT = "results/lidc"
 if ANNOTATION_SOURCE == "lidc":
     ANNOTATIONS = f"{LIDC_OUT}/annotations.csv"
