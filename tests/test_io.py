@@ -169,6 +169,42 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_termination_while_the_temporary_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM becomes SystemExit (logs.logging_to); it may land right after the temporary file
+    appears on disk, before any Python name holds it: that file must still be removed."""
+    import noduleflow.io as nf_io
+
+    real_open = nf_io.os.open
+
+    def open_then_terminate(*args, **kwargs):
+        real_open(*args, **kwargs)
+        raise SystemExit(143)
+
+    monkeypatch.setattr(nf_io.os, "open", open_then_terminate)
+    with pytest.raises(SystemExit):
+        with atomic_path(tmp_path / "out.mha"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_the_folder_whole_or_not_at_all(tmp_path):
+    from noduleflow.io import atomic_dir
+
+    target = tmp_path / "maps"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.mha").write_text("a", encoding="utf-8")
+    assert sorted(p.name for p in target.iterdir()) == ["a.mha"]
+    with pytest.raises(SystemExit):
+        with atomic_dir(target) as tmp:
+            (tmp / "b.mha").write_text("b", encoding="utf-8")
+            raise SystemExit(143)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
+    assert sorted(p.name for p in target.iterdir()) == ["a.mha"]
+    with atomic_dir(target) as tmp:
+        (tmp / "b.mha").write_text("b", encoding="utf-8")
+    assert sorted(p.name for p in target.iterdir()) == ["b.mha"]
+
+
 def test_check_same_grid_names_the_file(tmp_path):
     other = Geometry(GEOMETRY.spacing, (GEOMETRY.origin[0] + 1, *GEOMETRY.origin[1:]))
     check_same_grid((2, 3, 4), GEOMETRY, (2, 3, 4), GEOMETRY, tmp_path / "m.mha")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,20 +59,37 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # seriesuids are full of dots: only a known double suffix counts as one
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else (path.suffix or ".tmp")
-    tmp = None
+    # The name is chosen before the file exists, so a SIGTERM that lands while the file is being
+    # created (the moment it becomes visible) still finds the name in ``finally`` and removes it.
+    tmp = path.parent / f".{secrets.token_hex(6)}.part{suffix}"
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=".part" + suffix, dir=path.parent)
-        tmp = Path(tmp_name)
-        os.close(fd)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
         yield tmp
-        if tmp.exists():  # mkstemp makes 0600 files; give the result the usual umask permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
-        if tmp is not None and tmp.exists():
+        if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    A folder already at ``path`` is replaced whole. An interrupted or failed block leaves ``path``
+    as it was and removes the temporary folder (named before it is created, as in :func:`atomic_path`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
+    try:
+        tmp.mkdir()
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path, **kwargs) -> None:

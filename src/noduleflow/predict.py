@@ -41,9 +41,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -53,7 +50,7 @@ import pandas as pd
 
 from noduleflow.folds import read_fold_uids
 from noduleflow.intensity import AIR_HU, BODY_MIN_HU
-from noduleflow.io import Geometry, InputError, voxel_to_world, write_csv_atomic, write_image
+from noduleflow.io import Geometry, InputError, atomic_dir, voxel_to_world, write_csv_atomic, write_image
 from noduleflow.planes import PLANES, check_planes, context_offsets, from_plane, to_plane
 
 log = logging.getLogger(__name__)
@@ -357,10 +354,8 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
 
     out_probabilities = Path(out_probabilities)
     out_probabilities.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_probabilities.name}.", suffix=".part",
-                                    dir=out_probabilities.parent))
     frames = []
-    try:
+    with atomic_dir(out_probabilities) as tmp_dir:
         for i, (uid, store) in enumerate(stores.items(), start=1):
             started = time.perf_counter()
             image, lung, _nodule, geometry = read_slice_store(store)
@@ -382,12 +377,6 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
         candidates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
         candidates = candidates[CANDIDATE_COLUMNS]
         write_csv_atomic(candidates, out_candidates)
-        if out_probabilities.exists():
-            shutil.rmtree(out_probabilities)
-        os.replace(tmp_dir, out_probabilities)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
     log.info("fold %d: %d candidates written to %s", fold, len(candidates), out_candidates)
     return candidates
 
