@@ -6,7 +6,7 @@
    U-Net at depth 4 with features base*(1, 2, 4, 8, 16), in the memory format training uses
    (:func:`noduleflow.model.memory_format_for`); MONAI is timed in its default memory format and
    in channels_last, and the ratio is taken against the faster of the two.
-2. The patch loader (``load_patches`` from patches.h5, HU window, the default augmentation,
+2. The patch loader (patches read batch by batch from patches.h5 by ``PatchFile``, HU window, the default augmentation,
    targets) vs the training step's consumption with the default ``train:`` config, in float32 and
    in the mixed precision training uses on this CPU (bfloat16 where the CPU has it): images/s and
    the ratio to the fastest step (the loader must be >= 5x faster so training never waits on data).
@@ -37,7 +37,8 @@ import torch
 
 from noduleflow.losses import make_loss
 from noduleflow.model import UNet2d, autocast_dtype, build_targets, memory_format_for
-from noduleflow.train import DEFAULTS, PatchBatches, _load_patch_file
+from noduleflow.patchdata import PatchBatches, PatchFile
+from noduleflow.train import DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,31 +145,31 @@ def loader_vs_step(patches: Path, rounds: int) -> tuple[float, dict[str, float],
     seconds, config)."""
     cfg = DEFAULTS
     start = time.perf_counter()
-    arrays, _ = _load_patch_file(patches)
+    patch_file = PatchFile(patches)  # the table only: patches are read batch by batch
     read_seconds = time.perf_counter() - start
-    image, mask, roi = arrays["image"], arrays["mask"], arrays["roi"]
+    channels = patch_file.image_shape[1]
     batch = int(cfg["batch_size"])
     seen, start = 0, time.perf_counter()
     for epoch in range(1, rounds + 1):
-        batches = PatchBatches(image, mask, roi, cfg["label_mode"], cfg["intensity"], batch,
+        batches = PatchBatches(patch_file, cfg["label_mode"], cfg["intensity"], batch,
                                augment=cfg["augment"], seed=0, epoch=epoch)
         for b in range(len(batches)):
             seen += len(batches[b]["image"])
     loader_rate = seen / (time.perf_counter() - start + read_seconds)
 
-    sample = PatchBatches(image, mask, roi, cfg["label_mode"], cfg["intensity"], batch,
+    sample = PatchBatches(patch_file, cfg["label_mode"], cfg["intensity"], batch,
                           augment=cfg["augment"], seed=0, epoch=1)[0]
     torch.manual_seed(0)
-    model = UNet2d(image.shape[1], 1, **cfg["model"])
+    model = UNet2d(channels, 1, **cfg["model"])
     target = build_targets(sample["mask"], sample["weight"][:, 0], "positive")
     steps = {"float32": _Step(model, sample["image"], target, memory_format_for(cfg["model"]["norm"]))}
     amp_dtype = autocast_dtype(torch.device("cpu"), bool(cfg["amp"]))
     if amp_dtype is not None:
         torch.manual_seed(0)
-        steps[str(amp_dtype).replace("torch.", "")] = _Step(UNet2d(image.shape[1], 1, **cfg["model"]), sample["image"],
+        steps[str(amp_dtype).replace("torch.", "")] = _Step(UNet2d(channels, 1, **cfg["model"]), sample["image"],
                                                              target, memory_format_for(cfg["model"]["norm"]), amp_dtype)
     step_rate = _time_rounds(steps, 5, 5, batch)
-    return loader_rate, step_rate, read_seconds, {"n": len(image), "shape": image.shape[1:], "batch": batch,
+    return loader_rate, step_rate, read_seconds, {"n": len(patch_file), "shape": patch_file.image_shape[1:], "batch": batch,
                                                   "model": cfg["model"]}
 
 
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {info['batch']}, model {info['model']})\n")
     print("| stage | img/s |")
     print("|---|---:|")
-    print(f"| loader: load_patches ({read_s:.2f} s, counted) + HU window + default augmentation + targets "
+    print(f"| loader: patches streamed from disk (table {read_s:.2f} s, counted) + HU window + default augmentation + targets "
           f"| {loader:.0f} |")
     for precision, rate in step.items():
         print(f"| training step, default train: config, {precision} | {rate:.0f} |")

@@ -13,8 +13,9 @@ import torch
 
 from noduleflow.io import InputError
 from noduleflow.model import load_model
-from noduleflow.train import (PatchBatches, TrainingInterrupted, augment_batch, fade_nodules, inner_split, train_fold,
-                              training_subset)
+from noduleflow.augment import augment_batch, fade_nodules
+from noduleflow.patchdata import ArrayPatches, PatchBatches
+from noduleflow.train import TrainingInterrupted, inner_split, train_fold, training_subset
 
 SIZE = 32
 #: a tiny, fast training: 32x32 patches, depth-2 U-Net with 8 base filters
@@ -232,7 +233,7 @@ def test_the_unet_learns_bright_discs(data, tmp_path):
         uids = h5["seriesuid"][()].astype(str)
         train = np.isin(uids, meta["train_scans"])
         image, mask, roi = h5["image"][()][train], h5["mask"][()][train], h5["roi"][()][train]
-    _, dice = evaluate(model, image, mask, roi, "positive", meta["intensity"])
+    _, dice = evaluate(model, ArrayPatches(image, mask, roi), "positive", meta["intensity"])
     assert dice > 0.8
     assert meta["heldout_patch_dice"] > 0.7
 
@@ -377,7 +378,7 @@ def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(data):
     with h5py.File(data[0], "r") as h5:
         image, mask, roi = h5["image"][()], h5["mask"][()], h5["roi"][()]
     window = {"window_hu": [-1000, 400]}
-    make = lambda epoch: PatchBatches(image, mask, roi, "positive", window, 16,  # noqa: E731
+    make = lambda epoch: PatchBatches(ArrayPatches(image, mask, roi), "positive", window, 16,  # noqa: E731
                                       {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1, 1.4],
                                        "contrast": [0.3, 1.2]}, seed=0, epoch=epoch)
     first, again, other = make(1), make(1), make(2)
@@ -486,3 +487,44 @@ def test_cpu_mixed_precision_is_bfloat16_exactly_when_this_cpu_has_native_bfloat
             full = model(x)
         assert low.dtype == torch.bfloat16 and full.dtype == torch.float32
         assert (torch.sigmoid(low.float()) - torch.sigmoid(full)).abs().max() < 0.05
+
+
+def test_patches_streamed_from_disk_give_the_batches_of_patches_in_memory(data, tmp_path):
+    from noduleflow.patchdata import PatchFile, PatchSubset
+
+    with h5py.File(data[0], "r") as h5:
+        image, mask, roi = h5["image"][()], h5["mask"][()], h5["roi"][()]
+    pick = np.arange(len(image))[::2][::-1].copy()  # a subset, not in file order
+    window = {"window_hu": [-1000, 400]}
+    augment = {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1, 1.4], "contrast": [0.3, 1.2]}
+    on_disk = PatchBatches(PatchSubset(PatchFile(data[0]), pick), "hybrid", window, 8, augment, seed=5, epoch=2)
+    in_memory = PatchBatches(ArrayPatches(image[pick], mask[pick], roi[pick]), "hybrid", window, 8, augment,
+                             seed=5, epoch=2)
+    assert len(on_disk) == len(in_memory) == len(pick) // 8
+    for b in range(len(on_disk)):
+        for key in ("image", "target", "weight", "mask"):
+            assert torch.equal(on_disk[b][key], in_memory[b][key]), (b, key)
+    loader = torch.utils.data.DataLoader(on_disk, batch_size=None, num_workers=2)  # each worker opens the file
+    for b, batch in enumerate(loader):
+        assert torch.equal(batch["image"], in_memory[b]["image"])
+
+
+def test_training_never_holds_more_than_a_block_of_patches(data, tmp_path, monkeypatch):
+    """Memory that does not grow with the cohort: every read of the patches file returns at most
+    one batch or one block (noduleflow.patchdata.BLOCK), never the whole file."""
+    from noduleflow import patchdata, train
+
+    monkeypatch.setattr(patchdata, "BLOCK", 20)
+    monkeypatch.setattr(train, "_EVAL_BATCH", 24)
+    largest = []
+    real_take = patchdata.PatchFile.take
+
+    def recording_take(self, index, names=patchdata.PATCH_DATASETS):
+        largest.append(len(index))
+        return real_take(self, index, names)
+
+    monkeypatch.setattr(patchdata.PatchFile, "take", recording_take)
+    run(data, tmp_path, epochs=1)
+    assert largest and max(largest) <= 24
+    with h5py.File(data[0], "r") as h5:
+        assert max(largest) < len(h5["image"]) / 4

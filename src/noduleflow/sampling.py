@@ -502,7 +502,7 @@ def load_patches(path: str | Path, uids: Iterable[str] | None = None) -> dict[st
             out = {name: store[name][()] for name in per_patch}
         else:
             keep = np.flatnonzero(np.isin(seriesuid, np.asarray(list(uids), dtype=str)))
-            runs = _runs(keep)
+            runs = index_runs(keep)
             out = {}
             for name in per_patch:
                 dset = store[name]
@@ -521,7 +521,7 @@ def read_patch_attrs(path: str | Path) -> dict:
         return {key: (value.item() if hasattr(value, "item") else value) for key, value in store.attrs.items()}
 
 
-def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+def index_runs(index: np.ndarray) -> list[tuple[int, int]]:
     """Sorted indices -> [(start, stop)] of their contiguous runs."""
     if len(index) == 0:
         return []

@@ -53,11 +53,11 @@ import pandas as pd
 import torch
 
 from noduleflow.folds import read_folds
-from noduleflow.intensity import normalize_intensity
 from noduleflow.io import InputError, atomic_path, write_csv_atomic
 from noduleflow.losses import LOSSES, make_loss
-from noduleflow.model import (LABEL_MODES, UNet2d, autocast_dtype, build_targets, memory_format_for,
-                              nodule_probability, out_channels_for)
+from noduleflow.model import (LABEL_MODES, UNet2d, autocast_dtype, memory_format_for, nodule_probability,
+                              out_channels_for)
+from noduleflow.patchdata import PatchBatches, Patches, PatchFile, PatchSubset, iterate_batches, seed_of
 from noduleflow.runconfig import code_digest
 
 log = logging.getLogger(__name__)
@@ -167,35 +167,7 @@ def select_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _seed_of(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of ``parts``."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]) >> 1
-
-
 # --------------------------------------------------------------------------- data
-
-
-def _load_patch_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(arrays of :func:`noduleflow.sampling.load_patches`, file attributes)."""
-    from noduleflow.sampling import load_patches, read_patch_attrs
-
-    if not Path(path).is_file():
-        raise InputError(f"{path}: patches file not found")
-    arrays = load_patches(path)
-    attrs = read_patch_attrs(path)
-    for key in ("image", "mask", "roi", "seriesuid"):
-        if key not in arrays:
-            raise InputError(f"{path}: patches file has no '{key}'")
-    image = arrays["image"]
-    if image.ndim != 4 or arrays["mask"].shape != (image.shape[0],) + image.shape[2:] \
-            or arrays["roi"].shape != arrays["mask"].shape:
-        raise InputError(f"{path}: image {image.shape}, mask {arrays['mask'].shape} and roi "
-                         f"{arrays['roi'].shape} must be (n, c, h, w), (n, h, w), (n, h, w)")
-    meta = {"context": int(attrs.get("context", (image.shape[1] - 1) // 2)),
-            "context_step": int(attrs.get("context_step", 1)),
-            "patch_size": int(attrs.get("patch_size", image.shape[-1])),
-            "lung_roi": bool(attrs.get("lung_roi", True))}
-    return arrays, meta
 
 
 def training_subset(uids: Sequence[str], has_positive: Mapping[str, bool], n: int | None, seed: int,
@@ -209,7 +181,7 @@ def training_subset(uids: Sequence[str], has_positive: Mapping[str, bool], n: in
     uids = sorted(str(u) for u in uids)
     if n is None or n >= len(uids):
         return uids
-    rng = np.random.default_rng(_seed_of(seed, 17, fold))
+    rng = np.random.default_rng(seed_of(seed, 17, fold))
     groups = {}
     for flag in (True, False):
         group = [u for u in uids if bool(has_positive.get(u, False)) == flag]
@@ -230,7 +202,7 @@ def inner_split(uids: list[str], has_positive: Mapping[str, bool], fraction: flo
     """Split training scans into (train, validation) by scan, seeded, stratified by nodule presence:
     ``round(fraction * n)`` scans of each group (at least one validation scan in all, and at
     least one training scan left)."""
-    rng = np.random.default_rng(_seed_of(seed, 11))
+    rng = np.random.default_rng(seed_of(seed, 11))
     val: list[str] = []
     for flag in (True, False):
         group = sorted(u for u in uids if bool(has_positive.get(u, False)) == flag)
@@ -246,265 +218,57 @@ def inner_split(uids: list[str], has_positive: Mapping[str, bool], fraction: flo
     return sorted(u for u in uids if u not in val_set), sorted(val_set)
 
 
-def intensity_block(cfg_intensity: Mapping[str, Any], image: np.ndarray, mask: np.ndarray,
-                    roi: np.ndarray) -> dict[str, Any]:
+def scans_with_nodule_pixels(patches: PatchFile, uids: Sequence[str]) -> dict[str, bool]:
+    """For each of ``uids``: whether any of its patches in ``patches`` has a nodule pixel (masks read
+    scan by scan, block by block)."""
+    out = {}
+    for uid in uids:
+        subset = PatchSubset(patches, np.flatnonzero(patches.seriesuid == uid))
+        out[uid] = any(bool(mask.any()) for (mask,) in subset.blocks(names=("mask",)))
+    return out
+
+
+def intensity_block(cfg_intensity: Mapping[str, Any], patches: PatchSubset) -> dict[str, Any]:
     """The ``intensity`` block stored in model.pt and used at training and inference
     (:func:`noduleflow.intensity.normalize_intensity`). ``mode: window``: ``{"mode": "window",
     "window_hu"}``. ``mode: ct`` (nnU-Net's CT scheme): the statistics of the nodule pixels (inside
-    the ROI, all context channels) of the training patches, from
+    the ROI, all context channels) of the training ``patches`` (read block by block), from
     :func:`noduleflow.intensity.ct_statistics`; with no nodule pixel, of all ROI pixels."""
     if cfg_intensity.get("mode", "window") == "window":
         return {"mode": "window", "window_hu": [float(v) for v in cfg_intensity["window_hu"]]}
     from noduleflow.intensity import ct_statistics
 
-    foreground = (mask > 0) & (roi > 0)
-    if not foreground.any():
+    def values(foreground_only: bool) -> np.ndarray:
+        parts = []
+        for image, mask, roi in patches.blocks():
+            keep = ((mask > 0) & (roi > 0)) if foreground_only else (roi > 0)
+            parts.append(np.moveaxis(image, 1, 0)[:, keep])
+        return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0), np.int16)
+
+    foreground = values(True)
+    if foreground.size == 0:
         log.warning("no nodule pixels in the training patches: CT statistics of all ROI pixels")
-        foreground = roi > 0
-    values = np.moveaxis(image, 1, 0)[:, foreground]
-    return {**ct_statistics(values), "window_hu": [float(v) for v in cfg_intensity["window_hu"]]}
-
-
-class PatchBatches(torch.utils.data.Dataset):
-    """Batches of one epoch over in-memory patches: item ``b`` is batch ``b`` (a dict of tensors
-    ``image`` (n, c, h, w) float32 in [0, 1] (+ jitter), ``target`` (n, C, h, w), ``weight``
-    (n, 1, h, w) = roi). Batch order and augmentation are pure functions of ``(seed, epoch, b)``,
-    so the batches are the same with any number of DataLoader workers."""
-
-    def __init__(self, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, label_mode: str,
-                 intensity: Mapping[str, Any], batch_size: int, augment: Mapping[str, Any] | None = None,
-                 seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_last: bool = True):
-        self.image, self.mask, self.roi = image, mask, roi
-        self.label_mode = label_mode
-        self.intensity = dict(intensity)
-        self.augment = dict(augment) if augment else None
-        self.seed, self.epoch = int(seed), int(epoch)
-        n = len(image)
-        order = (np.random.default_rng(_seed_of(self.seed, 21, self.epoch)).permutation(n)
-                 if shuffle else np.arange(n))
-        n_batches = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
-        self.batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
-        index = self.batches[b]
-        image = normalize_intensity(self.image[index], self.intensity)
-        mask, roi = self.mask[index], self.roi[index]
-        if self.augment:
-            image, mask, roi = augment_batch(image, mask, roi, self.augment,
-                                             np.random.default_rng(_seed_of(self.seed, 31, self.epoch, b)))
-        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                "target": build_targets(mask, roi, self.label_mode),
-                "weight": torch.from_numpy(np.ascontiguousarray(roi, dtype=np.float32))[:, None],
-                "mask": torch.from_numpy(np.ascontiguousarray(mask))}
-
-
-def augment_batch(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, augment: Mapping[str, Any],
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random per-patch augmentation; ``image`` (n, c, h, w) float32 (normalised), ``mask``/``roi``
-    (n, h, w) 0/1. Geometry changes are applied to all three alike. Returns new arrays.
-
-    In this order, each off when its setting is off:
-
-    * ``zoom: [low, high]`` with probability ``zoom_p`` per patch (default 1): magnify by a factor
-      drawn uniformly from the range (>= 1; [1, 1] = off) around a random centre that keeps the view
-      inside the patch (bilinear; mask and roi resampled bilinearly and thresholded at 0.5), so
-      nodules are seen larger than they are;
-    * ``nodule_contrast: [low, high]`` with probability ``nodule_contrast_p`` per patch that shows a
-      nodule: only around the nodule (its mask grown by 2 pixels, every channel), pixels brighter
-      than the parenchyma (the patch's median ROI value) have their difference to it scaled by a
-      factor drawn from the range, and noise is added back so the faded nodule is as grainy as its
-      surroundings: a solid nodule turned into a ground-glass one beside vessels that stay sharp
-      (ground-glass nodules are rare in any cohort; this synthesises them from solid ones);
-    * ``flips``: flip y and x, each with probability 1/2;
-    * ``rot90``: rotate by a random multiple of 90 degrees (square patches);
-    * ``contrast: [low, high]``: inside the ROI, scale every pixel's difference from the patch's
-      median ROI value (the lung parenchyma) by a factor drawn uniformly from the range ([1, 1] =
-      off), so solid nodules are also seen as faint, ground-glass-like ones;
-    * ``intensity_jitter: j``: ``x * (1 + a) + b`` with ``a, b`` uniform in ``[-j, j]``.
-    """
-    n, _, h, w = image.shape
-    flips = bool(augment.get("flips", True))
-    rot = bool(augment.get("rot90", True)) and h == w
-    jitter = float(augment.get("intensity_jitter", 0.0))
-    zoom = [float(v) for v in augment.get("zoom", (1.0, 1.0))]
-    zoom_p = float(augment.get("zoom_p", 1.0))
-    contrast = [float(v) for v in augment.get("contrast", (1.0, 1.0))]
-    nodule_contrast = [float(v) for v in augment.get("nodule_contrast", (1.0, 1.0))]
-    nodule_contrast_p = float(augment.get("nodule_contrast_p", 0.0))
-    draws = rng.random((n, 3))
-    turns = (draws[:, 0] * 4).astype(int) if rot else np.zeros(n, dtype=int)
-    flip_y = (draws[:, 1] < 0.5) & flips
-    flip_x = (draws[:, 2] < 0.5) & flips
-    if zoom != [1.0, 1.0] and zoom_p > 0:
-        factors, centres = rng.uniform(zoom[0], zoom[1], n), rng.uniform(-1, 1, (n, 2))
-        chosen = rng.random(n) < zoom_p
-        if chosen.any():
-            image, mask, roi = image.copy(), mask.copy(), roi.copy()
-            image[chosen], mask[chosen], roi[chosen] = _zoom(image[chosen], mask[chosen], roi[chosen],
-                                                             factors[chosen], centres[chosen])
-    if nodule_contrast_p > 0 and nodule_contrast != [1.0, 1.0]:
-        image = fade_nodules(image, mask, roi, rng.uniform(nodule_contrast[0], nodule_contrast[1], n),
-                             rng.random(n) < nodule_contrast_p, rng)
-    out_image, out_mask, out_roi = np.empty_like(image), np.empty_like(mask), np.empty_like(roi)
-    for i in range(n):
-        im, ma, ro = image[i], mask[i], roi[i]
-        if flip_y[i]:
-            im, ma, ro = im[:, ::-1], ma[::-1], ro[::-1]
-        if flip_x[i]:
-            im, ma, ro = im[:, :, ::-1], ma[:, ::-1], ro[:, ::-1]
-        if turns[i]:
-            im, ma, ro = (np.rot90(im, turns[i], axes=(1, 2)), np.rot90(ma, turns[i]), np.rot90(ro, turns[i]))
-        out_image[i], out_mask[i], out_roi[i] = im, ma, ro
-    if contrast != [1.0, 1.0]:
-        factors = rng.uniform(contrast[0], contrast[1], n).astype(np.float32)
-        inside = out_roi > 0
-        has_roi = inside.reshape(n, -1).any(axis=1)
-        ref = parenchyma_reference(out_image, out_roi)[:, None, None, None]
-        scaled = ref + (out_image - ref) * factors[:, None, None, None]
-        out_image = np.where(inside[:, None] & has_roi[:, None, None, None], scaled, out_image)
-    if jitter > 0:
-        scale = 1.0 + rng.uniform(-jitter, jitter, n).astype(np.float32)
-        shift = rng.uniform(-jitter, jitter, n).astype(np.float32)
-        out_image = out_image * scale[:, None, None, None] + shift[:, None, None, None]
-    return out_image.astype(np.float32, copy=False), out_mask, out_roi
-
-
-def parenchyma_reference(image: np.ndarray, roi: np.ndarray) -> np.ndarray:
-    """Per patch, the median of the centre channel of ``image`` (n, c, h, w) inside ``roi`` (n, h, w):
-    the lung parenchyma, the level the contrast augmentations scale around. (n,) float32; a patch
-    without ROI pixels gets the median of its whole centre channel."""
-    n = len(image)
-    if n == 0:
-        return np.zeros(0, dtype=np.float32)
-    inside = roi > 0
-    has_roi = inside.reshape(n, -1).any(axis=1)
-    centre = np.where(inside | ~has_roi[:, None, None], image[:, image.shape[1] // 2], np.nan)
-    return np.nanmedian(centre.reshape(n, -1), axis=1).astype(np.float32)
-
-
-def fade_nodules(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, factors: np.ndarray,
-                 chosen: np.ndarray, rng: np.random.Generator, grow_px: int = 2) -> np.ndarray:
-    """Fade the nodules of the ``chosen`` patches: ``image`` (n, c, h, w) float32 (normalised),
-    ``mask``/``roi`` (n, h, w); in patch i, around its nodule (mask grown by ``grow_px`` pixels, every
-    channel) and inside the ROI, each pixel brighter than the parenchyma ``ref``
-    (:func:`parenchyma_reference`) becomes ``ref + factors[i] * (value - ref)`` plus noise of
-    ``sigma * sqrt(1 - factors[i]**2)``, so the faded nodule keeps the grain of its surroundings:
-    ``sigma`` is the parenchyma's noise (scaled MAD of the ROI's centre channel outside that
-    neighbourhood) and the noise is as correlated as the parenchyma's (:func:`parenchyma_noise`): CT
-    noise is smooth over about a pixel, and a faded nodule with white noise on it would teach the
-    model a texture no real ground-glass nodule has. Patches without nodule pixels or ROI pixels, or
-    not chosen, are returned unchanged. Returns a new array."""
-    from scipy import ndimage
-
-    out = image.copy()
-    middle = image.shape[1] // 2
-    grow = ndimage.generate_binary_structure(2, 1)
-    shows = lambda a: a.reshape(len(a), -1).any(axis=1)  # noqa: E731
-    faded_patches = np.flatnonzero(chosen & shows(mask) & shows(roi))
-    refs = parenchyma_reference(image[faded_patches], roi[faded_patches])
-    for i, ref in zip(faded_patches, refs.tolist()):
-        inside = roi[i] > 0
-        region = ndimage.binary_dilation(mask[i] > 0, grow, iterations=grow_px) & inside
-        parenchyma = inside & ~region
-        sigma, smoothing_px = parenchyma_noise(image[i, middle],
-                                               parenchyma if parenchyma.sum() >= 64 else inside, ref)
-        f = float(factors[i])
-        noise = correlated_noise(rng, image.shape[1:], smoothing_px)[:, region]
-        block = out[i][:, region]
-        bright = block > ref
-        faded = ref + f * (block - ref) + sigma * math.sqrt(max(0.0, 1.0 - f * f)) * noise
-        out[i][:, region] = np.where(bright, faded, block).astype(np.float32)
-    return out
-
-
-def parenchyma_noise(centre: np.ndarray, inside: np.ndarray, ref: float) -> tuple[float, float]:
-    """Noise of the parenchyma in one patch's centre channel ``centre`` (h, w) inside ``inside``
-    (h, w bool) around its level ``ref``: ``(sigma, smoothing_px)``. ``sigma`` is the scaled MAD of
-    the values; the correlation of neighbouring pixels ``rho = 1 - var(x - x') / (2 var(x))`` (x' the
-    right-hand neighbour, variances from scaled MADs, so vessels do not count) gives the width in
-    pixels of the Gaussian that makes white noise as correlated: ``rho = exp(-1 / (4 s**2))``
-    (``rho`` clipped to [0.05, 0.95]; ~0.8 px on resampled CT)."""
-    values = centre[inside]
-    if values.size == 0:
-        return 0.0, 0.0
-    sigma = 1.4826 * float(np.median(np.abs(values - ref)))
-    pairs = inside[:, 1:] & inside[:, :-1]
-    if sigma <= 0 or pairs.sum() < 16:
-        return sigma, 0.0
-    diff = (centre[:, 1:] - centre[:, :-1])[pairs]
-    sigma_diff = 1.4826 * float(np.median(np.abs(diff - np.median(diff))))
-    rho = float(np.clip(1.0 - sigma_diff ** 2 / (2.0 * sigma ** 2), 0.05, 0.95))
-    return sigma, math.sqrt(-1.0 / (4.0 * math.log(rho)))
-
-
-def correlated_noise(rng: np.random.Generator, shape: Sequence[int], smoothing_px: float) -> np.ndarray:
-    """Gaussian noise of unit variance, shape ``(c, h, w)``, each channel smoothed in-plane by a
-    Gaussian of ``smoothing_px`` pixels (0 = white) and rescaled to unit variance exactly (the
-    variance of smoothed white noise is the sum of the squared kernel weights)."""
-    from scipy import ndimage
-
-    white = rng.standard_normal(tuple(shape)).astype(np.float32)
-    if smoothing_px <= 0:
-        return white
-    smooth = ndimage.gaussian_filter(white, (0, smoothing_px, smoothing_px), mode="reflect")
-    delta = np.zeros(int(8 * smoothing_px) * 2 + 1)
-    delta[len(delta) // 2] = 1.0
-    weights = ndimage.gaussian_filter1d(delta, smoothing_px)
-    return smooth / np.float32(np.sum(weights ** 2))  # 2-D variance (sum w^2)^2: divide by its root
-
-
-def _zoom(image: np.ndarray, mask: np.ndarray, roi: np.ndarray, factors: np.ndarray,
-          centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Magnify patch i by ``factors[i]`` (>= 1) about a centre at ``centres[i]`` (y, x in [-1, 1],
-    scaled so the view stays inside the patch); one batched bilinear resampling."""
-    import torch.nn.functional as F
-
-    n = len(image)
-    scale = 1.0 / np.maximum(factors, 1.0)
-    theta = np.zeros((n, 2, 3), np.float32)
-    theta[:, 0, 0] = theta[:, 1, 1] = scale
-    theta[:, 0, 2] = centres[:, 1] * (1.0 - scale)  # x
-    theta[:, 1, 2] = centres[:, 0] * (1.0 - scale)  # y
-    stacked = torch.from_numpy(np.concatenate([image, mask[:, None].astype(np.float32),
-                                               roi[:, None].astype(np.float32)], axis=1))
-    grid = F.affine_grid(torch.from_numpy(theta), list(stacked.shape), align_corners=False)
-    out = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False).numpy()
-    c = image.shape[1]
-    return (np.ascontiguousarray(out[:, :c]), (out[:, c] > 0.5).astype(mask.dtype),
-            (out[:, c + 1] > 0.5).astype(roi.dtype))
-
-
-def _iterate(dataset: PatchBatches, num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
-    if num_workers <= 0:
-        for b in range(len(dataset)):
-            yield dataset[b]
-        return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                         persistent_workers=False)
-    yield from loader
+        foreground = values(False)
+    return {**ct_statistics(foreground), "window_hu": [float(v) for v in cfg_intensity["window_hu"]]}
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, label_mode: str,
-             intensity: Mapping[str, Any], device: torch.device | str = "cpu", loss_fn=None,
-             threshold: float = 0.5) -> tuple[float, float]:
-    """(mean loss, Dice) of ``model`` on patches (``image`` int16 HU (n, c, h, w), ``mask``/``roi``
-    (n, h, w)), normalised with ``intensity`` (a model's intensity block), no augmentation, model
-    in eval mode.
+def evaluate(model: torch.nn.Module, patches: Patches, label_mode: str, intensity: Mapping[str, Any],
+             device: torch.device | str = "cpu", loss_fn=None, threshold: float = 0.5) -> tuple[float, float]:
+    """(mean loss, Dice) of ``model`` on ``patches`` (a :class:`noduleflow.patchdata.Patches` source,
+    read batch by batch), normalised with ``intensity`` (a model's intensity block), no
+    augmentation, model in eval mode.
 
     Dice is over all pixels of all patches: nodule probability (positive head for hybrid) above
     ``threshold`` inside the ROI vs the nodule mask; 1.0 when both are empty; NaN without patches.
     The loss is NaN when ``loss_fn`` is None."""
-    if len(image) == 0:
+    if len(patches) == 0:
         return float("nan"), float("nan")
     model.eval()
     device = torch.device(device)
-    data = PatchBatches(image, mask, roi, label_mode, intensity, _EVAL_BATCH, augment=None, shuffle=False,
+    data = PatchBatches(patches, label_mode, intensity, _EVAL_BATCH, augment=None, shuffle=False,
                         drop_last=False)
     instance = any(isinstance(m, torch.nn.InstanceNorm2d) for m in model.modules())
     memory_format = memory_format_for("instance" if instance else "batch")
@@ -523,18 +287,22 @@ def evaluate(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray, roi: n
             pred_sum += int(pred.sum())
             true_sum += int(true.sum())
     dice = 1.0 if pred_sum + true_sum == 0 else 2.0 * inter / (pred_sum + true_sum)
-    return (total_loss / len(image) if loss_fn is not None else float("nan")), dice
+    return (total_loss / len(patches) if loss_fn is not None else float("nan")), dice
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _digest_arrays(*arrays: np.ndarray) -> str:
+def data_digest(*subsets: PatchSubset) -> str:
+    """A digest of the patches of ``subsets`` (content, shapes, order), read block by block."""
     digest = hashlib.blake2b(digest_size=16)
-    for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(memoryview(array).cast("B"))
+    for subset in subsets:
+        digest.update(f"|{len(subset)}|".encode())
+        for arrays in subset.blocks():
+            for array in arrays:
+                array = np.ascontiguousarray(array)
+                digest.update(str((array.dtype.str, array.shape)).encode())
+                digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()
 
 
@@ -578,12 +346,15 @@ def _load_checkpoint(path: Path, config_hash: str) -> dict | None:
     return state
 
 
-def _init_head_prior(model: UNet2d, mask: np.ndarray, roi: np.ndarray, label_mode: str) -> None:
-    """Start each output channel's bias at the logit of its target's share of ROI pixels (clipped to
-    [0.01, 0.99]), so the first epochs learn shapes instead of the class balance (as RetinaNet's
-    prior initialisation does)."""
-    inside = max(int(np.count_nonzero(roi)), 1)
-    share = float(np.count_nonzero((mask > 0) & (roi > 0))) / inside
+def _init_head_prior(model: UNet2d, patches: PatchSubset, label_mode: str) -> None:
+    """Start each output channel's bias at the logit of its target's share of ROI pixels in the
+    training ``patches`` (clipped to [0.01, 0.99]), so the first epochs learn shapes instead of the
+    class balance (as RetinaNet's prior initialisation does)."""
+    inside, nodule = 0, 0
+    for mask, roi in patches.blocks(names=("mask", "roi")):
+        inside += int(np.count_nonzero(roi))
+        nodule += int(np.count_nonzero((mask > 0) & (roi > 0)))
+    share = float(nodule) / max(inside, 1)
     priors = {"positive": [share], "complementary": [1.0 - share], "hybrid": [share, 1.0 - share]}[label_mode]
     with torch.no_grad():
         for channel, prior in enumerate(priors):
@@ -672,9 +443,10 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
     fold = int(fold)
     patches_path, checkpoint_dir = Path(patches_path), Path(checkpoint_dir)
     folds = read_folds(folds_path, fold)
-    arrays, patch_meta = _load_patch_file(patches_path)
+    patch_file = PatchFile(patches_path)
+    patch_meta = patch_file.meta()
 
-    patch_uids = np.asarray(arrays["seriesuid"]).astype(str)
+    patch_uids = patch_file.seriesuid
     fold_of = {str(u): int(k) for u, k in zip(folds["seriesuid"], folds["fold"])}
     unknown = sorted(set(patch_uids) - set(fold_of))
     if unknown:
@@ -685,43 +457,39 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
     if len(train_scans) < 2:
         raise InputError(f"{patches_path}: fold {fold} has {len(train_scans)} training scan(s) with patches; "
                          f"at least 2 are needed (one for the inner validation split)")
-    has_positive = {u: bool(arrays["mask"][patch_uids == u].any()) for u in train_scans}
+    has_positive = scans_with_nodule_pixels(patch_file, train_scans)
     train_scans = training_subset(train_scans, has_positive, cfg["training_scans"], int(cfg["seed"]), fold)
     fit_scans, val_scans = inner_split(train_scans, has_positive, float(cfg["validation_fraction"]), int(cfg["seed"]))
     pick = {name: np.flatnonzero(np.isin(patch_uids, scans))
             for name, scans in (("fit", fit_scans), ("val", val_scans), ("heldout", heldout_scans))}
-    data = {name: {key: arrays[key][index] for key in ("image", "mask", "roi")} for name, index in pick.items()}
-    del arrays
+    data = {name: PatchSubset(patch_file, index) for name, index in pick.items()}
     log.info("fold %d: %d training scans (%d patches), %d inner validation scans (%d patches), "
              "%d held-out scans (%d patches)", fold, len(fit_scans), len(pick["fit"]), len(val_scans),
              len(pick["val"]), len(heldout_scans), len(pick["heldout"]))
-    size = data["fit"]["image"].shape[-1]
+    channels, height, width = patch_file.image_shape[1:]
     depth = int(cfg["model"]["depth"])
-    if size % 2 ** depth or data["fit"]["image"].shape[-2] % 2 ** depth:
-        raise InputError(f"{patches_path}: patch size {data['fit']['image'].shape[-2:]} is not divisible by "
+    if width % 2 ** depth or height % 2 ** depth:
+        raise InputError(f"{patches_path}: patch size {(height, width)} is not divisible by "
                          f"2**train.model.depth = {2 ** depth}")
 
     device = select_device(cfg["device"])
     amp_dtype = autocast_dtype(device, bool(cfg["amp"]))
     use_amp = amp_dtype == torch.float16  # the gradient scaler is needed for float16 only
-    digest = _digest_arrays(data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"],
-                            data["val"]["image"], data["val"]["mask"], data["val"]["roi"],
-                            np.asarray(fit_scans + ["|"] + val_scans))
+    digest = data_digest(data["fit"], data["val"]) + "|" + ",".join(fit_scans) + "|" + ",".join(val_scans)
     config_hash = _config_hash(cfg, fold, digest)
-    intensity = intensity_block(cfg["intensity"], data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"])
-    model_kwargs = {"in_channels": int(data["fit"]["image"].shape[1]),
+    intensity = intensity_block(cfg["intensity"], data["fit"])
+    model_kwargs = {"in_channels": int(channels),
                     "out_channels": out_channels_for(cfg["label_mode"]), **cfg["model"]}
     checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
 
     with _torch_settings(threads, device):
-        torch.manual_seed(_seed_of(int(cfg["seed"]), 1))
+        torch.manual_seed(seed_of(int(cfg["seed"]), 1))
         memory_format = memory_format_for(cfg["model"]["norm"])
         model = UNet2d(**model_kwargs)
-        _init_head_prior(model, data["fit"]["mask"], data["fit"]["roi"], cfg["label_mode"])
+        _init_head_prior(model, data["fit"], cfg["label_mode"])
         model = model.to(device).to(memory_format=memory_format)
         optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
-        steps = len(PatchBatches(data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"], cfg["label_mode"],
-                                 intensity, int(cfg["batch_size"])))
+        steps = len(PatchBatches(data["fit"], cfg["label_mode"], intensity, int(cfg["batch_size"])))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=float(cfg["lr"]),
                                                         total_steps=int(cfg["epochs"]) * steps,
                                                         pct_start=_PCT_WARMUP)
@@ -750,13 +518,12 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
         while not state["finished"] and epoch < int(cfg["epochs"]):
             epoch += 1
             started = time.perf_counter()
-            torch.manual_seed(_seed_of(int(cfg["seed"]), 41, epoch))
+            torch.manual_seed(seed_of(int(cfg["seed"]), 41, epoch))
             model.train()
-            batches = PatchBatches(data["fit"]["image"], data["fit"]["mask"], data["fit"]["roi"], cfg["label_mode"],
-                                   intensity, int(cfg["batch_size"]), augment=cfg["augment"],
+            batches = PatchBatches(data["fit"], cfg["label_mode"], intensity, int(cfg["batch_size"]), augment=cfg["augment"],
                                    seed=int(cfg["seed"]), epoch=epoch)
             loss_sum, seen = 0.0, 0
-            for batch in _iterate(batches, int(cfg["num_workers"])):
+            for batch in iterate_batches(batches, int(cfg["num_workers"])):
                 x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
                 target = batch["target"].to(device, non_blocking=True)
                 weight = batch["weight"].to(device, non_blocking=True)
@@ -773,8 +540,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                 loss_sum += float(loss.detach()) * len(x)
                 seen += len(x)
             lr_now = float(optimizer.param_groups[0]["lr"])
-            val_loss, val_dice = evaluate(ema.model, data["val"]["image"], data["val"]["mask"], data["val"]["roi"],
-                                          cfg["label_mode"], intensity, device, loss_fn)
+            val_loss, val_dice = evaluate(ema.model, data["val"], cfg["label_mode"], intensity, device, loss_fn)
             score = val_dice if cfg["select_on"] == "dice" else -val_loss
             improved = score > state["best_score"]
             if improved:
@@ -804,8 +570,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                 raise TrainingInterrupted(f"stopped after epoch {epoch} (stop_after_epoch)")
 
         model.load_state_dict(state["best_state"])
-        _, heldout_dice = evaluate(model, data["heldout"]["image"], data["heldout"]["mask"], data["heldout"]["roi"],
-                                   cfg["label_mode"], intensity, device)
+        _, heldout_dice = evaluate(model, data["heldout"], cfg["label_mode"], intensity, device)
+    patch_file.close()
     if math.isnan(heldout_dice):
         log.warning("fold %d: no held-out patches, held-out patch Dice undefined", fold)
     log.info("fold %d: held-out patch Dice %.4f (model of epoch %d, validation Dice %.4f)", fold, heldout_dice,

@@ -1,0 +1,209 @@
+"""Training patches read from disk on demand, and the batches of one epoch.
+
+A patches file (``patches.h5``, :mod:`noduleflow.sampling`) holds ``image`` int16 HU (n, c, h, w),
+``mask`` and ``roi`` uint8 (n, h, w), one patch per chunk, and a small table (``seriesuid``,
+``kind``, ...). :class:`PatchFile` keeps only the table in memory and reads the patches a batch
+needs when it needs them, so the memory of a training job does not grow with the number of scans
+(nnU-Net's loaders work the same way); the h5 file is opened once per process, so DataLoader
+workers each read on their own handle. :class:`ArrayPatches` is the same interface over arrays
+already in memory (tests, benchmarks).
+
+:class:`PatchBatches` is one epoch's batches over such a source: batch order and augmentation are
+pure functions of ``(seed, epoch, batch index)``, so the batches (and the trained weights on CPU)
+are the same whether patches come from memory or disk and with any number of workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from noduleflow.augment import augment_batch
+from noduleflow.intensity import normalize_intensity
+from noduleflow.io import InputError, open_h5
+from noduleflow.model import build_targets
+from noduleflow.sampling import PATCH_DATASETS, index_runs
+
+#: patches read at once by the streaming passes over a file (statistics, digests): ~60 MB of
+#: 7-channel 64 x 64 int16 images
+BLOCK = 1024
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of ``parts``."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+class Patches(Protocol):
+    """What batches are drawn from: ``len()`` patches, ``take(index)`` -> (image, mask, roi) in the
+    order of ``index`` (image int16 HU (n, c, h, w), mask and roi uint8 (n, h, w))."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+class ArrayPatches:
+    """:class:`Patches` over arrays in memory."""
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray, roi: np.ndarray):
+        self.image, self.mask, self.roi = image, mask, roi
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        index = np.asarray(index, dtype=np.int64)
+        return self.image[index], self.mask[index], self.roi[index]
+
+    def blocks(self, block: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        block = block or BLOCK
+        for start in range(0, len(self), block):
+            yield self.take(np.arange(start, min(start + block, len(self))))
+
+
+class PatchFile:
+    """A patches file read on demand. In memory: the table (``seriesuid``, ``kind``), the attributes
+    and the shapes; patches are read by :meth:`take`. Raises InputError naming the file when it is
+    missing or not a patches file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: patches file not found")
+        with open_h5(self.path) as store:
+            missing = [n for n in PATCH_DATASETS + ("seriesuid",) if n not in store]
+            if missing:
+                raise InputError(f"{self.path}: not a patches file (missing {', '.join(missing)})")
+            image, mask, roi = (store[n].shape for n in PATCH_DATASETS)
+            if len(image) != 4 or mask != (image[0],) + image[2:] or roi != mask:
+                raise InputError(f"{self.path}: image {image}, mask {mask} and roi {roi} must be (n, c, h, w), "
+                                 f"(n, h, w), (n, h, w)")
+            self.image_shape = tuple(int(v) for v in image)
+            self.seriesuid = store["seriesuid"][()].astype(str)
+            if len(self.seriesuid) != image[0]:
+                raise InputError(f"{self.path}: {len(self.seriesuid)} seriesuids for {image[0]} patches")
+            self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in store.attrs.items()}
+        self._handle = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.image_shape[0]
+
+    def __getstate__(self) -> dict:  # DataLoader workers get a copy without the open handle
+        return {**self.__dict__, "_handle": None, "_pid": None}
+
+    def meta(self) -> dict[str, Any]:
+        """The sampling settings inference must repeat: context, context_step, patch_size, lung_roi."""
+        c, size = self.image_shape[1], self.image_shape[-1]
+        return {"context": int(self.attrs.get("context", (c - 1) // 2)),
+                "context_step": int(self.attrs.get("context_step", 1)),
+                "patch_size": int(self.attrs.get("patch_size", size)),
+                "lung_roi": bool(self.attrs.get("lung_roi", True))}
+
+    def _store(self):
+        if self._handle is None or self._pid != os.getpid():
+            import h5py
+
+            self._handle = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle, self._pid = None, None
+
+    def take(self, index: np.ndarray, names: Sequence[str] = PATCH_DATASETS) -> tuple[np.ndarray, ...]:
+        """The patches ``index`` (file order numbers, any order, repeats allowed), in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        unique, inverse = np.unique(index, return_inverse=True)
+        if len(unique) and (unique[0] < 0 or unique[-1] >= len(self)):
+            raise IndexError(f"{self.path}: patch index out of range 0..{len(self) - 1}")
+        store = self._store()
+        out = []
+        for name in names:
+            dset = store[name]
+            parts = [dset[a:b] for a, b in index_runs(unique)]
+            block = np.concatenate(parts) if parts else np.zeros((0,) + dset.shape[1:], dset.dtype)
+            out.append(block[inverse])
+        return tuple(out)
+
+
+class PatchSubset:
+    """:class:`Patches` made of the patches ``index`` of a :class:`PatchFile` (or any source), in
+    that order; ``take`` and ``blocks`` read only what they return."""
+
+    def __init__(self, source: PatchFile | ArrayPatches, index: np.ndarray):
+        self.source = source
+        self.index = np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, index: np.ndarray, names: Sequence[str] = PATCH_DATASETS) -> tuple[np.ndarray, ...]:
+        if isinstance(self.source, PatchFile):
+            return self.source.take(self.index[np.asarray(index, dtype=np.int64)], names)
+        return self.source.take(self.index[np.asarray(index, dtype=np.int64)])
+
+    def blocks(self, block: int | None = None,
+               names: Sequence[str] = PATCH_DATASETS) -> Iterator[tuple[np.ndarray, ...]]:
+        """The subset in order, ``block`` patches (default :data:`BLOCK`) at a time (bounded memory)."""
+        block = block or BLOCK
+        for start in range(0, len(self), block):
+            yield self.take(np.arange(start, min(start + block, len(self))), names)
+
+
+class PatchBatches(torch.utils.data.Dataset):
+    """Batches of one epoch over a :class:`Patches` source: item ``b`` is batch ``b`` (a dict of
+    tensors ``image`` (n, c, h, w) float32 in [0, 1] (+ jitter), ``target`` (n, C, h, w),
+    ``weight`` (n, 1, h, w) = roi, ``mask`` (n, h, w)). Batch order and augmentation are pure
+    functions of ``(seed, epoch, b)``, so the batches are the same with any number of DataLoader
+    workers and whether the source reads from memory or disk."""
+
+    def __init__(self, patches: Patches, label_mode: str, intensity: Mapping[str, Any], batch_size: int,
+                 augment: Mapping[str, Any] | None = None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                 drop_last: bool = True):
+        self.patches = patches
+        self.label_mode = label_mode
+        self.intensity = dict(intensity)
+        self.augment = dict(augment) if augment else None
+        self.seed, self.epoch = int(seed), int(epoch)
+        n = len(patches)
+        order = (np.random.default_rng(seed_of(self.seed, 21, self.epoch)).permutation(n)
+                 if shuffle else np.arange(n))
+        n_batches = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
+        self.batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+        image, mask, roi = self.patches.take(self.batches[b])[:3]
+        image = normalize_intensity(image, self.intensity)
+        if self.augment:
+            image, mask, roi = augment_batch(image, mask, roi, self.augment,
+                                             np.random.default_rng(seed_of(self.seed, 31, self.epoch, b)))
+        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+                "target": build_targets(mask, roi, self.label_mode),
+                "weight": torch.from_numpy(np.ascontiguousarray(roi, dtype=np.float32))[:, None],
+                "mask": torch.from_numpy(np.ascontiguousarray(mask))}
+
+
+def iterate_batches(dataset: PatchBatches, num_workers: int,
+                    loader_options: Mapping[str, Any] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of ``dataset`` in order: in this process (``num_workers`` 0) or prepared by that
+    many DataLoader worker processes (reading and augmenting in parallel with the training step).
+    ``loader_options``: further DataLoader arguments (e.g. ``pin_memory`` on CUDA)."""
+    if num_workers <= 0:
+        for b in range(len(dataset)):
+            yield dataset[b]
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         persistent_workers=False, **dict(loader_options or {}))
+    yield from loader
