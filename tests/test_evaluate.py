@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from noduleflow.evaluate import NODULE_COLUMNS, evaluate_fold, evaluate_scans, pixel_counts
+from noduleflow.evaluate import (NODULE_COLUMNS, SCAN_COLUMNS, evaluate_fold, evaluate_from_tables, evaluate_scans,
+                                  evaluate_scans_detail, pixel_counts, read_nodule_table, read_scan_table)
 from noduleflow.io import Geometry, InputError, read_annotations, read_candidates, voxel_to_world, write_image
 
 GEOMETRY = Geometry(spacing=(1.0, 1.0, 1.0), origin=(10.0, -20.0, 30.0))
@@ -110,10 +111,69 @@ def test_evaluate_fold_numbers_and_files(fold_case):
     assert list(nodules.columns) == NODULE_COLUMNS
     assert nodules["nodule_id"].tolist() == [1, 2] and nodules["detected"].tolist() == [True, False]
     assert nodules["dice"].tolist() == pytest.approx([1.0, 0.0])
+    # one row per held-out scan, in the fold's order: what the pooled report sums and averages
+    scans = pd.read_csv(t_scans(out), dtype={"seriesuid": str})
+    assert list(scans.columns) == SCAN_COLUMNS
+    lung_pixels = 12 * 32 * 32
+    assert scans.drop(columns="dice").to_dict("records") == [
+        {"seriesuid": "1.1", "n_nodules": 2, "has_label": True, "tp": n1, "fp": 8, "fn": n2,
+         "tn": lung_pixels - n1 - 8 - n2, "threshold": 0.3},
+        {"seriesuid": "2.2", "n_nodules": 0, "has_label": False, "tp": 0, "fp": 0, "fn": 0, "tn": lung_pixels,
+         "threshold": 0.3}]
+    assert scans["dice"][0] == saved["dice_per_scan_mean"] and np.isnan(scans["dice"][1])  # nothing to compare
+    assert {k: int(scans[k].sum()) for k in ("tp", "fp", "fn", "tn")} == saved["pixel_counts"]
     froc = pd.read_csv(out["out_froc"])
     assert list(froc.columns) == ["fps_per_scan", "sensitivity", "threshold"]
     assert froc["fps_per_scan"].max() == pytest.approx(1.0)
     assert out["out_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def t_scans(out):
+    return out["out_metrics"].parent / "scans.csv"
+
+
+def test_metrics_from_the_saved_rows_equal_those_from_the_volumes(fold_case, monkeypatch):
+    """evaluate_from_tables on the rows evaluate_fold wrote (scans.csv, nodules.csv) gives exactly the
+    metrics of evaluate_scans_detail on the volumes, without reading a volume."""
+    import noduleflow.evaluate as nf_evaluate
+
+    metrics, out = run_fold(fold_case, bootstrap=30)
+    t = fold_case["tmp"]
+    candidates, annotations = read_candidates(t / "pred" / "candidates.csv"), read_annotations(t / "annotations.csv")
+    scans, nodules = read_scan_table(t_scans(out)), read_nodule_table(out["out_nodules"])
+    expected = evaluate_scans_detail(candidates, {u: fold_case["probdir"] / f"{u}.mha" for u in ("1.1", "2.2")},
+                                     {p.name[:-3]: p for p in fold_case["stores"]}, annotations, None, ["1.1", "2.2"],
+                                     bootstrap=30, seed=0, dice_margin_mm=5)
+
+    def no_volume(*args, **kwargs):
+        raise AssertionError("a volume was read")
+    monkeypatch.setattr(nf_evaluate, "read_probability", no_volume)
+    monkeypatch.setattr(nf_evaluate, "read_truth", no_volume)
+    # rows in another order than the scans': the result follows ``uids``
+    ev = evaluate_from_tables(candidates, scans.iloc[::-1], nodules, annotations, None, ["1.1", "2.2"],
+                              bootstrap=30, seed=0, dice_margin_mm=5)
+    assert json.dumps(ev.metrics, sort_keys=True) == json.dumps(expected.metrics, sort_keys=True)
+    assert {"fold": 0, **ev.metrics}.keys() == metrics.keys()
+    pd.testing.assert_frame_equal(ev.nodules, expected.nodules, check_exact=True)
+    pd.testing.assert_frame_equal(ev.scans, expected.scans, check_exact=True)
+
+
+def test_saved_rows_that_do_not_match_are_refused(fold_case):
+    _, out = run_fold(fold_case)
+    t = fold_case["tmp"]
+    candidates, annotations = read_candidates(t / "pred" / "candidates.csv"), read_annotations(t / "annotations.csv")
+    scans, nodules = read_scan_table(t_scans(out)), read_nodule_table(out["out_nodules"])
+    with pytest.raises(InputError, match="scan 2.2 has no row"):
+        evaluate_from_tables(candidates, scans.iloc[:1], nodules, annotations, None, ["1.1", "2.2"], bootstrap=0)
+    with pytest.raises(InputError, match="nodule 2 of scan 1.1 has no row"):
+        evaluate_from_tables(candidates, scans, nodules.iloc[:1], annotations, None, ["1.1", "2.2"], bootstrap=0)
+    fewer = annotations.iloc[[0, 2]]                      # scan 1.1 now has one annotation, its row says 2
+    with pytest.raises(InputError, match="scan 1.1 has 2 nodule"):
+        evaluate_from_tables(candidates, scans, nodules, fewer, None, ["1.1", "2.2"], bootstrap=0)
+    text = t_scans(out).read_text(encoding="utf-8").replace(",True,", ",yes,")
+    t_scans(out).write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=r"scans.csv: line 2: has_label"):
+        read_scan_table(t_scans(out))
 
 
 def test_threshold_comes_from_predict(fold_case):
@@ -126,7 +186,7 @@ def test_missing_probability_volume_fails_before_any_output(fold_case):
     (fold_case["probdir"] / "2.2.mha").unlink()
     with pytest.raises(InputError, match="2.2.mha"):
         run_fold(fold_case)
-    assert not (fold_case["tmp"] / "reports").exists()
+    assert not (fold_case["tmp"] / "reports").exists()          # nor scans.csv
 
 
 def test_evaluate_scans_and_pixel_counts_for_pooling(fold_case):

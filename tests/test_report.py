@@ -13,8 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from noduleflow.io import Geometry, InputError, write_image
-from noduleflow.report import POOLED_FROC, POOLED_METRICS, POOLED_NODULES, SUMMARY_COLUMNS, build_report
+from noduleflow import evaluate as nf_evaluate
+from noduleflow import report as nf_report
+from noduleflow.evaluate import SCAN_COLUMNS, evaluate_scans_detail
+from noduleflow.froc import write_json_atomic
+from noduleflow.io import Geometry, InputError, read_annotations, read_candidates, write_csv_atomic, write_image
+from noduleflow.report import (POOLED_FROC, POOLED_METRICS, POOLED_NODULES, SUMMARY_COLUMNS, build_report,
+                               summary_row)
 
 SHAPE = (8, 32, 32)                       # z, y, x
 GEOMETRY = Geometry(spacing=(1.0, 1.0, 1.0), origin=(-10.0, -20.0, -30.0))
@@ -64,7 +69,9 @@ FOLD_METRICS = [
 
 
 def make_run(root: Path, settings: dict | None = None) -> dict:
-    """A finished run's inputs to the report: 3 scans, folds {A, C} and {B}.
+    """A finished run's inputs to the report: 3 scans, folds {A, C} and {B}. Each fold's
+    metrics.json is hand-made; its scans.csv and nodules.csv are what evaluate writes (measured
+    from the fold's volumes with evaluate_scans_detail, as evaluate_fold does).
 
     A: nodule 1 (radius 3 voxels) predicted exactly, candidate p=0.9 on it (detected, Dice 1).
     B: no nodule; a 2x2x2 false blob and candidate p=0.7 (false positive).
@@ -109,11 +116,43 @@ def make_run(root: Path, settings: dict | None = None) -> dict:
         pd.DataFrame({"fps_per_scan": [0.0, 0.0, 0.5], "sensitivity": sens, "threshold": [np.inf, 0.9, 0.6]}
                      ).to_csv(report_dir / "froc.csv", index=False)
         metrics_paths.append(report_dir / "metrics.json")
+    for k in (0, 1):
+        ev = _from_volumes(candidate_paths, root / "folds.csv", sorted((root / "slices").glob("*.h5")),
+                           root / "annotations.csv", [u for u, f in fold_of.items() if f == k], bootstrap=0)
+        write_csv_atomic(ev.scans[SCAN_COLUMNS], root / "reports" / f"fold{k}" / "scans.csv")
+        write_csv_atomic(ev.nodules, root / "reports" / f"fold{k}" / "nodules.csv")
     truth = {u: s[0] for u, s in scans.items()}
     pred = {u: s[1] for u, s in scans.items()}
     return {"metrics": metrics_paths, "candidates": candidate_paths, "folds": root / "folds.csv",
             "slices": sorted((root / "slices").glob("*.h5")), "annotations": root / "annotations.csv",
             "truth": truth, "pred": pred, "reports": root / "reports"}
+
+
+def _from_volumes(candidate_paths, folds_path, slices, annotations_path, uids, bootstrap):
+    """What the report computed before it pooled evaluate's rows: the scans ``uids`` measured from
+    their probability volumes and slice stores (each scan with its fold's volume and threshold)."""
+    folds = pd.read_csv(folds_path, dtype={"seriesuid": str})
+    fold_of = dict(zip(folds["seriesuid"], folds["fold"]))
+    candidates = pd.concat([read_candidates(p) for p in candidate_paths], ignore_index=True)
+    probabilities = {u: Path(candidate_paths[fold_of[u]]).parent / "probabilities" / f"{u}.mha" for u in uids}
+    return evaluate_scans_detail(candidates, probabilities, {Path(p).name[:-3]: p for p in slices},
+                                 read_annotations(annotations_path), None, uids, bootstrap=bootstrap, seed=0,
+                                 dice_margin_mm=5, threshold=None)
+
+
+def pooled_from_volumes(run: dict, bootstrap: int, tmp: Path) -> dict:
+    """The pooled metrics as metrics_pooled.json held them when the report read every volume:
+    every scan of folds.csv evaluated together, written and read back as JSON."""
+    uids = pd.read_csv(run["folds"], dtype={"seriesuid": str})["seriesuid"].tolist()
+    ev = _from_volumes(run["candidates"], run["folds"], run["slices"], run["annotations"], uids, bootstrap)
+    write_json_atomic({"fold": "pooled", **ev.metrics}, tmp / "expected.json")
+    return json.loads((tmp / "expected.json").read_text(encoding="utf-8"))
+
+
+def same(a, b) -> bool:
+    """Exact equality, NaN equal to NaN (floats of a CSV row)."""
+    return all((isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)) or x == y
+               for x, y in zip(a, b)) and len(a) == len(b)
 
 
 def run_report(run: dict, bootstrap: int = 20) -> pd.DataFrame:
@@ -126,6 +165,7 @@ def run_report(run: dict, bootstrap: int = 20) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory) -> dict:
     run = make_run(tmp_path_factory.mktemp("run"))
+    run["expected"] = pooled_from_volumes(run, 20, tmp_path_factory.mktemp("expected"))
     run_report(run)
     return run
 
@@ -189,6 +229,94 @@ def test_pooled_files_beside_the_summary(reported):
     assert metrics["fold"] == "pooled" and metrics["cpm"] == pytest.approx(0.5)
     assert metrics["settings"]["label_mode"] == "positive" and metrics["settings"]["lung_roi"] is True
     assert (out / "froc.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_pooled_numbers_are_exactly_those_of_the_volumes_evaluated_together(reported):
+    """The report pools evaluate's scans.csv/nodules.csv rows; every pooled number (metrics_pooled.json,
+    the pooled row of summary.csv, nodules_pooled.csv) is exactly what evaluating all the volumes
+    together gives (the report's computation before), bootstrap intervals included."""
+    out, expected = reported["reports"], reported["expected"]
+    metrics = json.loads((out / POOLED_METRICS).read_text(encoding="utf-8"))
+    assert metrics.pop("settings")["dice_margin_mm"] == 5
+    assert metrics == expected
+    assert metrics["bootstrap_used"] > 0 and metrics["pixel_counts"]["tp"] > 0
+    assert metrics["dice_per_scan_mean"] is not None and metrics["threshold"] == 0.5
+    pooled = pd.read_csv(out / "summary.csv", dtype={"fold": str}).set_index("fold").loc["pooled"]
+    row = summary_row("pooled", expected)
+    assert same([float(pooled[c]) for c in SUMMARY_COLUMNS[1:]], [float(row[c]) for c in SUMMARY_COLUMNS[1:]])
+    uids = pd.read_csv(reported["folds"], dtype={"seriesuid": str})["seriesuid"].tolist()
+    nodules = _from_volumes(reported["candidates"], reported["folds"], reported["slices"], reported["annotations"],
+                            uids, bootstrap=0).nodules
+    written = pd.read_csv(out / POOLED_NODULES, dtype={"seriesuid": str})
+    assert written.columns.tolist() == nodules.columns.tolist() + ["fold"]
+    for column in nodules.columns:
+        assert same(written[column].tolist(), nodules[column].tolist()), column
+    assert written["fold"].tolist() == [0, 0]
+
+
+def test_report_numbers_read_no_volume_and_crops_read_only_what_they_show(tmp_path, monkeypatch):
+    """With every probability volume deleted and the volume readers of evaluate broken, the pooled
+    numbers still come out, unchanged; the crops read each scan's store and volume at most once,
+    only for the scans and slices they show."""
+    run = make_run(tmp_path / "run")
+    expected = pooled_from_volumes(run, 0, tmp_path)
+
+    def no_volume(*args, **kwargs):
+        raise AssertionError("the report read a volume for its numbers")
+    monkeypatch.setattr(nf_evaluate, "read_probability", no_volume)
+    monkeypatch.setattr(nf_evaluate, "read_truth", no_volume)
+    store_reads, prob_reads = [], []
+    store_slices, prob_slices = nf_report._store_slices, nf_report._probability_slices
+
+    def counted_store(store, centers):
+        geometry, slices = store_slices(store, centers)
+        store_reads.append((store.name[:-3], sorted(z for z, *_ in slices)))
+        return geometry, slices
+
+    def counted_prob(path, zs):
+        zs = list(zs)
+        prob_reads.append((path.name[:-4], sorted(zs)))
+        return prob_slices(path, zs)
+    monkeypatch.setattr(nf_report, "_store_slices", counted_store)
+    monkeypatch.setattr(nf_report, "_probability_slices", counted_prob)
+
+    run_report(run, bootstrap=0)
+    # the crops: C's missed nodule and FP, B's FP (all at z = 4); A has nothing to show
+    assert sorted(store_reads) == [("1.2.826.B", [4]), ("1.2.826.C", [4, 4])]
+    assert sorted(prob_reads) == [("1.2.826.B", [4]), ("1.2.826.C", [4, 4])]
+    metrics = json.loads((run["reports"] / POOLED_METRICS).read_text(encoding="utf-8"))
+    metrics.pop("settings")
+    assert metrics == expected
+
+    # no probability volume at all: the same numbers, the crops without a prediction outline
+    for path in (run["reports"].parent / "predictions").glob("fold*/probabilities/*.mha"):
+        path.unlink()
+    store_reads.clear(), prob_reads.clear()
+    summary_before = (run["reports"] / "summary.csv").read_text(encoding="utf-8")
+    (run["reports"] / "summary.csv").unlink()
+    run_report(run, bootstrap=0)
+    metrics = json.loads((run["reports"] / POOLED_METRICS).read_text(encoding="utf-8"))
+    metrics.pop("settings")
+    assert metrics == expected
+    assert (run["reports"] / "summary.csv").read_text(encoding="utf-8") == summary_before
+    assert prob_reads == [] and len(store_reads) == 2
+    html_text = (run["reports"] / "report.html").read_text(encoding="utf-8")
+    assert "p=0.700" in html_text and "p=0.600" in html_text and "nodule 1, 4.0 mm" in html_text
+
+
+def test_stale_per_scan_rows_are_named_before_any_output(tmp_path):
+    run = make_run(tmp_path / "run")
+    scans_csv = run["reports"] / "fold0" / "scans.csv"
+    table = pd.read_csv(scans_csv, dtype={"seriesuid": str})
+    table[table["seriesuid"] != "1.2.826.C"].to_csv(scans_csv, index=False)
+    with pytest.raises(InputError, match=r"fold0.scans\.csv: fold 0 scan 1\.2\.826\.C has no row"):
+        run_report(run, bootstrap=0)
+    assert not (run["reports"] / "summary.csv").exists()
+    (run["reports"] / "fold1" / "nodules.csv").unlink()
+    table.to_csv(scans_csv, index=False)
+    with pytest.raises(InputError, match="fold1.nodules.csv"):
+        run_report(run, bootstrap=0)
+    assert not any((run["reports"] / name).exists() for name in ("summary.csv", "report.html", POOLED_METRICS))
 
 
 # --------------------------------------------------------------------------- report.html
@@ -278,7 +406,13 @@ def test_report_reads_the_evaluate_rules_real_outputs(tmp_path):
                       run["slices"], run["annotations"], out_metrics=fold_dir / "metrics.json",
                       out_froc=fold_dir / "froc.csv", out_nodules=fold_dir / "nodules.csv",
                       out_plot=fold_dir / "froc.png", bootstrap=0, seed=0, dice_margin_mm=5)
+    expected = pooled_from_volumes(run, 0, tmp_path)
+    for path in (tmp_path / "run" / "predictions").glob("fold*/probabilities/*.mha"):
+        path.unlink()              # evaluate has measured them; the report's numbers do not need them
     summary = run_report(run, bootstrap=0).set_index("fold")
+    pooled = json.loads((run["reports"] / POOLED_METRICS).read_text(encoding="utf-8"))
+    pooled.pop("settings")
+    assert pooled == expected
     fold0 = json.loads((run["reports"] / "fold0" / "metrics.json").read_text(encoding="utf-8"))
     assert summary.loc["0", "cpm"] == pytest.approx(fold0["cpm"]) == pytest.approx(0.5)
     assert summary.loc["0", "pixel_dice"] == pytest.approx(fold0["pixel"]["dice"])

@@ -3,13 +3,23 @@ pixel-level metrics, and the FROC plot.
 
 :func:`evaluate_fold` is the ``evaluate`` rule: the fold's held-out scans (``folds.csv``), the
 annotations restricted to them, the fold's candidates and probability volumes. It calls
-:func:`evaluate_scans`, which the pooled report reuses with the out-of-fold candidates of all folds.
+:func:`evaluate_scans_detail`, which measures every scan from its probability volume and slice store.
+The pooled report does not measure again: :func:`evaluate_from_tables` pools the rows the folds saved.
 
 Segmentation metrics threshold the stored probabilities (uint8, ``p = v/255``) at ``p > t`` where
 ``t`` is the threshold ``predict`` used, read from ``threshold.json`` in the probabilities folder
 (so candidates and Dice always share one cut); definitions in :mod:`noduleflow.segmetrics`.
 Detection metrics follow :mod:`noduleflow.froc`. A nodule's id (its label in the label map) is its
 order among its scan's annotation rows, from 1.
+
+Per-scan and per-nodule rows are written beside ``metrics.json`` (``scans.csv``, ``nodules.csv``) so
+that the pooled report (:func:`evaluate_from_tables`) sums them instead of reading every probability
+volume and slice store a second time.
+
+``scans.csv`` columns (:data:`SCAN_COLUMNS`), one row per evaluated scan in the fold's order:
+``seriesuid``; ``n_nodules`` (its annotation rows); ``has_label`` (it has nodule label voxels: the
+scans ``dice_per_scan_mean`` averages over); ``dice`` (Dice per scan, empty when undefined);
+``tp, fp, fn, tn`` (its pixel counts over its evaluated slices); ``threshold`` (the ``p > t`` cut).
 
 ``metrics.json`` keys: ``fold``; ``n_scans``, ``n_nodules`` (annotated, evaluated scans);
 ``n_candidates`` (candidate rows on the evaluated scans, before the 100-per-scan cut); ``cpm``,
@@ -59,6 +69,9 @@ log = logging.getLogger(__name__)
 
 NODULE_COLUMNS = ["seriesuid", "nodule_id", "coordX", "coordY", "coordZ", "diameter_mm", "detected",
                   "probability", "dice"]
+#: columns of ``scans.csv`` (and of :attr:`Evaluation.scans`)
+SCAN_COLUMNS = ["seriesuid", "n_nodules", "has_label", "dice", "tp", "fp", "fn", "tn", "threshold"]
+_COUNT_COLUMNS = ["tp", "fp", "fn", "tn"]
 #: threshold used when a probabilities folder has no threshold.json (older outputs)
 DEFAULT_THRESHOLD = 0.5
 
@@ -70,7 +83,7 @@ class Evaluation:
     metrics: dict                 # the metrics.json numbers (without "fold")
     froc: FrocResult              # curves, intervals, per-candidate labels
     nodules: pd.DataFrame         # NODULE_COLUMNS
-    scans: pd.DataFrame           # seriesuid, n_nodules, dice, tp, fp, fn, tn, threshold
+    scans: pd.DataFrame           # SCAN_COLUMNS, one row per scan
     pixel: PixelCounts            # summed over the scans
 
 
@@ -150,7 +163,6 @@ def evaluate_scans_detail(candidates_df: pd.DataFrame, probability_paths: Mappin
     thresholds: dict[Path, float] = {}
     dice_by_nodule: dict[tuple[str, int], float] = {}
     scan_rows = []
-    total = PixelCounts()
     started = time.perf_counter()
     for i, uid in enumerate(uids, start=1):
         prob_path = Path(probability_paths[uid])
@@ -168,24 +180,33 @@ def evaluate_scans_detail(candidates_df: pd.DataFrame, probability_paths: Mappin
         for nid, value in nodule_dice(pred, labels, geometry.spacing, dice_margin_mm, ids).items():
             dice_by_nodule[(uid, nid)] = value
         counts = count_pixels(pred, labels > 0, evaluated_slices(lung, labels))
-        total = total + counts
         scan_rows.append({"seriesuid": uid, "n_nodules": int(n_annot.get(uid, 0)),
                           "has_label": bool(labels.any()), "dice": scan_dice(pred, labels),
                           **counts.as_dict(), "threshold": t})
         if i % 10 == 0 or i == len(uids):
             log.info("segmentation metrics: %d/%d scans (%.1f s)", i, len(uids), time.perf_counter() - started)
+    scans = pd.DataFrame(scan_rows, columns=SCAN_COLUMNS)
+    return _evaluation(froc, int(len(candidates)), scans, dice_by_nodule, bootstrap, seed, dice_margin_mm)
 
+
+def _evaluation(froc: FrocResult, n_candidates: int, scans: pd.DataFrame,
+                dice_by_nodule: Mapping[tuple[str, int], float], bootstrap: int, seed: int,
+                dice_margin_mm: float) -> Evaluation:
+    """The metrics of a set of scans from its FROC result, its per-scan rows (:data:`SCAN_COLUMNS`,
+    in the scans' order) and its per-nodule Dice. The one place both :func:`evaluate_scans_detail`
+    (from the volumes) and :func:`evaluate_from_tables` (from saved rows) turn rows into numbers,
+    so the two agree exactly on equal rows."""
     nodules = froc.nodules.copy()
     nodules["dice"] = [dice_by_nodule.get((u, int(n)), float("nan"))
                        for u, n in zip(nodules["seriesuid"], nodules["nodule_id"])]
     nodules = nodules[NODULE_COLUMNS]
-    scans = pd.DataFrame(scan_rows)
-    labelled = scans[scans["has_label"]] if len(scans) else scans
+    total = PixelCounts(*(int(scans[c].sum()) for c in _COUNT_COLUMNS)) if len(scans) else PixelCounts()
+    labelled = scans[scans["has_label"].astype(bool)] if len(scans) else scans
     thresholds_used = sorted(set(scans["threshold"])) if len(scans) else []
     metrics = {
         "n_scans": froc.n_scans,
         "n_nodules": froc.n_nodules,
-        "n_candidates": int(len(candidates)),
+        "n_candidates": int(n_candidates),
         "cpm": froc.cpm,
         "cpm_ci": froc.cpm_ci.tolist(),
         "fps_per_scan": list(FPS_POINTS),
@@ -206,6 +227,114 @@ def evaluate_scans_detail(candidates_df: pd.DataFrame, probability_paths: Mappin
         "pixel_counts": total.as_dict(),
     }
     return Evaluation(metrics=metrics, froc=froc, nodules=nodules, scans=scans, pixel=total)
+
+
+# --------------------------------------------------------------------------- from saved rows
+
+
+def _read_csv(path: str | Path, what: str, columns: Sequence[str]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        frame = pd.read_csv(path, dtype={"seriesuid": str}, index_col=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: malformed CSV: {str(exc).strip()}") from exc
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(columns)}")
+    if frame["seriesuid"].isna().any():
+        raise InputError(f"{path}: empty seriesuid")
+    frame["seriesuid"] = frame["seriesuid"].str.strip()
+    return frame
+
+
+def read_scan_table(path: str | Path) -> pd.DataFrame:
+    """A fold's ``scans.csv`` (:data:`SCAN_COLUMNS`), checked: one row per scan, whole non-negative
+    counts, ``has_label`` true/false, numeric Dice (empty = undefined) and threshold."""
+    path = Path(path)
+    frame = _read_csv(path, "per-scan table (scans.csv, written by evaluate)", SCAN_COLUMNS)
+    duplicated = frame["seriesuid"][frame["seriesuid"].duplicated()]
+    if len(duplicated):
+        raise InputError(f"{path}: scan {duplicated.iloc[0]} has more than one row")
+    for column in ["n_nodules", *_COUNT_COLUMNS]:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() | (values < 0) | (values != values.round())
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(f"{path}: line {row + 2}: {column} = {frame[column].iloc[row]!r} is not a count")
+        frame[column] = values.astype(np.int64)
+    flags = frame["has_label"].map(lambda v: {"true": True, "false": False}.get(str(v).strip().lower()))
+    if flags.isna().any():
+        row = int(np.flatnonzero(flags.isna().to_numpy())[0])
+        raise InputError(f"{path}: line {row + 2}: has_label = {frame['has_label'].iloc[row]!r} is not True/False")
+    frame["has_label"] = flags.astype(bool)
+    for column in ("dice", "threshold"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() if column == "threshold" else values.isna() & frame[column].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(f"{path}: line {row + 2}: {column} = {frame[column].iloc[row]!r} is not a number")
+        frame[column] = values.astype(float)
+    return frame[SCAN_COLUMNS]
+
+
+def read_nodule_table(path: str | Path) -> pd.DataFrame:
+    """A fold's ``nodules.csv`` (:data:`NODULE_COLUMNS`; the pooled report reads its ``dice``)."""
+    path = Path(path)
+    frame = _read_csv(path, "per-nodule table (nodules.csv, written by evaluate)", NODULE_COLUMNS)
+    ids = pd.to_numeric(frame["nodule_id"], errors="coerce")
+    dice = pd.to_numeric(frame["dice"], errors="coerce")
+    if ids.isna().any() or (ids != ids.round()).any() or (dice.isna() & frame["dice"].notna()).any():
+        raise InputError(f"{path}: nodule_id must be whole numbers and dice numbers (or empty)")
+    frame["nodule_id"], frame["dice"] = ids.astype(np.int64), dice.astype(float)
+    if frame.duplicated(["seriesuid", "nodule_id"]).any():
+        raise InputError(f"{path}: a nodule (seriesuid, nodule_id) has more than one row")
+    return frame
+
+
+def evaluate_from_tables(candidates_df: pd.DataFrame, scans_df: pd.DataFrame, nodules_df: pd.DataFrame,
+                         annotations_df: pd.DataFrame, excluded_df: pd.DataFrame | None, uids: Sequence[str],
+                         bootstrap: int = 1000, seed: int = 0, dice_margin_mm: float = 5.0) -> Evaluation:
+    """Evaluate the scans ``uids`` like :func:`evaluate_scans_detail`, but from rows ``evaluate``
+    saved instead of the volumes: the FROC is computed from the candidates and annotations as
+    there, the segmentation numbers come from ``scans_df`` (:data:`SCAN_COLUMNS`, e.g. every fold's
+    ``scans.csv``) and the per-nodule Dice from ``nodules_df`` (every fold's ``nodules.csv``). No
+    probability volume or slice store is read. With the rows of the same volumes, threshold and
+    ``dice_margin_mm`` the result is exactly that of :func:`evaluate_scans_detail`: the same FROC
+    call, the same counts summed, the same Dice averaged in the same order (:func:`_evaluation`).
+
+    InputError when a scan has no row, or its rows disagree with the annotations (a stale table)."""
+    uids = list(dict.fromkeys(uids))
+    if not uids:
+        raise InputError("evaluate: no scans to evaluate")
+    wanted = set(uids)
+    rows = scans_df[scans_df["seriesuid"].isin(wanted)]
+    if rows["seriesuid"].duplicated().any():
+        raise InputError(f"scans.csv: scan {rows['seriesuid'][rows['seriesuid'].duplicated()].iloc[0]} "
+                         "has more than one row")
+    missing = [u for u in uids if u not in set(rows["seriesuid"])]
+    if missing:
+        raise InputError(f"scans.csv: scan {missing[0]} has no row ({len(missing)} missing)")
+    scans = rows.set_index("seriesuid").loc[uids].reset_index()[SCAN_COLUMNS]
+    annotations = annotations_df[annotations_df["seriesuid"].isin(wanted)]
+    n_annot = annotations.groupby("seriesuid").size().to_dict()
+    stale = [(u, n) for u, n in zip(scans["seriesuid"], scans["n_nodules"]) if int(n) != int(n_annot.get(u, 0))]
+    if stale:
+        u, n = stale[0]
+        raise InputError(f"scans.csv: scan {u} has {n} nodule(s) but the annotations {n_annot.get(u, 0)} "
+                         "(evaluate's outputs are older than the annotations)")
+    candidates = candidates_df[candidates_df["seriesuid"].isin(wanted)]
+    excluded = excluded_df[excluded_df["seriesuid"].isin(wanted)] if excluded_df is not None else None
+    froc = compute_froc(annotations, candidates, uids, excluded=excluded, bootstrap=bootstrap, seed=seed)
+    mine = nodules_df[nodules_df["seriesuid"].isin(wanted)]
+    dice_by_nodule = {(u, int(n)): float(d) for u, n, d in zip(mine["seriesuid"], mine["nodule_id"], mine["dice"])}
+    absent = [(u, int(n)) for u, n in zip(froc.nodules["seriesuid"], froc.nodules["nodule_id"])
+              if (u, int(n)) not in dice_by_nodule]
+    if absent:
+        raise InputError(f"nodules.csv: nodule {absent[0][1]} of scan {absent[0][0]} has no row "
+                         f"({len(absent)} missing)")
+    return _evaluation(froc, int(len(candidates)), scans, dice_by_nodule, bootstrap, seed, dice_margin_mm)
 
 
 def evaluate_scans(candidates_df: pd.DataFrame, probability_paths: Mapping[str, str | Path],
@@ -239,10 +368,12 @@ def plot_froc(out_path: str | Path, curves: Sequence[tuple[str, FrocResult]], ti
 def evaluate_fold(candidates_path: str | Path, probabilities_dir: str | Path, folds_path: str | Path, fold: int,
                   slice_files: Sequence[str | Path], annotations_path: str | Path,
                   excluded_path: str | Path | None = None, *, out_metrics: str | Path, out_froc: str | Path,
-                  out_nodules: str | Path, out_plot: str | Path, bootstrap: int = 1000, seed: int = 0,
-                  dice_margin_mm: float = 5.0) -> dict:
-    """Evaluate fold ``fold``: writes ``metrics.json``, ``froc.csv``, ``nodules.csv`` and ``froc.png``
-    (formats in the project contract). Every input is read and checked before anything is written."""
+                  out_nodules: str | Path, out_plot: str | Path, out_scans: str | Path | None = None,
+                  bootstrap: int = 1000, seed: int = 0, dice_margin_mm: float = 5.0) -> dict:
+    """Evaluate fold ``fold``: writes ``metrics.json``, ``froc.csv``, ``nodules.csv``, ``scans.csv``
+    (``out_scans``; None: beside ``out_metrics``) and ``froc.png`` (formats in the project contract
+    and the module docstring). Every input is read and checked before anything is written;
+    ``metrics.json`` is written last."""
     stores = heldout_slice_paths(folds_path, fold, slice_files)
     uids = list(stores)
     annotations = read_annotations(annotations_path)
@@ -269,6 +400,8 @@ def evaluate_fold(candidates_path: str | Path, probabilities_dir: str | Path, fo
     metrics = {"fold": int(fold), **ev.metrics}
     write_csv_atomic(ev.froc.curve_frame(), out_froc)
     write_csv_atomic(ev.nodules, out_nodules)
+    out_scans = out_scans if out_scans is not None else Path(out_metrics).parent / "scans.csv"
+    write_csv_atomic(ev.scans[SCAN_COLUMNS], out_scans)
     plot_froc(out_plot, [(f"fold {fold}", ev.froc)], title=f"FROC, fold {fold} ({len(uids)} scans, "
                                                             f"{ev.froc.n_nodules} nodules)")
     write_json_atomic(metrics, out_metrics)

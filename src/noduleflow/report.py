@@ -1,17 +1,27 @@
 """The run's report: every fold, the pooled out-of-fold result, mean and sd over folds.
 
 :func:`build_report` is the ``report`` rule. Inputs are the per-fold outputs of ``evaluate``
-(``reports/fold{k}/metrics.json`` with ``froc.csv`` beside it), the per-fold outputs of ``predict``
-(``predictions/fold{k}/candidates.csv`` with ``probabilities/{uid}.mha`` and ``threshold.json``
-beside it), ``folds.csv``, the slice stores and the annotations.
+(``reports/fold{k}/metrics.json`` with ``froc.csv``, ``scans.csv`` and ``nodules.csv`` beside it),
+the per-fold outputs of ``predict`` (``predictions/fold{k}/candidates.csv`` with ``threshold.json``
+and ``probabilities/{uid}.mha`` beside it), ``folds.csv``, the slice stores and the annotations.
+
+Numbers never come from a volume: ``evaluate`` already measured every scan once, and the pooled
+result is computed from what it saved (:func:`noduleflow.evaluate.evaluate_from_tables`): the
+FROC from the candidates and annotations, the pixel counts summed over the folds' ``scans.csv``
+rows, the Dice per scan and per nodule from ``scans.csv`` and ``nodules.csv``. The probability
+volumes and slice stores are read only for the crops the page shows (:func:`_crops`): per scan with
+a crop, its slice store's slices through the findings shown and one read of its probability volume
+(only the z range of those slices where the format allows); a volume that is missing only loses the
+crops' prediction outline.
 
 Outputs (all written atomically, after every input has been read and checked):
 
 * ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`): one row per fold (``fold`` = 0..K-1, numbers
-  copied from its ``metrics.json``), a row ``pooled`` — the out-of-fold candidates and probability
-  volumes of all folds evaluated together over all scans of ``folds.csv`` with
-  :func:`noduleflow.evaluate.evaluate_scans_detail` (one FROC over all scans, pixel counts summed over
-  all scans, bootstrap intervals over all scans) — and rows ``mean`` and ``sd`` over the fold rows
+  copied from its ``metrics.json``), a row ``pooled`` — the out-of-fold results of all folds
+  evaluated together over all scans of ``folds.csv`` (one FROC over all scans, pixel counts summed
+  over all scans, bootstrap intervals over all scans; exactly what
+  :func:`noduleflow.evaluate.evaluate_scans_detail` gives from the volumes) — and rows ``mean`` and
+  ``sd`` over the fold rows
   (NaN-skipping; sd with ddof=1; a fold without nodules has no CPM and is left out of those
   columns' mean and sd; the CI columns of ``mean``/``sd`` are empty).
 * ``froc.png``: the FROC curve of every fold and the pooled one (log FP axis 1/8..8 per scan, the
@@ -60,7 +70,6 @@ from noduleflow.io import (
     open_h5,
     read_annotations,
     read_candidates,
-    read_image,
     world_to_voxel,
     write_csv_atomic,
     write_text_atomic,
@@ -274,15 +283,42 @@ def read_curve(path: str | Path) -> pd.DataFrame | None:
     return frame
 
 
-def _slice_at(store: Path, center_xyz: Sequence[float]) -> tuple[int, np.ndarray, np.ndarray, Geometry, np.ndarray]:
-    """(z index, image slice HU (y, x), nodule label slice (y, x), geometry, voxel (z, y, x)) of the
-    axial slice through ``center_xyz`` (world mm), read from the slice store one slice only."""
+def _store_slices(store: Path, centers_xyz: Sequence[Sequence[float]]
+                  ) -> tuple[Geometry, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]]:
+    """(geometry, per centre (z index, image slice HU (y, x), nodule label slice (y, x), voxel
+    (z, y, x))) of the axial slices through ``centers_xyz`` (world mm): only those slices are read
+    from the slice store (one chunk each), the store opened once."""
     with open_h5(store) as f:
         geometry = Geometry.from_attrs(f.attrs)
-        voxel = world_to_voxel(np.asarray(center_xyz, dtype=float), geometry)
         nz = f["image"].shape[0]
-        z = int(np.clip(np.rint(voxel[0]), 0, nz - 1))
-        return z, f["image"][z], f["nodule"][z], geometry, voxel
+        out = []
+        for center in centers_xyz:
+            voxel = world_to_voxel(np.asarray(center, dtype=float), geometry)
+            z = int(np.clip(np.rint(voxel[0]), 0, nz - 1))
+            out.append((z, f["image"][z], f["nodule"][z], voxel))
+        return geometry, out
+
+
+def _probability_slices(path: Path, zs: Iterable[int]) -> tuple[tuple[int, int], dict[int, np.ndarray]]:
+    """((ny, nx), {z: probability slice (y, x)}) of a probability volume for the axial slices ``zs``
+    (those inside it), in one read of the z range they span (SimpleITK reads only that range of an
+    uncompressed file; a compressed one is inflated once)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if reader.GetDimension() != 3:
+        raise ValueError(f"expected a 3-D image, got {reader.GetDimension()}-D")
+    nx, ny, nz = (int(v) for v in reader.GetSize())
+    zs = sorted({int(z) for z in zs if 0 <= int(z) < nz})
+    if not zs:
+        return (ny, nx), {}
+    z0, z1 = zs[0], zs[-1]
+    reader.SetExtractIndex([0, 0, z0])
+    reader.SetExtractSize([nx, ny, z1 - z0 + 1])
+    slab = sitk.GetArrayFromImage(reader.Execute()).reshape(z1 - z0 + 1, ny, nx)
+    return (ny, nx), {z: slab[z - z0] for z in zs}
 
 
 def crop_png(image: np.ndarray, labels: np.ndarray, predicted: np.ndarray | None, voxel_zyx: Sequence[float],
@@ -328,29 +364,46 @@ def crop_png(image: np.ndarray, labels: np.ndarray, predicted: np.ndarray | None
     return figure_png(fig, dpi=90)
 
 
-def _crops(findings: pd.DataFrame, stores: Mapping[str, Path], probabilities: Mapping[str, Path],
-           thresholds: Mapping[str, float], kind: str) -> list[tuple[bytes, str]]:
-    """(png, caption) per finding row. ``kind`` "missed" (rows of nodules: nodule_id, diameter_mm)
-    or "fp" (rows of candidates: probability, diameter_mm optional). Scans are read once each."""
-    out: dict[int, tuple[bytes, str]] = {}
-    for uid, group in findings.groupby("seriesuid", sort=False):
+def _crops(groups: Mapping[str, pd.DataFrame], stores: Mapping[str, Path], probabilities: Mapping[str, Path],
+           thresholds: Mapping[str, float]) -> dict[str, list[tuple[bytes, str]]]:
+    """(png, caption) per finding row of each group, in the rows' order. ``groups``: kind ->
+    findings, kind "missed" (rows of nodules: nodule_id, diameter_mm) or "fp" (rows of candidates:
+    probability, diameter_mm optional).
+
+    Display only, no number of the report comes from here. What is read is bounded by the crops
+    shown: per scan with a finding, its slice store once (the slices through its findings) and its
+    probability volume once (:func:`_probability_slices`), whatever the number of findings and
+    groups. A missing slice store skips the scan's crops; a missing or unreadable probability
+    volume only drops the prediction outline."""
+    findings = [(kind, idx, row) for kind, frame in groups.items() for idx, row in frame.iterrows()]
+    by_scan: dict[str, list] = {}
+    for item in findings:
+        by_scan.setdefault(str(item[2]["seriesuid"]), []).append(item)
+    out: dict[tuple[str, object], tuple[bytes, str]] = {}
+    for uid, items in by_scan.items():
         store = stores.get(uid)
         if store is None or not Path(store).is_file():
             log.warning("no slice store for %s: its crops are skipped", uid)
             continue
-        prob_volume = None
+        centers = [(float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])) for _, _, r in items]
+        geometry, slices = _store_slices(Path(store), centers)
+        prob_slices: dict[int, np.ndarray] = {}
         prob_path = probabilities.get(uid)
         if prob_path is not None and Path(prob_path).is_file():
             try:
-                prob_volume = read_image(prob_path)[0]
+                shape, prob_slices = _probability_slices(Path(prob_path), [z for z, *_ in slices])
+                if shape != tuple(slices[0][1].shape):
+                    log.warning("%s: slices %s differ from the slice store's %s; no prediction outline",
+                                prob_path, shape, tuple(slices[0][1].shape))
+                    prob_slices = {}
             except Exception as exc:  # a crop outline is not worth failing the report for
                 log.warning("%s: probability volume unreadable (%s); no prediction outline", prob_path, exc)
-        for idx, row in group.iterrows():
-            center = (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
-            z, image, labels, geometry, voxel = _slice_at(Path(store), center)
+        else:
+            log.warning("no probability volume for %s: its crops have no prediction outline", uid)
+        for (kind, idx, row), (z, image, labels, voxel) in zip(items, slices):
             predicted = None
-            if prob_volume is not None and prob_volume.shape[1:] == image.shape and z < prob_volume.shape[0]:
-                p = prob_volume[z]
+            if z in prob_slices:
+                p = prob_slices[z]
                 p = p.astype(np.float64) / 255.0 if p.dtype == np.uint8 else p.astype(np.float64)
                 predicted = p > thresholds.get(uid, 0.5)
             short = short_uid(uid, 12)
@@ -366,8 +419,8 @@ def _crops(findings: pd.DataFrame, stores: Mapping[str, Path], probabilities: Ma
                 caption = f"{short} p={float(row['probability']):.3f}, Ø {fmt(d, 1)} mm"
                 png = crop_png(image, labels, predicted, voxel, geometry.spacing, radius,
                                f"FP p={float(row['probability']):.3f}", label_id=None, circle_mm=radius)
-            out[idx] = (png, caption)
-    return [out[i] for i in findings.index if i in out]
+            out[(kind, idx)] = (png, caption)
+    return {kind: [out[(kind, i)] for i in frame.index if (kind, i) in out] for kind, frame in groups.items()}
 
 
 def _crop_gallery(crops: list[tuple[bytes, str]], empty: str) -> str:
@@ -515,18 +568,30 @@ def _settings_section(settings: Mapping[str, Mapping], evaluate_params: Mapping)
 def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence[str | Path],
                  folds_path: str | Path, slice_files: Sequence[str | Path], annotations_path: str | Path,
                  excluded_path: str | Path | None = None, *, out_summary: str | Path, out_plot: str | Path,
-                 out_html: str | Path, bootstrap: int = 1000, seed: int = 0,
+                 out_html: str | Path, scans_paths: Sequence[str | Path] | None = None,
+                 nodules_paths: Sequence[str | Path] | None = None, bootstrap: int = 1000, seed: int = 0,
                  dice_margin_mm: float = 5.0) -> pd.DataFrame:
     """Write ``summary.csv``, ``froc.png``, ``report.html`` and the pooled files beside summary.csv
-    (see the module docstring). ``metrics_paths``/``candidates_paths``: fold k's files at index k.
-    ``bootstrap``/``seed``: the pooled result's intervals; ``dice_margin_mm``: per-nodule Dice box
-    margin (mm). Returns the summary frame. Every input is read and checked before any output."""
-    from noduleflow.evaluate import evaluate_scans_detail
+    (see the module docstring). ``metrics_paths``/``candidates_paths``/``scans_paths``/
+    ``nodules_paths``: fold k's files at index k (``scans_paths``/``nodules_paths`` None: the
+    ``scans.csv``/``nodules.csv`` beside each ``metrics.json``). ``bootstrap``/``seed``: the pooled
+    result's intervals; ``dice_margin_mm``: recorded in the settings (the per-nodule Dice in
+    ``nodules.csv`` was measured with the evaluate rule's, the same config value). Returns the
+    summary frame. Every input is read and checked before any output; no probability volume or
+    slice store is read for the numbers (only for the crops shown, :func:`_crops`)."""
+    from noduleflow.evaluate import evaluate_from_tables, read_nodule_table, read_scan_table
 
     if len(metrics_paths) == 0:
         raise InputError("report: no fold metrics given")
     if len(metrics_paths) != len(candidates_paths):
         raise InputError(f"report: {len(metrics_paths)} metrics files but {len(candidates_paths)} candidate files")
+    scans_paths = ([Path(p).parent / "scans.csv" for p in metrics_paths] if scans_paths is None
+                   else list(scans_paths))
+    nodules_paths = ([Path(p).parent / "nodules.csv" for p in metrics_paths] if nodules_paths is None
+                     else list(nodules_paths))
+    for name, paths in (("scans.csv", scans_paths), ("nodules.csv", nodules_paths)):
+        if len(paths) != len(metrics_paths):
+            raise InputError(f"report: {len(metrics_paths)} metrics files but {len(paths)} {name} files")
     fold_metrics = [(k, read_metrics(p)) for k, p in enumerate(metrics_paths)]
     for k, m in fold_metrics:
         if m.get("fold") is not None and m.get("fold") != k:
@@ -561,19 +626,33 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     if missing:
         raise InputError(f"{folds_path}: scan {missing[0]} has no slice store among the {len(stores)} given "
                          f"({len(missing)} missing)")
+    # every fold's saved rows: exactly its held-out scans (a stale or foreign table is named)
+    scan_frames, nodule_frames = [], []
+    for k in range(n_folds):
+        table = read_scan_table(scans_paths[k])
+        mine = folds.loc[folds["fold"] == k, "seriesuid"].tolist()
+        absent = [u for u in mine if u not in set(table["seriesuid"])]
+        if absent:
+            raise InputError(f"{scans_paths[k]}: fold {k} scan {absent[0]} has no row ({len(absent)} missing; "
+                             "is it older than folds.csv?)")
+        scan_frames.append(table[table["seriesuid"].isin(mine)])
+        nodule_table = read_nodule_table(nodules_paths[k])
+        nodule_frames.append(nodule_table[nodule_table["seriesuid"].isin(mine)])
     probabilities = {u: prob_dirs[fold_of[u]] / f"{u}.mha" for u in uids}
     settings = {k: read_settings(d) for k, d in enumerate(prob_dirs)}
-    log.info("report: %d folds, %d scans, %d nodules, %d candidates; pooled evaluation with bootstrap %d",
-             n_folds, len(uids), int(annotations["seriesuid"].isin(uids).sum()), len(candidates), bootstrap)
+    log.info("report: %d folds, %d scans, %d nodules, %d candidates; pooled evaluation with bootstrap %d "
+             "from the folds' scans.csv and nodules.csv", n_folds, len(uids),
+             int(annotations["seriesuid"].isin(uids).sum()), len(candidates), bootstrap)
 
-    ev = evaluate_scans_detail(candidates, probabilities, stores, annotations, excluded, uids,
-                               bootstrap=bootstrap, seed=seed, dice_margin_mm=dice_margin_mm, threshold=None)
+    ev = evaluate_from_tables(candidates, pd.concat(scan_frames, ignore_index=True),
+                              pd.concat(nodule_frames, ignore_index=True), annotations, excluded, uids,
+                              bootstrap=bootstrap, seed=seed, dice_margin_mm=dice_margin_mm)
     pooled = dict(ev.metrics)
     summary = summary_frame(fold_metrics, pooled)
     nodules = ev.nodules.copy()
     nodules["fold"] = [int(fold_of.get(u, -1)) for u in nodules["seriesuid"]]
     froc = ev.froc
-    thresholds = {u: float(settings[fold_of[u]].get("threshold", 0.5)) for u in uids}
+    thresholds = dict(zip(ev.scans["seriesuid"], ev.scans["threshold"].astype(float)))
 
     # ---- plots
     curves = []
@@ -597,8 +676,9 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
                  if len(labelled) and "label" in labelled.columns else labelled.iloc[0:0])
     log.info("report: drawing %d missed-nodule and %d false-positive crops",
              min(len(missed), MAX_CROPS), min(len(fps_table), MAX_CROPS))
-    missed_crops = _crops(missed.head(MAX_CROPS), stores, probabilities, thresholds, "missed")
-    fp_crops = _crops(fps_table.head(MAX_CROPS), stores, probabilities, thresholds, "fp")
+    crops = _crops({"missed": missed.head(MAX_CROPS), "fp": fps_table.head(MAX_CROPS)}, stores, probabilities,
+                   thresholds)
+    missed_crops, fp_crops = crops["missed"], crops["fp"]
 
     # ---- HTML
     evaluate_params = {"bootstrap": bootstrap, "seed": seed, "dice_margin_mm": dice_margin_mm}

@@ -237,6 +237,16 @@ def fold_reports(wildcards):
     return [f"{base}reports/fold{k}/metrics.json" for k in folds_of(wildcards.prefix)]
 
 
+def fold_scan_tables(wildcards):
+    base = owner(wildcards, "evaluate")
+    return [f"{base}reports/fold{k}/scans.csv" for k in folds_of(wildcards.prefix)]
+
+
+def fold_nodule_tables(wildcards):
+    base = owner(wildcards, "evaluate")
+    return [f"{base}reports/fold{k}/nodules.csv" for k in folds_of(wildcards.prefix)]
+
+
 def fold_predictions(wildcards):
     base = owner(wildcards, "predict")
     return [f"{base}predictions/fold{k}/candidates.csv" for k in folds_of(wildcards.prefix)]

@@ -13,6 +13,7 @@ rule evaluate:
         metrics="{prefix}reports/fold{k}/metrics.json",
         froc="{prefix}reports/fold{k}/froc.csv",
         nodules="{prefix}reports/fold{k}/nodules.csv",
+        scans="{prefix}reports/fold{k}/scans.csv",
         plot=report(
             "{prefix}reports/fold{k}/froc.png",
             caption="../report/froc_fold.rst",
@@ -36,10 +37,14 @@ rule evaluate:
         "../scripts/evaluate.py"
 
 
+# The pooled numbers come from what evaluate saved per scan and per nodule (scans, nodules) and
+# from the candidates; probabilities and slices are read only for the crops report.html shows.
 rule report:
     input:
         unpack(excluded_input),
         metrics=fold_reports,
+        scans=fold_scan_tables,
+        nodules=fold_nodule_tables,
         candidates=fold_predictions,
         probabilities=fold_probabilities,
         folds=folds_file,

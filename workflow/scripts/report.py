@@ -7,4 +7,5 @@ with logging_to(snakemake.log[0]):
                  list(snakemake.input.slices), snakemake.input.annotations,
                  excluded_path=snakemake.input.get("excluded"), out_summary=snakemake.output.summary,
                  out_plot=snakemake.output.plot, out_html=snakemake.output.html,
+                 scans_paths=list(snakemake.input.scans), nodules_paths=list(snakemake.input.nodules),
                  **snakemake.params.cfg["evaluate"])
