@@ -34,6 +34,9 @@ MODULE_BLOCKS = {
 NOT_THE_SETTING = {
     # a torch device to put tensors on, resolved from train.device ("auto") before the call
     ("train", "evaluate", "device"),
+    # the same, resolved from predict.device ("auto") by predict_fold / apply_models
+    ("predict", "predict_volume", "device"),
+    ("predict", "predict_plane", "device"),
     # the upper bound a fold number is checked against; None when reading back the pipeline's own
     # folds.csv (a user's split file is checked against cv.folds, passed explicitly)
     ("folds", "_fold_numbers", "folds"),

@@ -141,8 +141,31 @@ def test_profile_fits_node_and_drops_gpus():
     assert profile["set-resources"]["train"]["gpu"] == 1 and profile["set-resources"]["predict"]["gpu"] == 1
     assert res["train"]["gpu"] == 0 and res["predict"]["gpu"] == 0
     assert res["train"]["runtime"] == profile["set-resources"]["train"]["runtime"]
-    assert all(r["cpus_per_task"] <= 2 and r["mem_mb"] <= 4000 for r in res.values())
+    assert all(r.get("cpus_per_task", 1) <= 2 and r["mem_mb"] <= 4000 for r in res.values())
+    assert all(threads <= 2 for threads in fitted["set-threads"].values())
     assert fitted["slurm-status-command"] == "squeue" and fitted["executor"] == "slurm"
+
+
+def test_cpus_asked_follow_the_threads_a_job_runs():
+    """Pure: train and predict ask no fixed cpus_per_task in the profile (it would override their
+    rules', which follow set-threads and train.num_workers); every other rule the profile sizes
+    runs one thread and asks one CPU."""
+    profile = yaml.safe_load(PROFILE.read_text(encoding="utf-8"))
+    res = profile["set-resources"]
+    for rule in ("train", "predict"):
+        assert "cpus_per_task" not in res[rule] and rule in profile["set-threads"], rule
+    assert all(r.get("cpus_per_task", 1) == 1 for rule, r in res.items() if rule not in profile["set-threads"])
+    rules = (REPO_ROOT / "workflow" / "rules" / "train.smk").read_text(encoding="utf-8")
+    assert "cpus_per_task=train_cpus" in rules and "cpus_per_task=cpus_of_threads" in rules
+
+
+def expected_cpus(fitted: dict, rule: str) -> int:
+    """CPUs a job of ``rule`` asks under the fitted profile and TINY_CONFIG: the profile's
+    cpus_per_task, else the rule's: set-threads (+ train.num_workers, 0 here, for train)."""
+    res = fitted["set-resources"].get(rule, {})
+    if "cpus_per_task" in res:
+        return int(res["cpus_per_task"])
+    return int(fitted["set-threads"][rule]) + (TINY_CONFIG["train"].get("num_workers", 0) if rule == "train" else 0)
 
 
 # ------------------------------------------------------------------ running and inspecting
@@ -267,7 +290,7 @@ def test_tiny_workflow_on_slurm(tmp_path):
         if rule in res:
             assert records[slurm_id]["minutes"] == res[rule]["runtime"], (rule, records[slurm_id])
             # >=: a node with several threads per core allocates whole cores
-            assert records[slurm_id]["cpus"] >= res[rule]["cpus_per_task"], (rule, records[slurm_id])
+            assert records[slurm_id]["cpus"] >= expected_cpus(fitted, rule), (rule, records[slurm_id])
 
     # the reports
     reports = workdir / "results" / "reports"

@@ -53,7 +53,7 @@ from noduleflow.io import (Geometry, InputError, atomic_path, voxel_to_world, wo
                           write_image, write_text_atomic)
 from noduleflow.planes import check_planes
 from noduleflow.predict import (CANDIDATE_COLUMNS, PREDICT_DEFAULTS, check_candidate_score, label_candidates,
-                                input_settings, predict_volume, to_uint8)
+                                inference_device, input_settings, predict_volume, to_uint8)
 from noduleflow.scans import DICOM_SUFFIX, SCAN_SUFFIXES, CanonicalScan, find_scans, read_canonical, scan_suffix
 
 log = logging.getLogger(__name__)
@@ -216,22 +216,11 @@ def check_same_settings(settings: Sequence[tuple[Path, Mapping[str, object]]]) -
                          f"pick models trained alike")
 
 
-def resolve_device(device: str = "auto") -> str:
+def resolve_device(device: str = "auto", setting: str = "--device") -> str:
     """``auto``: cuda when available, else cpu (as the ``predict`` rule); otherwise the named
-    torch device, checked to exist."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"--device {device!r}: not a torch device (auto, cpu, cuda, cuda:1, mps)") from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available")
-    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError(f"--device {device}: MPS is not available")
-    return device
+    torch device, checked to exist (InputError naming ``setting``): the ``predict`` rule's
+    function, :func:`noduleflow.predict.inference_device`."""
+    return inference_device(device, setting)
 
 
 def load_ensemble(model_paths: Sequence[str | Path], device: str = "cpu") -> Ensemble:

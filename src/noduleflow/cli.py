@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                         "in any layout")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--folds", nargs="+", type=int, metavar="K", help="only these folds' models (default: all)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", default=PREDICT_DEFAULTS["device"],
+                   help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4x the time)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--threshold", type=float, default=PREDICT_DEFAULTS["threshold"],

@@ -24,6 +24,7 @@ positive channel, or one minus the sigmoid of the complementary channel.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,44 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[UNet2d, dict]:
         raise InputError(f"{path}: weights do not fit the stored architecture: {exc}") from exc
     meta = {key: value for key, value in saved.items() if key != "state_dict"}
     return model.to(device).eval(), meta
+
+
+#: what a device setting may say (``train.device``, ``predict.device``, ``noduleflow predict --device``)
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def select_device(device: str = "auto", setting: str = "device", auto_mps: bool = True) -> torch.device:
+    """The torch device a device setting names, checked to exist: the one implementation behind
+    ``train.device``, ``predict.device`` and ``noduleflow predict --device``.
+
+    ``auto``: cuda when available, else mps when ``auto_mps`` and available, else cpu; ``cpu``,
+    ``cuda``, ``cuda:N``, ``mps``: that device. Anything else, or a device this machine does not
+    have, raises InputError naming ``setting`` (e.g. ``config predict.device`` or ``--device``)."""
+    from noduleflow.io import InputError
+
+    name = str(device)
+    if not _DEVICE_RE.fullmatch(name):
+        raise InputError(f"{setting}: {device!r} is not a device; use {DEVICE_CHOICES}")
+    mps = getattr(torch.backends, "mps", None)
+    mps_available = mps is not None and mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if auto_mps and mps_available else "cpu")
+    parsed = torch.device(name)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise InputError(f"{setting}: {name} requested but no CUDA device is available "
+                             f"(torch {torch.__version__}, {build})")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise InputError(f"{setting}: {name} requested but only {count} CUDA device(s) are visible "
+                             f"(cuda:0 to cuda:{count - 1})")
+    if parsed.type == "mps" and not mps_available:
+        raise InputError(f"{setting}: mps requested but MPS is not available")
+    return parsed
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:

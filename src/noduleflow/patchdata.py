@@ -199,11 +199,12 @@ def iterate_batches(dataset: PatchBatches, num_workers: int,
                     loader_options: Mapping[str, Any] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """The batches of ``dataset`` in order: in this process (``num_workers`` 0) or prepared by that
     many DataLoader worker processes (reading and augmenting in parallel with the training step).
-    ``loader_options``: further DataLoader arguments (e.g. ``pin_memory`` on CUDA)."""
+    ``loader_options``: further DataLoader arguments (:func:`noduleflow.train.loader_settings`:
+    ``pin_memory`` on CUDA)."""
     if num_workers <= 0:
         for b in range(len(dataset)):
             yield dataset[b]
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                         persistent_workers=False, **dict(loader_options or {}))
+    options = {"num_workers": num_workers, "persistent_workers": False, **dict(loader_options or {})}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, **options)
     yield from loader

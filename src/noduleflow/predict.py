@@ -69,7 +69,7 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
 #: same; tests/test_apply.py checks they agree), also those of ``noduleflow predict``
 PREDICT_DEFAULTS: dict = {"threshold": 0.5, "min_volume_mm3": 10.0, "candidate_score": "mean",
                           "hybrid_output": "positive", "planes": list(PLANES), "amp": True,
-                          "batch_size": 8, "tta": False}
+                          "batch_size": 8, "tta": False, "device": "auto"}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -307,22 +307,28 @@ def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_r
     return out
 
 
-def _device() -> str:
-    import torch
+def inference_device(device: str = "auto", setting: str = "config predict.device") -> str:
+    """The torch device (as a string) of ``predict.device`` / ``noduleflow predict --device``:
+    ``auto`` is cuda when available, else cpu; ``cpu``, ``cuda``, ``cuda:N``, ``mps`` that device,
+    checked to exist. InputError naming ``setting`` otherwise
+    (:func:`noduleflow.model.select_device`, the function ``train.device`` goes through too)."""
+    from noduleflow.model import select_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(select_device(device, setting, auto_mps=False))
 
 
 def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slice_files: Sequence[str | Path],
                  out_candidates: str | Path, out_probabilities: str | Path, lung_roi: bool, threads: int = 1,
                  threshold: float = 0.5, min_volume_mm3: float = 10.0, batch_size: int = 8,
                  hybrid_output: str = "positive", planes: Sequence[str] = PLANES,
-                 amp: bool = True, candidate_score: str = "mean", tta: bool = False) -> pd.DataFrame:
+                 amp: bool = True, candidate_score: str = "mean", tta: bool = False,
+                 device: str = "auto") -> pd.DataFrame:
     """Run fold ``fold``'s model on its held-out scans; write probabilities and candidates.
 
     ``slice_files``: slice stores ``{uid}.h5`` (any superset of the fold's scans). ``tta``: flip
-    test-time augmentation (:func:`predict_volume`). Returns the candidates table. See the module
-    docstring for the outputs.
+    test-time augmentation (:func:`predict_volume`). ``device``: ``predict.device``
+    (:func:`inference_device`). Returns the candidates table. See the module docstring for the
+    outputs.
     """
     import torch
 
@@ -335,6 +341,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
     check_candidate_score(candidate_score)
     if hybrid_output not in ("positive", "negative"):
         raise InputError(f"predict.hybrid_output = {hybrid_output!r} must be 'positive' or 'negative'")
+    device = inference_device(device)
     stores = heldout_slice_paths(folds_path, fold, slice_files)
     missing = [p for p in stores.values() if not p.is_file()]
     if missing:
@@ -343,7 +350,6 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
     if not model_path.is_file():
         raise InputError(f"{model_path}: model file not found")
     torch.set_num_threads(max(1, int(threads)))
-    device = _device()
     model, meta = nf_model.load_model(model_path, device)
     model.eval()
     if "lung_roi" in meta and bool(meta["lung_roi"]) != bool(lung_roi):

@@ -26,6 +26,8 @@ Reproducibility: all randomness of an epoch (batch order, augmentation, dropout)
 of ``(seed, epoch)`` (and the batch index), and weights start from ``torch.manual_seed(seed)``. So
 on CPU two runs with one seed give identical weights, and a run killed after epoch ``e`` and rerun
 resumes from the checkpoint of epoch ``e`` and ends with weights identical to an uninterrupted run.
+That is ``deterministic: true`` (the default: deterministic algorithms, no cuDNN autotuning); ``false``
+lets cuDNN pick the fastest convolutions on a GPU, whose results may differ from run to run.
 
 Checkpoints: ``checkpoint_dir/last.pt`` (atomic) after every epoch: model, optimiser, scheduler,
 AMP scaler, epoch, best weights and score, early-stopping counter, history so far and a hash of
@@ -57,6 +59,7 @@ from noduleflow.io import InputError, atomic_path, write_csv_atomic
 from noduleflow.losses import LOSSES, make_loss
 from noduleflow.model import (LABEL_MODES, UNet2d, autocast_dtype, memory_format_for, nodule_probability,
                               out_channels_for)
+from noduleflow.model import select_device as _select_device
 from noduleflow.patchdata import PatchBatches, Patches, PatchFile, PatchSubset, iterate_batches, seed_of
 from noduleflow.runconfig import code_digest
 
@@ -84,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {"depth": 3, "base_filters": 16, "norm": "batch", "dropout": 0.0},
     "device": "auto",
     "amp": True,
+    "deterministic": True,
     "num_workers": 0,
     "seed": 0,
 }
@@ -91,7 +95,8 @@ DEFAULTS: dict[str, Any] = {
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = 1
-#: keys that do not change what a run computes, left out of the checkpoint's config hash
+#: keys that do not change what a run computes, left out of the checkpoint's config hash (device,
+#: amp and deterministic change the numbers and stay in)
 _HASH_EXCLUDED = ("num_workers",)
 _PCT_WARMUP = 0.2
 _EVAL_BATCH = 128
@@ -128,6 +133,10 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError(f"config train.select_on: {cfg['select_on']!r} is not loss or dice")
     if cfg["device"] not in ("auto", "cpu", "cuda", "mps"):
         raise InputError(f"config train.device: {cfg['device']!r} is not auto, cpu, cuda or mps")
+    if not isinstance(cfg["deterministic"], bool):
+        raise InputError(f"config train.deterministic: {cfg['deterministic']!r} must be true or false")
+    if isinstance(cfg["num_workers"], bool) or not isinstance(cfg["num_workers"], int) or cfg["num_workers"] < 0:
+        raise InputError(f"config train.num_workers: {cfg['num_workers']!r} must be an integer >= 0")
     for key in ("epochs", "batch_size", "early_stopping_patience"):
         if int(cfg[key]) < 1:
             raise InputError(f"config train.{key}: must be >= 1, got {cfg[key]!r}")
@@ -154,17 +163,24 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def select_device(device: str = "auto") -> torch.device:
-    """``auto``: cuda if available, else mps, else cpu; otherwise the named device."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("config train.device: cuda requested but no CUDA device is available")
-    return torch.device(device)
+    """The device of ``train.device``: ``auto``: cuda if available, else mps, else cpu; otherwise the
+    named device, checked to exist (InputError naming ``train.device``). The same function as
+    ``predict.device`` (:func:`noduleflow.model.select_device`)."""
+    return _select_device(device, "config train.device", auto_mps=True)
+
+
+def loader_settings(device: torch.device | str, num_workers: int) -> dict[str, Any]:
+    """The resource keywords of a ``torch.utils.data.DataLoader`` that feeds a training on
+    ``device`` with ``num_workers`` worker processes (``train.num_workers``; 0 = batches made in the
+    training process): ``num_workers``; ``pin_memory`` true exactly when there are workers and the
+    device is CUDA (page-locked batches: the ``.to(device, non_blocking=True)`` copy overlaps the
+    step); ``persistent_workers`` false (a DataLoader serves one epoch, its dataset is that epoch's
+    batches, so workers could not be reused). None of them changes the batches."""
+    workers = int(num_workers)
+    if workers < 0:
+        raise InputError(f"config train.num_workers: {num_workers!r} must be >= 0")
+    return {"num_workers": workers, "pin_memory": workers > 0 and torch.device(device).type == "cuda",
+            "persistent_workers": False}
 
 
 # --------------------------------------------------------------------------- data
@@ -401,8 +417,12 @@ class WeightAverage:
 
 
 @contextlib.contextmanager
-def _torch_settings(threads: int, device: torch.device) -> Iterator[None]:
-    """Thread count (CPU) and deterministic algorithms for the duration of a training; restored after."""
+def _torch_settings(threads: int, device: torch.device, deterministic: bool = True) -> Iterator[None]:
+    """Thread count (CPU) and the ``train.deterministic`` switch for the duration of a training;
+    restored after. ``deterministic``: deterministic algorithms (warn only where an operation has
+    none) and no cuDNN autotuning, so a run repeats; false: cuDNN benchmark mode (it times the
+    convolution algorithms for each input shape and keeps the fastest; faster on GPU, and results
+    may differ from run to run) and no deterministic algorithms."""
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
     old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -410,8 +430,11 @@ def _torch_settings(threads: int, device: torch.device) -> Iterator[None]:
     try:
         if device.type == "cpu":
             torch.set_num_threads(max(1, int(threads)))
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = not deterministic
         yield
     finally:
         torch.set_num_threads(old_threads)
@@ -482,7 +505,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
                     "out_channels": out_channels_for(cfg["label_mode"]), **cfg["model"]}
     checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
 
-    with _torch_settings(threads, device):
+    with _torch_settings(threads, device, bool(cfg["deterministic"])):
         torch.manual_seed(seed_of(int(cfg["seed"]), 1))
         memory_format = memory_format_for(cfg["model"]["norm"])
         model = UNet2d(**model_kwargs)
@@ -523,7 +546,8 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
             batches = PatchBatches(data["fit"], cfg["label_mode"], intensity, int(cfg["batch_size"]), augment=cfg["augment"],
                                    seed=int(cfg["seed"]), epoch=epoch)
             loss_sum, seen = 0.0, 0
-            for batch in iterate_batches(batches, int(cfg["num_workers"])):
+            for batch in iterate_batches(batches, int(cfg["num_workers"]),
+                                         loader_settings(device, int(cfg["num_workers"]))):
                 x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
                 target = batch["target"].to(device, non_blocking=True)
                 weight = batch["weight"].to(device, non_blocking=True)

@@ -22,6 +22,7 @@ rule apply:
     resources:
         mem_mb=12000,
         runtime=120,
+        cpus_per_task=cpus_of_threads,
     conda:
         "../../envs/train.yaml"
     script:

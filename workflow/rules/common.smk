@@ -156,6 +156,20 @@ def folds_of(prefix):
     return range(RUNS[prefix]["cv"]["folds"])
 
 
+# ------------------------------------------------------------------ CPUs a job uses
+
+
+def cpus_of_threads(wildcards, threads):
+    """cpus_per_task (sbatch -c) of a job whose process runs ``threads`` torch/OpenMP threads."""
+    return threads
+
+
+def train_cpus(wildcards, threads):
+    """cpus_per_task of a train job: ``threads`` torch threads in the training process plus one CPU
+    per DataLoader worker process (train.num_workers of the run; each worker runs one thread)."""
+    return threads + int(RUNS[wildcards.prefix]["train"]["num_workers"])
+
+
 # ------------------------------------------------------------------ input functions
 
 

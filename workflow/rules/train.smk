@@ -21,6 +21,7 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=240,
+        cpus_per_task=train_cpus,
     conda:
         "../../envs/train.yaml"
     script:
@@ -46,6 +47,7 @@ rule predict:
     resources:
         mem_mb=8000,
         runtime=60,
+        cpus_per_task=cpus_of_threads,
     conda:
         "../../envs/train.yaml"
     script:
