@@ -105,9 +105,10 @@ def test_python_keyword_defaults_are_the_config_defaults(module_name):
 def test_sampling_defaults_are_the_pipelines_twelve_millimetres_of_context():
     """The case that went wrong before: sampling's signatures said context=1, context_step=1 while the
     pipeline samples 7 channels 2 slices apart."""
-    from noduleflow.sampling import sample_balanced_patches, sample_scan
+    from noduleflow.sampling import patch_file_attrs, sample_scan
 
-    for function in (sample_balanced_patches, sample_scan):
+    # sample_balanced_patches and sample_scan_file pass the sampling keys on to these two
+    for function in (sample_scan, patch_file_attrs):
         parameters = inspect.signature(function).parameters
         assert parameters["context"].default == CONFIG["sampling"]["context"] == 3
         assert parameters["context_step"].default == CONFIG["sampling"]["context_step"] == 2

@@ -388,3 +388,60 @@ def test_planes_split_every_kind_evenly_and_keep_the_positive_fraction(stores, t
     with pytest.raises(ValueError, match="sampling.planes"):
         sample(stores, tmp_path / "bad.h5", planes=["oblique"])
     assert not (tmp_path / "bad.h5").exists()
+
+
+# --------------------------------------------------------------------------- one job per scan
+
+
+def test_per_scan_files_hold_exactly_the_patches_of_the_cohort_file(stores, tmp_path):
+    """The pipeline samples one file per scan from the cohort's plan; read as one sequence they are
+    the single-file sampling, patch for patch (so training on them gives the same model)."""
+    from noduleflow.patchdata import PatchFile
+    from noduleflow.sampling import plan_patches, read_plan, sample_scan_file
+
+    settings = dict(patch_size=32, context=1, context_step=1, hard_negative_fraction=0.5, hard_negative_min_hu=-500,
+                    jitter_fraction=0.35, seed=3)
+    sample(stores, tmp_path / "whole.h5", patches_per_scan=60, positive_fraction=0.5)
+    plan = plan_patches(list(reversed(stores)), tmp_path / "plan.csv", patches_per_scan=60, positive_fraction=0.5)
+    counts = read_plan(tmp_path / "plan.csv")
+    assert list(plan["seriesuid"]) == ["1.1", "1.2", "1.3", "1.4"]  # seriesuid order, whatever the input order
+    assert counts == {"1.1": (60, 30), "1.2": (0, 30), "1.3": (60, 30), "1.4": (0, 30)}
+    per_scan = tmp_path / "scans"
+    for store in stores:
+        uid = h5py.File(store, "r").attrs["seriesuid"]
+        sample_scan_file(store, per_scan / f"{uid}.h5", lung_roi=True, n_positive=counts[uid][0],
+                         n_negative=counts[uid][1], patches_per_scan=60, positive_fraction=0.5, **settings)
+    whole, split = PatchFile(tmp_path / "whole.h5"), PatchFile(per_scan)
+    assert len(split.paths) == 4 and len(whole) == len(split) == 240
+    assert list(split.seriesuid) == list(whole.seriesuid) and split.attrs == whole.attrs
+    everything = np.arange(len(whole))
+    for a, b in zip(whole.take(everything), split.take(everything)):
+        np.testing.assert_array_equal(a, b)
+    shuffled = np.random.default_rng(0).permutation(len(whole))[:50]
+    for a, b in zip(whole.take(shuffled), split.take(shuffled)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_patch_files_sampled_with_other_settings_are_refused(stores, tmp_path):
+    from noduleflow.io import InputError
+    from noduleflow.patchdata import PatchFile
+
+    sample(stores[:1], tmp_path / "a.h5", jitter_fraction=0.35)
+    sample(stores[1:2], tmp_path / "b.h5", jitter_fraction=0.1)
+    with pytest.raises(InputError, match=r"b\.h5: sampled with other settings .*jitter_fraction"):
+        PatchFile([tmp_path / "a.h5", tmp_path / "b.h5"])
+    with pytest.raises(InputError, match=r"missing\.h5: patches file not found"):
+        PatchFile([tmp_path / "a.h5", tmp_path / "missing.h5"])
+
+
+def test_a_malformed_plan_is_an_error_naming_it(tmp_path):
+    from noduleflow.io import InputError
+    from noduleflow.sampling import read_plan
+
+    bad = tmp_path / "plan.csv"
+    bad.write_text("seriesuid,n_positive\n1.1,3\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"plan\.csv: not a patch plan .*has_nodule"):
+        read_plan(bad)
+    bad.write_text("seriesuid,has_nodule,n_positive,n_negative\n1.1,True,-1,3\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"plan\.csv: patch counts"):
+        read_plan(bad)

@@ -23,6 +23,9 @@ pytestmark = pytest.mark.e2e
 
 PREPROCESS = {"resample", "lung_mask", "extract_slices"}
 AFTER_PATCHES = {"sample_patches", "train", "predict", "evaluate", "report"}
+# when the patch plan (a checkpoint) reruns, which scans are sampled again is decided after it has run:
+# a dry run shows the plan and what follows the per-scan sampling, not the per-scan jobs themselves
+AFTER_PLAN = {"plan_patches", "train", "predict", "evaluate", "report"}
 
 
 def plan_after(workdir: Path, change: dict, env: dict | None = None) -> list:
@@ -69,10 +72,10 @@ def test_snakemake_report_holds_the_froc_plots_with_their_captions(tiny_run, tmp
 
 @pytest.mark.parametrize("change, expected", [
     ({"preprocess": {"spacing_mm": [2.5, 2.5, 2.5]}},
-     PREPROCESS | AFTER_PATCHES),
+     PREPROCESS | AFTER_PLAN),
     ({"lungmask": {"closing_mm": 8}},
-     {"lung_mask", "extract_slices"} | AFTER_PATCHES),
-    ({"sampling": {"positive_fraction": 0.4}}, AFTER_PATCHES),
+     {"lung_mask", "extract_slices"} | AFTER_PLAN),
+    ({"sampling": {"positive_fraction": 0.4}}, AFTER_PLAN),
     ({"sampling": {"context_step": 3}}, AFTER_PATCHES),
     ({"cv": {"seed": 1}}, {"split_folds", "train", "predict", "evaluate", "report"}),
     ({"train": {"lr": 0.001}}, {"train", "predict", "evaluate", "report"}),
@@ -86,6 +89,8 @@ def test_a_changed_setting_reruns_exactly_its_stage_and_what_follows(tiny_run, c
         assert rules["resample"] == TINY_CONFIG["synthetic"]["n_scans"]
     if "train" in expected:
         assert rules["train"] == TINY_CONFIG["cv"]["folds"]
+    if "sample_patches" in expected:  # one job per scan
+        assert rules["sample_patches"] == TINY_CONFIG["synthetic"]["n_scans"]
 
 
 def test_an_unrelated_config_edit_reruns_nothing(tiny_run):
@@ -109,7 +114,7 @@ def test_touching_one_scan_reruns_only_its_preprocessing(tiny_run):
         if rule in PREPROCESS:
             assert wildcards["uid"] == uid, (rule, wildcards)
     rules = planned_rules(jobs)
-    assert set(rules) == PREPROCESS | AFTER_PATCHES
+    assert set(rules) == PREPROCESS | AFTER_PLAN
     assert all(rules[r] == 1 for r in PREPROCESS)
 
 
@@ -119,7 +124,33 @@ def test_a_new_scan_adds_only_its_own_preprocessing(tiny_run):
     rules = planned_rules(jobs)
     assert rules["synthesize"] == 1
     assert all(rules[r] == 1 for r in PREPROCESS), rules
-    assert {"sample_patches", "split_folds", "train"} <= set(rules)
+    assert {"plan_patches", "split_folds", "train"} <= set(rules)
+
+
+def test_a_new_scan_is_sampled_alone_when_the_others_keep_their_counts(tiny_run, tmp_path):
+    """Patches are sampled one job per scan from the cohort's plan: after a scan is added, the plan
+    is made again and only the scans whose counts changed (here: none of the old ones, every tiny
+    scan has nodules) and the new one are sampled; the other files are kept as they are."""
+    from noduleflow.sampling import read_plan
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    scans = workdir / "results" / "patches" / "scans"
+    before = {p.name: p.stat().st_mtime_ns for p in scans.glob("*.h5")}
+    old_plan = read_plan(workdir / "results" / "patches" / "plan.csv")
+    assert len(before) == len(old_plan) == TINY_CONFIG["synthetic"]["n_scans"]
+    write_config(workdir, deep_update(TINY_CONFIG, {"synthetic": {"n_scans": len(before) + 1}}), name="more.yaml")
+    new_plan_path = workdir / "results" / "patches" / "plan.csv"
+    snakemake(workdir, "patches", "--cores", "2", "--configfile", "more.yaml")
+    new_plan = read_plan(new_plan_path)
+    added = set(new_plan) - set(old_plan)
+    assert len(added) == 1
+    changed = {u for u in old_plan if new_plan[u] != old_plan[u]}
+    after = {p.name: p.stat().st_mtime_ns for p in scans.glob("*.h5")}
+    resampled = {name[:-len(".h5")] for name in after if before.get(name) != after[name]}
+    assert resampled == added | changed, (resampled, added, changed)
+    log = (workdir / "results" / "logs" / "plan_patches.log").read_text(encoding="utf-8")
+    assert f"from {len(new_plan)} scans" in log
 
 
 def test_a_changed_module_reruns_its_stage_and_what_follows(tiny_run, tmp_path):
@@ -139,7 +170,7 @@ def test_a_changed_module_reruns_its_stage_and_what_follows(tiny_run, tmp_path):
     signature_end = tail.index('"""', tail.index('"""') + 3) + 3  # after the docstring
     intensity.write_text(head + marker + tail[:signature_end] + "\n    _unused = 1" + tail[signature_end:], encoding="utf-8")
     rules = planned_rules(planned_jobs(tiny_run, "--configfile", "tiny.yaml", env=env))
-    assert set(rules) == {"sample_patches"} | AFTER_PATCHES, rules
+    assert set(rules) == {"plan_patches"} | AFTER_PLAN, rules
     intensity.write_text(original, encoding="utf-8")
     froc = src / "noduleflow" / "froc.py"
     froc.write_text(froc.read_text(encoding="utf-8") + "\nEXTRA_CONSTANT = 1\n")
@@ -159,9 +190,9 @@ def test_experiments_with_training_overrides_reuse_preprocessing_and_patches(tin
     rules = planned_rules(jobs)
     assert not PREPROCESS & set(rules), rules
     assert "split_folds" not in rules
-    # only no_roi samples new patches (lung_roi changes what a patch shows)
-    assert rules["sample_patches"] == 1
-    assert {w["prefix"] for r, w in jobs if r == "sample_patches"} == {"results/experiments/no_roi/"}
+    # only no_roi samples new patches (lung_roi changes what a patch shows): its own plan, then its scans
+    assert rules["plan_patches"] == 1
+    assert {w["prefix"] for r, w in jobs if r == "plan_patches"} == {"results/experiments/no_roi/"}
     folds = TINY_CONFIG["cv"]["folds"]
     # complementary, one shared hybrid training, no_roi
     assert rules["train"] == 3 * folds

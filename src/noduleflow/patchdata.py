@@ -68,35 +68,57 @@ class ArrayPatches:
 
 
 class PatchFile:
-    """A patches file read on demand. In memory: the table (``seriesuid``, ``kind``), the attributes
-    and the shapes; patches are read by :meth:`take`. Raises InputError naming the file when it is
-    missing or not a patches file."""
+    """Patches files read on demand, as one sequence: one ``patches.h5`` or the per-scan files of
+    the pipeline (``patches/scans/{seriesuid}.h5``), given as a list or a folder of ``*.h5``, in
+    the order given (a folder: sorted by name, i.e. by seriesuid). In memory: the table
+    (``seriesuid``), the attributes and the shapes; patches are read by :meth:`take`. Raises
+    InputError naming the file when one is missing, is not a patches file, or was sampled with
+    other settings than the first."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: patches file not found")
-        with open_h5(self.path) as store:
-            missing = [n for n in PATCH_DATASETS + ("seriesuid",) if n not in store]
-            if missing:
-                raise InputError(f"{self.path}: not a patches file (missing {', '.join(missing)})")
-            image, mask, roi = (store[n].shape for n in PATCH_DATASETS)
-            if len(image) != 4 or mask != (image[0],) + image[2:] or roi != mask:
-                raise InputError(f"{self.path}: image {image}, mask {mask} and roi {roi} must be (n, c, h, w), "
-                                 f"(n, h, w), (n, h, w)")
-            self.image_shape = tuple(int(v) for v in image)
-            self.seriesuid = store["seriesuid"][()].astype(str)
-            if len(self.seriesuid) != image[0]:
-                raise InputError(f"{self.path}: {len(self.seriesuid)} seriesuids for {image[0]} patches")
-            self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in store.attrs.items()}
-        self._handle = None
+    #: open files kept per process (a LUNA16 cohort has 888 per-scan files)
+    MAX_OPEN = 64
+
+    def __init__(self, paths: str | Path | Sequence[str | Path]):
+        if isinstance(paths, (str, Path)):
+            paths = sorted(Path(paths).glob("*.h5")) if Path(paths).is_dir() else [paths]
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise InputError("no patches files given")
+        uids, sizes, self.attrs, self.image_shape = [], [], None, None
+        for path in self.paths:
+            if not path.is_file():
+                raise InputError(f"{path}: patches file not found")
+            with open_h5(path) as store:
+                missing = [n for n in PATCH_DATASETS + ("seriesuid",) if n not in store]
+                if missing:
+                    raise InputError(f"{path}: not a patches file (missing {', '.join(missing)})")
+                image, mask, roi = (store[n].shape for n in PATCH_DATASETS)
+                if len(image) != 4 or mask != (image[0],) + image[2:] or roi != mask:
+                    raise InputError(f"{path}: image {image}, mask {mask} and roi {roi} must be (n, c, h, w), "
+                                     f"(n, h, w), (n, h, w)")
+                seriesuid = store["seriesuid"][()].astype(str)
+                if len(seriesuid) != image[0]:
+                    raise InputError(f"{path}: {len(seriesuid)} seriesuids for {image[0]} patches")
+                attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in store.attrs.items()}
+            if self.attrs is None:
+                self.attrs, self.image_shape = attrs, tuple(int(v) for v in image)
+            elif attrs != self.attrs or tuple(image[1:]) != self.image_shape[1:]:
+                differ = sorted(k for k in set(attrs) | set(self.attrs) if attrs.get(k) != self.attrs.get(k))
+                raise InputError(f"{path}: sampled with other settings than {self.paths[0]} "
+                                 f"({', '.join(differ) or 'patch shape'})")
+            uids.append(seriesuid)
+            sizes.append(int(image[0]))
+        self.seriesuid = np.concatenate(uids)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.image_shape = (int(self.offsets[-1]),) + tuple(self.image_shape[1:])
+        self._handles: dict[int, Any] = {}
         self._pid = None
 
     def __len__(self) -> int:
         return self.image_shape[0]
 
-    def __getstate__(self) -> dict:  # DataLoader workers get a copy without the open handle
-        return {**self.__dict__, "_handle": None, "_pid": None}
+    def __getstate__(self) -> dict:  # DataLoader workers get a copy without the open handles
+        return {**self.__dict__, "_handles": {}, "_pid": None}
 
     def meta(self) -> dict[str, Any]:
         """The sampling settings inference must repeat: context, context_step, patch_size, lung_roi."""
@@ -106,31 +128,43 @@ class PatchFile:
                 "patch_size": int(self.attrs.get("patch_size", size)),
                 "lung_roi": bool(self.attrs.get("lung_roi", True))}
 
-    def _store(self):
-        if self._handle is None or self._pid != os.getpid():
+    def _store(self, i: int):
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.pop(i, None)
+        if handle is None:
             import h5py
 
-            self._handle = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._handle
+            if len(self._handles) >= self.MAX_OPEN:  # close the least recently used
+                self._handles.pop(next(iter(self._handles))).close()
+            handle = h5py.File(self.paths[i], "r", locking=False)
+        self._handles[i] = handle  # most recently used last
+        return handle
 
     def close(self) -> None:
-        if self._handle is not None and self._pid == os.getpid():
-            self._handle.close()
-        self._handle, self._pid = None, None
+        if self._pid == os.getpid():
+            for handle in self._handles.values():
+                handle.close()
+        self._handles, self._pid = {}, None
 
     def take(self, index: np.ndarray, names: Sequence[str] = PATCH_DATASETS) -> tuple[np.ndarray, ...]:
-        """The patches ``index`` (file order numbers, any order, repeats allowed), in that order."""
+        """The patches ``index`` (positions in the sequence, any order, repeats allowed), in that order."""
         index = np.asarray(index, dtype=np.int64)
         unique, inverse = np.unique(index, return_inverse=True)
         if len(unique) and (unique[0] < 0 or unique[-1] >= len(self)):
-            raise IndexError(f"{self.path}: patch index out of range 0..{len(self) - 1}")
-        store = self._store()
+            raise IndexError(f"{self.paths[0]}: patch index out of range 0..{len(self) - 1}")
+        files = np.searchsorted(self.offsets, unique, side="right") - 1
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for i in np.unique(files).tolist():
+            local = unique[files == i] - self.offsets[i]
+            store = self._store(i)
+            for name in names:
+                parts[name].extend(store[name][a:b] for a, b in index_runs(local))
         out = []
         for name in names:
-            dset = store[name]
-            parts = [dset[a:b] for a, b in index_runs(unique)]
-            block = np.concatenate(parts) if parts else np.zeros((0,) + dset.shape[1:], dset.dtype)
+            shape = (0,) + ((self.image_shape[1:]) if name == "image" else tuple(self.image_shape[2:]))
+            block = (np.concatenate(parts[name]) if parts[name]
+                     else np.zeros(shape, np.int16 if name == "image" else np.uint8))
             out.append(block[inverse])
         return tuple(out)
 

@@ -38,8 +38,15 @@ slice), which ``context_step = 1`` (4 mm) cannot for vessels and nodules of ~1 c
 Pixels outside the volume are -1000 HU (image) and 0 (masks). With ``lung_roi`` every channel is masked by its own slice's lung mask
 (:func:`noduleflow.intensity.apply_roi`: outside -> -1000 HU), exactly as at inference.
 
-Output ``patches.h5`` (written atomically): ``image`` int16 HU (n, c, h, w), ``mask`` uint8 0/1
-nodule of the centre slice (n, h, w), ``roi`` uint8 (n, h, w) (lung mask of the centre slice, or all
+Jobs: :func:`plan_patches` (stage ``plan_patches``) writes the cohort's counts per scan
+(``patches/plan.csv``); :func:`sample_scan_file` (stage ``sample_patches``, one job per scan) writes
+that scan's patches to ``patches/scans/{seriesuid}.h5``. A scan is sampled again only when its slice
+store, its counts or a sampling setting changes. :func:`sample_balanced_patches` does the same in
+one process into one file (tests, benchmarks); training reads either as one sequence of patches
+(:class:`noduleflow.patchdata.PatchFile`).
+
+Output, per scan or for the cohort (written atomically): ``image`` int16 HU (n, c, h, w), ``mask``
+uint8 0/1 nodule of the centre slice (n, h, w), ``roi`` uint8 (n, h, w) (lung mask of the centre slice, or all
 ones without ``lung_roi``), all chunked one patch per chunk and gzip-compressed; the table
 ``seriesuid`` (bytes), ``z``, ``y``, ``x`` (int32 centre voxel, (z, y, x) whatever the plane), ``kind``
 and ``plane`` (bytes); attrs ``context``, ``context_step``, ``patch_size``, ``lung_roi``, ``seed``,
@@ -57,12 +64,13 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from noduleflow.intensity import AIR_HU, BODY_MIN_HU, apply_roi
-from noduleflow.io import InputError, atomic_path, open_h5
+from noduleflow.io import InputError, atomic_path, open_h5, write_csv_atomic
 from noduleflow.planes import PLANES, check_planes, context_offsets, indices_from_plane, split_count, to_plane
 
 log = logging.getLogger(__name__)
@@ -72,104 +80,199 @@ KINDS = ("positive", "hard_negative", "negative")
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 PATCH_DATASETS = ("image", "mask", "roi")
 TABLE_DATASETS = ("seriesuid", "z", "y", "x", "kind", "plane")
+#: columns of the patch plan (:func:`plan_patches`)
+PLAN_COLUMNS = ("seriesuid", "has_nodule", "n_positive", "n_negative")
 
 
 # --------------------------------------------------------------------------- the stage
 
 
 def sample_balanced_patches(slice_files: Sequence[str | Path], out_h5: str | Path, lung_roi: bool,
-                            patch_size: int = 64, context: int = 3, patches_per_scan: int = 160,
-                            positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5,
-                            hard_negative_min_hu: float = -500, jitter_fraction: float = 0.35,
-                            seed: int = 0, planes: Sequence[str] = PLANES, thick_negative_fraction: float = 0.5,
-                            thick_negative_sigma_mm: float = 2.0, context_step: int = 2) -> dict:
-    """Sample balanced patches from every slice store in ``slice_files`` into ``out_h5``.
+                            patches_per_scan: int = 160, positive_fraction: float = 0.5,
+                            **settings: Any) -> dict:
+    """Sample balanced patches from every slice store in ``slice_files`` into one file ``out_h5``
+    (the whole cohort in one process: tests and benchmarks; the pipeline runs :func:`plan_patches`
+    once and :func:`sample_scan_file` per scan, which gives the same patches scan by scan).
 
-    See the module docstring for the scheme and the file format. ``patch_size`` in pixels,
-    ``hard_negative_min_hu`` in HU. Returns a summary: ``n_patches``, a count per kind, and the
-    realised ``positive_fraction``. Raises InputError (naming the file) for a missing or malformed
-    slice store or a seriesuid found twice, ValueError (naming the ``sampling.*`` key) for a bad
-    setting — before anything is written.
+    ``settings``: the other ``sampling:`` keys (:func:`sample_scan`). Returns a summary:
+    ``n_patches``, a count per kind, and the realised ``positive_fraction``. Raises InputError
+    (naming the file) for a missing or malformed slice store or a seriesuid found twice,
+    ValueError (naming the ``sampling.*`` key) for a bad setting — before anything is written.
     """
-    _check_settings(patch_size, context, patches_per_scan, positive_fraction, hard_negative_fraction,
-                    jitter_fraction, thick_negative_fraction, thick_negative_sigma_mm, context_step)
-    planes = check_planes(planes, "sampling.planes")
-    scans = survey_slice_stores(slice_files)
-    counts = patch_counts([s["has_nodule"] for s in scans], patches_per_scan, positive_fraction)
-    n_total = sum(p + q for p, q in counts)
-    c = 2 * context + 1
+    check_settings(patches_per_scan=patches_per_scan, positive_fraction=positive_fraction, **settings)
+    plan = plan_counts(slice_files, patches_per_scan, positive_fraction)
     started = time.perf_counter()
-    log.info("sampling %d patches of %dx%d px, %d channel(s) %d slice(s) apart, %s planes, from %d scans "
-             "(%d with nodules); planned positive fraction %.4f", n_total, patch_size, patch_size, c,
-             context_step, "/".join(planes), len(scans),
-             sum(s["has_nodule"] for s in scans), sum(p for p, _ in counts) / max(n_total, 1))
-    import h5py
-
-    uid_len = max(len(s["seriesuid"].encode()) for s in scans)
-    tables: list[dict[str, np.ndarray]] = []
-    written = 0
-    with atomic_path(out_h5) as tmp:
-        with h5py.File(tmp, "w") as out:
-            datasets = {
-                name: out.create_dataset(name, shape=(n_total,) + shape, maxshape=(None,) + shape,
-                                         dtype=dtype, chunks=(1,) + shape, track_times=False, **COMPRESSION)
-                for name, shape, dtype in (("image", (c, patch_size, patch_size), np.int16),
-                                           ("mask", (patch_size, patch_size), np.uint8),
-                                           ("roi", (patch_size, patch_size), np.uint8))}
-            for i, (scan, (n_pos, n_neg)) in enumerate(zip(scans, counts), 1):
-                t0 = time.perf_counter()
-                patches, table = sample_scan(scan["path"], lung_roi=lung_roi, n_positive=n_pos,
-                                             n_negative=n_neg, patch_size=patch_size, context=context,
-                                             hard_negative_fraction=hard_negative_fraction,
-                                             hard_negative_min_hu=hard_negative_min_hu,
-                                             jitter_fraction=jitter_fraction, seed=seed, planes=planes,
-                                             thick_negative_fraction=thick_negative_fraction,
-                                             thick_negative_sigma_mm=thick_negative_sigma_mm,
-                                             context_step=context_step)
-                n = len(table["z"])
-                for name in PATCH_DATASETS:
-                    datasets[name][written:written + n] = patches[name]
-                written += n
-                tables.append(table)
-                got = {k: int(np.count_nonzero(table["kind"] == k)) for k in KINDS}
-                log.info("[%d/%d] %s: %d positive, %d hard negative, %d negative (%.2f s)", i, len(scans),
-                         scan["seriesuid"], got["positive"], got["hard_negative"], got["negative"],
-                         time.perf_counter() - t0)
-            for name in PATCH_DATASETS:
-                datasets[name].resize(written, axis=0)
-            table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
-            out.create_dataset("seriesuid", data=table["seriesuid"].astype(f"S{uid_len}"), track_times=False)
-            for axis in ("z", "y", "x"):
-                out.create_dataset(axis, data=table[axis].astype(np.int32), track_times=False)
-            out.create_dataset("kind", data=table["kind"].astype(f"S{max(len(k) for k in KINDS)}"),
-                               track_times=False)
-            out.create_dataset("plane", data=table["plane"].astype(f"S{max(len(p) for p in PLANES)}"),
-                               track_times=False)
-            attrs = {"context": int(context), "context_step": int(context_step), "patch_size": int(patch_size),
-                     "lung_roi": bool(lung_roi), "seed": int(seed), "patches_per_scan": int(patches_per_scan),
-                     "positive_fraction": float(positive_fraction),
-                     "hard_negative_fraction": float(hard_negative_fraction),
-                     "hard_negative_min_hu": float(hard_negative_min_hu),
-                     "jitter_fraction": float(jitter_fraction), "fill_hu": AIR_HU,
-                     "thick_negative_fraction": float(thick_negative_fraction),
-                     "thick_negative_sigma_mm": float(thick_negative_sigma_mm),
-                     "planes": ",".join(planes)}
-            for key, value in attrs.items():
-                out.attrs[key] = value
-    summary = {"n_patches": written, **{k: int(np.count_nonzero(table["kind"] == k)) for k in KINDS}}
-    summary["positive_fraction"] = summary["positive"] / max(written, 1)
-    if abs(summary["positive_fraction"] - positive_fraction) > 0.02:
-        log.warning("realised positive fraction %.4f differs from sampling.positive_fraction = %.4f: "
-                    "too few scans with nodules", summary["positive_fraction"], positive_fraction)
+    attrs = patch_file_attrs(lung_roi, patches_per_scan, positive_fraction, **settings)
+    with atomic_path(out_h5) as tmp, PatchWriter(tmp, attrs) as writer:
+        for i, row in enumerate(plan.itertuples(index=False), 1):
+            patches, table = sample_scan(row.path, lung_roi=lung_roi, n_positive=row.n_positive,
+                                         n_negative=row.n_negative, **settings)
+            writer.append(patches, table)
+            _log_scan(f"[{i}/{len(plan)}] {row.seriesuid}", table, time.perf_counter() - started)
+        summary = writer.summary()
+    _check_fraction(summary, positive_fraction)
     log.info("wrote %s: %d patches (%d positive = %.4f, %d hard negative, %d negative) in %.1f s", out_h5,
-             written, summary["positive"], summary["positive_fraction"], summary["hard_negative"],
+             summary["n_patches"], summary["positive"], summary["positive_fraction"], summary["hard_negative"],
              summary["negative"], time.perf_counter() - started)
     return summary
 
 
-def _check_settings(patch_size: int, context: int, patches_per_scan: int, positive_fraction: float,
-                    hard_negative_fraction: float, jitter_fraction: float, thick_negative_fraction: float,
-                    thick_negative_sigma_mm: float, context_step: int) -> None:
+def plan_counts(slice_files: Sequence[str | Path], patches_per_scan: int,
+                positive_fraction: float) -> pd.DataFrame:
+    """The cohort's patch plan: a frame ``seriesuid, path, has_nodule, n_positive, n_negative``, one
+    row per slice store in seriesuid order (:func:`survey_slice_stores`, :func:`patch_counts`)."""
+    scans = survey_slice_stores(slice_files)
+    counts = patch_counts([s["has_nodule"] for s in scans], patches_per_scan, positive_fraction)
+    plan = pd.DataFrame({"seriesuid": [s["seriesuid"] for s in scans], "path": [str(s["path"]) for s in scans],
+                         "has_nodule": [bool(s["has_nodule"]) for s in scans],
+                         "n_positive": [p for p, _ in counts], "n_negative": [q for _, q in counts]})
+    n_total = int(plan["n_positive"].sum() + plan["n_negative"].sum())
+    log.info("plan: %d patches from %d scans (%d with nodules); planned positive fraction %.4f", n_total,
+             len(plan), int(plan["has_nodule"].sum()), plan["n_positive"].sum() / max(n_total, 1))
+    return plan
+
+
+def plan_patches(slice_files: Sequence[str | Path], out_csv: str | Path, patches_per_scan: int,
+                 positive_fraction: float) -> pd.DataFrame:
+    """Stage ``plan_patches``: :func:`plan_counts` written to ``out_csv`` (atomically) as
+    ``seriesuid,has_nodule,n_positive,n_negative`` (:data:`PLAN_COLUMNS`). A cheap pass: it reads
+    each store's slice table, no volume. The per-scan jobs read their counts from it."""
+    check_settings(patches_per_scan=patches_per_scan, positive_fraction=positive_fraction)
+    plan = plan_counts(slice_files, patches_per_scan, positive_fraction)
+    write_csv_atomic(plan[list(PLAN_COLUMNS)], out_csv)
+    return plan
+
+
+def read_plan(path: str | Path) -> dict[str, tuple[int, int]]:
+    """seriesuid -> (n_positive, n_negative) from a plan file; InputError naming the file if it is
+    malformed."""
+    path = Path(path)
+    try:
+        plan = pd.read_csv(path, dtype={"seriesuid": str})
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the patch plan ({exc})") from exc
+    missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
+    if missing:
+        raise InputError(f"{path}: not a patch plan (missing column(s) {', '.join(missing)})")
+    counts = plan[["n_positive", "n_negative"]]
+    if counts.isna().any().any() or (counts < 0).any().any() or plan["seriesuid"].duplicated().any():
+        raise InputError(f"{path}: patch counts must be non-negative integers, one row per seriesuid")
+    return {str(u): (int(p), int(q)) for u, p, q in zip(plan["seriesuid"], plan["n_positive"], plan["n_negative"])}
+
+
+def sample_scan_file(slice_file: str | Path, out_h5: str | Path, lung_roi: bool, n_positive: int, n_negative: int,
+                     patches_per_scan: int = 160, positive_fraction: float = 0.5, **settings: Any) -> dict:
+    """Stage ``sample_patches`` for one scan: its ``n_positive`` + ``n_negative`` patches (counts from
+    the plan, :func:`read_plan`) written to ``out_h5`` in the patches-file format. The patches are
+    those :func:`sample_balanced_patches` gives this scan (same generator, same counts). Returns the
+    summary of the file (``n_patches``, a count per kind)."""
+    check_settings(patches_per_scan=patches_per_scan, positive_fraction=positive_fraction, **settings)
+    started = time.perf_counter()
+    patches, table = sample_scan(slice_file, lung_roi=lung_roi, n_positive=n_positive, n_negative=n_negative,
+                                 **settings)
+    attrs = patch_file_attrs(lung_roi, patches_per_scan, positive_fraction, **settings)
+    with atomic_path(out_h5) as tmp, PatchWriter(tmp, attrs) as writer:
+        writer.append(patches, table)
+        summary = writer.summary()
+    _log_scan(str(slice_file), table, time.perf_counter() - started)
+    return summary
+
+
+def _log_scan(label: str, table: Mapping[str, np.ndarray], seconds: float) -> None:
+    got = {k: int(np.count_nonzero(table["kind"] == k)) for k in KINDS}
+    log.info("%s: %d positive, %d hard negative, %d negative (%.2f s)", label, got["positive"],
+             got["hard_negative"], got["negative"], seconds)
+
+
+def _check_fraction(summary: Mapping[str, Any], positive_fraction: float) -> None:
+    if abs(summary["positive_fraction"] - positive_fraction) > 0.02:
+        log.warning("realised positive fraction %.4f differs from sampling.positive_fraction = %.4f: "
+                    "too few scans with nodules", summary["positive_fraction"], positive_fraction)
+
+
+def patch_file_attrs(lung_roi: bool, patches_per_scan: int, positive_fraction: float, patch_size: int = 64,
+                     context: int = 3, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
+                     jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
+                     thick_negative_fraction: float = 0.5, thick_negative_sigma_mm: float = 2.0,
+                     context_step: int = 2) -> dict[str, Any]:
+    """The attributes of a patches file: every sampling setting (what inference must repeat, and
+    what tells two files apart)."""
+    return {"context": int(context), "context_step": int(context_step), "patch_size": int(patch_size),
+            "lung_roi": bool(lung_roi), "seed": int(seed), "patches_per_scan": int(patches_per_scan),
+            "positive_fraction": float(positive_fraction),
+            "hard_negative_fraction": float(hard_negative_fraction),
+            "hard_negative_min_hu": float(hard_negative_min_hu),
+            "jitter_fraction": float(jitter_fraction), "fill_hu": AIR_HU,
+            "thick_negative_fraction": float(thick_negative_fraction),
+            "thick_negative_sigma_mm": float(thick_negative_sigma_mm),
+            "planes": ",".join(check_planes(planes, "sampling.planes"))}
+
+
+class PatchWriter:
+    """Appends patches to an open patches file (the format of the module docstring): datasets grow
+    scan by scan, the table is written on close. Use as a context manager on a temporary path."""
+
+    def __init__(self, path: str | Path, attrs: Mapping[str, Any]):
+        import h5py
+
+        self.file = h5py.File(path, "w")
+        c, size = 2 * int(attrs["context"]) + 1, int(attrs["patch_size"])
+        self.datasets = {
+            name: self.file.create_dataset(name, shape=(0,) + shape, maxshape=(None,) + shape, dtype=dtype,
+                                           chunks=(1,) + shape, track_times=False, **COMPRESSION)
+            for name, shape, dtype in (("image", (c, size, size), np.int16), ("mask", (size, size), np.uint8),
+                                       ("roi", (size, size), np.uint8))}
+        for key, value in attrs.items():
+            self.file.attrs[key] = value
+        self.tables: list[dict[str, np.ndarray]] = []
+        self.written = 0
+
+    def append(self, patches: Mapping[str, np.ndarray], table: Mapping[str, np.ndarray]) -> None:
+        n = len(table["z"])
+        for name in PATCH_DATASETS:
+            self.datasets[name].resize(self.written + n, axis=0)
+            self.datasets[name][self.written:self.written + n] = patches[name]
+        self.written += n
+        self.tables.append(dict(table))
+
+    def table(self) -> dict[str, np.ndarray]:
+        if not self.tables:
+            return {name: np.zeros(0, dtype=str if name in ("seriesuid", "kind", "plane") else np.int32)
+                    for name in TABLE_DATASETS}
+        return {k: np.concatenate([t[k] for t in self.tables]) for k in TABLE_DATASETS}
+
+    def summary(self) -> dict[str, Any]:
+        kinds = self.table()["kind"]
+        summary = {"n_patches": self.written, **{k: int(np.count_nonzero(kinds == k)) for k in KINDS}}
+        summary["positive_fraction"] = summary["positive"] / max(self.written, 1)
+        return summary
+
+    def __enter__(self) -> "PatchWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            if exc_info[0] is None:
+                table = self.table()
+                uid_len = max([len(u.encode()) for u in table["seriesuid"]] + [1])
+                self.file.create_dataset("seriesuid", data=table["seriesuid"].astype(f"S{uid_len}"),
+                                         track_times=False)
+                for axis in ("z", "y", "x"):
+                    self.file.create_dataset(axis, data=table[axis].astype(np.int32), track_times=False)
+                self.file.create_dataset("kind", data=table["kind"].astype(f"S{max(len(k) for k in KINDS)}"),
+                                         track_times=False)
+                self.file.create_dataset("plane", data=table["plane"].astype(f"S{max(len(p) for p in PLANES)}"),
+                                         track_times=False)
+        finally:
+            self.file.close()
+
+
+def check_settings(patch_size: int = 64, context: int = 3, patches_per_scan: int = 160,
+                   positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5, jitter_fraction: float = 0.35,
+                   thick_negative_fraction: float = 0.5, thick_negative_sigma_mm: float = 2.0, context_step: int = 2,
+                   planes: Sequence[str] = PLANES, **_other: Any) -> None:
+    """ValueError naming the ``sampling.*`` key of the first invalid setting."""
+    check_planes(planes, "sampling.planes")
     if int(patch_size) < 2:
         raise ValueError(f"sampling.patch_size = {patch_size}: must be at least 2 pixels")
     if int(context) < 0:

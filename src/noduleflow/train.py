@@ -1,7 +1,9 @@
 """Train one cross-validation fold's 2D U-Net on the balanced patches, resumably and reproducibly.
 
-Data: ``patches.h5`` (see :func:`noduleflow.sampling.load_patches`; image int16 HU
-(n, c, h, w), ``mask`` and ``roi`` (n, h, w)) and ``folds.csv`` (``seriesuid,fold``). The fold's
+Data: the scans' patches files (``patches/scans/{seriesuid}.h5``, or one ``patches.h5``; image
+int16 HU (n, c, h, w), ``mask`` and ``roi`` (n, h, w); :mod:`noduleflow.sampling`), read batch by
+batch (:class:`noduleflow.patchdata.PatchFile`: memory does not grow with the cohort), and
+``folds.csv`` (``seriesuid,fold``). The fold's
 *training scans* are all scans not in fold ``k`` (with ``training_scans: n``, ``n`` of them:
 :func:`training_subset`, the small-data experiment); a seeded inner split of them by scan
 (``validation_fraction``, stratified by whether a scan has positive patches) is the validation set
@@ -445,8 +447,8 @@ def _torch_settings(threads: int, device: torch.device, deterministic: bool = Tr
 # --------------------------------------------------------------------------- training
 
 
-def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_model: str | Path,
-               out_history: str | Path, checkpoint_dir: str | Path, threads: int = 1,
+def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str | Path, fold: int,
+               out_model: str | Path, out_history: str | Path, checkpoint_dir: str | Path, threads: int = 1,
                stop_after_epoch: int | None = None, preprocessing: Mapping[str, Any] | None = None,
                **train_cfg: Any) -> dict[str, Any]:
     """Train fold ``fold``'s U-Net; write ``out_model`` (model.pt) and ``out_history`` (CSV).
@@ -464,21 +466,22 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
     """
     cfg = resolve_config(train_cfg)
     fold = int(fold)
-    patches_path, checkpoint_dir = Path(patches_path), Path(checkpoint_dir)
+    checkpoint_dir = Path(checkpoint_dir)
     folds = read_folds(folds_path, fold)
     patch_file = PatchFile(patches_path)
+    where = patch_file.paths[0].parent if len(patch_file.paths) > 1 else patch_file.paths[0]
     patch_meta = patch_file.meta()
 
     patch_uids = patch_file.seriesuid
     fold_of = {str(u): int(k) for u, k in zip(folds["seriesuid"], folds["fold"])}
     unknown = sorted(set(patch_uids) - set(fold_of))
     if unknown:
-        log.warning("%d scan(s) in %s are not in %s and are not used (e.g. %s)", len(unknown), patches_path,
+        log.warning("%d scan(s) in %s are not in %s and are not used (e.g. %s)", len(unknown), where,
                     folds_path, unknown[0])
     train_scans = sorted({str(u) for u in patch_uids if u in fold_of and fold_of[u] != fold})
     heldout_scans = sorted({str(u) for u in patch_uids if fold_of.get(u) == fold})
     if len(train_scans) < 2:
-        raise InputError(f"{patches_path}: fold {fold} has {len(train_scans)} training scan(s) with patches; "
+        raise InputError(f"{where}: fold {fold} has {len(train_scans)} training scan(s) with patches; "
                          f"at least 2 are needed (one for the inner validation split)")
     has_positive = scans_with_nodule_pixels(patch_file, train_scans)
     train_scans = training_subset(train_scans, has_positive, cfg["training_scans"], int(cfg["seed"]), fold)
@@ -492,7 +495,7 @@ def train_fold(patches_path: str | Path, folds_path: str | Path, fold: int, out_
     channels, height, width = patch_file.image_shape[1:]
     depth = int(cfg["model"]["depth"])
     if width % 2 ** depth or height % 2 ** depth:
-        raise InputError(f"{patches_path}: patch size {(height, width)} is not divisible by "
+        raise InputError(f"{where}: patch size {(height, width)} is not divisible by "
                          f"2**train.model.depth = {2 ** depth}")
 
     device = select_device(cfg["device"])

@@ -234,8 +234,40 @@ def folds_file(wildcards):
     return f"{owner(wildcards, 'split_folds')}folds.csv"
 
 
-def patches_file(wildcards):
-    return f"{owner(wildcards, 'sample_patches')}patches/patches.h5"
+def scan_slice_file(wildcards):
+    """The slice store of one scan for this run."""
+    return f"{owner(wildcards, 'extract_slices')}slices/{wildcards.uid}.h5"
+
+
+def plan_params(wildcards):
+    """What the patch plan depends on: the patch count per scan and the positive share."""
+    sampling = RUNS[wildcards.prefix]["sampling"]
+    return {k: sampling[k] for k in ("patches_per_scan", "positive_fraction")}
+
+
+def planned_counts(wildcards):
+    """{n_positive, n_negative} of one scan, from the run's patch plan (a checkpoint: read once it
+    exists, so a scan is sampled again only when its own counts change)."""
+    from noduleflow.sampling import read_plan
+
+    plan = checkpoints.plan_patches.get(prefix=wildcards.prefix).output.plan
+    n_positive, n_negative = read_plan(plan)[wildcards.uid]
+    return {"n_positive": n_positive, "n_negative": n_negative}
+
+
+def patch_files(wildcards):
+    """Every scan's patches file for this run (training reads them batch by batch). Asking for the
+    plan checkpoint here makes Snakemake decide whether training reruns only after it has settled
+    which scans are sampled again (otherwise the not-yet-read counts of the first pass count as
+    changed and training would rerun every time)."""
+    return run_patch_files(wildcards.prefix)
+
+
+def run_patch_files(prefix):
+    """:func:`patch_files` of the run under ``prefix``."""
+    owner_prefix = stage_owner(RUNS, prefix, "sample_patches")
+    checkpoints.plan_patches.get(prefix=owner_prefix)
+    return [f"{owner_prefix}patches/scans/{u}.h5" for u in UIDS]
 
 
 def model_file(wildcards):

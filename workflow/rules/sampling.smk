@@ -24,23 +24,54 @@ rule split_folds:
         "../scripts/split_folds.py"
 
 
-rule sample_patches:
+checkpoint plan_patches:
     input:
         slices=slice_files,
     output:
-        patches="{prefix}patches/patches.h5",
+        plan="{prefix}patches/plan.csv",
     params:
-        cfg=params_of("sample_patches"),
+        cfg=plan_params,
         code=code_digest("sample_patches"),
     log:
-        "{prefix}logs/sample_patches.log",
+        "{prefix}logs/plan_patches.log",
     benchmark:
-        "{prefix}benchmarks/sample_patches.tsv"
+        "{prefix}benchmarks/plan_patches.tsv"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/plan_patches.py"
+
+
+rule sample_patches:
+    input:
+        # the plan's date does not matter: a scan is resampled when its counts (params) change
+        plan=lambda wc: ancient(f"{wc.prefix}patches/plan.csv"),
+        slices=scan_slice_file,
+    output:
+        patches="{prefix}patches/scans/{uid}.h5",
+    params:
+        cfg=params_of("sample_patches"),
+        counts=planned_counts,
+        code=code_digest("sample_patches"),
+    log:
+        "{prefix}logs/sample_patches/{uid}.log",
+    benchmark:
+        "{prefix}benchmarks/sample_patches/{uid}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/preprocess.yaml"
     script:
         "../scripts/sample_patches.py"
+
+
+rule patches:
+    """Target: every scan's training patches (base run): preprocessing, the plan and the sampling."""
+    input:
+        lambda wc: run_patch_files(BASE_PREFIX),

@@ -3,7 +3,7 @@
 
 rule train:
     input:
-        patches=patches_file,
+        patches=patch_files,
         folds=folds_file,
     output:
         model="{prefix}models/fold{k}/model.pt",
