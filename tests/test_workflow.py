@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from workflow_helpers import (REPO_ROOT, TINY_CONFIG, TINY_MIN_POOLED_CPM, deep_update, planned_jobs, planned_rules,
-                              snakemake, write_config)
+from workflow_helpers import (REPO_ROOT, TINY_CONFIG, TINY_MIN_POOLED_CPM, copy_workflow, deep_update, planned_jobs,
+                              planned_rules, snakemake, write_config)
 
 pytestmark = pytest.mark.e2e
 
@@ -212,3 +212,19 @@ def test_documented_experiment_commands_name_the_target_before_configfile():
     assert len(commands) >= 3
     for command in commands:
         assert "experiments" not in command[command.index("--configfile") + 1:], " ".join(command)
+
+
+def test_volumes_not_kept_are_deleted_once_the_slice_stores_are_built(tmp_path):
+    """preprocess.keep_volumes: false (LUNA16 scale): resampled/ and lungmask/ volumes are Snakemake
+    temp files; the slice stores, which every later stage reads, stay."""
+    from noduleflow.runconfig import ConfigError, check_config
+
+    workdir = copy_workflow(tmp_path / "wf")
+    config = deep_update(TINY_CONFIG, {"synthetic": {"n_scans": 3}, "preprocess": {"keep_volumes": False}})
+    write_config(workdir, config)
+    snakemake(workdir, "preprocess", "--cores", "2", "--configfile", "tiny.yaml")
+    results = workdir / "results"
+    assert len(list((results / "slices").glob("*.h5"))) == 3
+    assert not list((results / "resampled").glob("*.mha")) and not list((results / "lungmask").glob("*.mha"))
+    with pytest.raises(ConfigError, match="experiments.x may not set preprocess.keep_volumes"):
+        check_config({"experiments": {"x": {"preprocess": {"keep_volumes": True}}}})

@@ -89,6 +89,9 @@ def check_config(config: Mapping, where: str = "config") -> None:
         if "experiments" in override or "synthetic" in override or "dataset" in override:
             raise ConfigError(f"{where}: experiments.{name} may not override 'experiments', 'synthetic' "
                               f"or 'dataset' (every experiment runs on the same data)")
+        if "keep_volumes" in override.get("preprocess", {}):
+            raise ConfigError(f"{where}: experiments.{name} may not set preprocess.keep_volumes (what is kept on "
+                              f"disk is set once, in the base configuration)")
 
 
 def run_configs(config: Mapping) -> dict[str, dict]:

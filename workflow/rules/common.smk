@@ -204,6 +204,12 @@ def annotation_rows(wildcards):
     return ANNOTATION_ROWS.get(wildcards.uid, [])
 
 
+def volume(path):
+    """An intermediate volume that only the slice store reads: kept, or temp() (deleted once the
+    slice store is built, rebuilt when a later change needs it) with preprocess.keep_volumes false."""
+    return path if config["preprocess"]["keep_volumes"] else temp(path)
+
+
 def resampled(wildcards, kind=""):
     return f"{owner(wildcards, 'resample')}resampled/{wildcards.uid}{kind}.mha"
 

@@ -5,8 +5,8 @@ rule resample:
     input:
         unpack(resample_inputs),
     output:
-        image="{prefix}resampled/{uid}.mha",
-        labels="{prefix}resampled/{uid}_nodules.mha",
+        image=volume("{prefix}resampled/{uid}.mha"),
+        labels=volume("{prefix}resampled/{uid}_nodules.mha"),
     params:
         cfg=params_of("resample"),
         nodules=annotation_rows,
@@ -29,7 +29,7 @@ rule lung_mask:
     input:
         image=lambda wc: resampled(wc),
     output:
-        mask="{prefix}lungmask/{uid}.mha",
+        mask=volume("{prefix}lungmask/{uid}.mha"),
     params:
         cfg=params_of("lung_mask"),
         code=code_digest("lung_mask"),
