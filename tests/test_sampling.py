@@ -440,8 +440,9 @@ def test_a_malformed_plan_is_an_error_naming_it(tmp_path):
 
     bad = tmp_path / "plan.csv"
     bad.write_text("seriesuid,n_positive\n1.1,3\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"plan\.csv: not a patch plan .*has_nodule"):
+    with pytest.raises(InputError, match=r"plan\.csv: missing column\(s\) has_nodule"):
         read_plan(bad)
-    bad.write_text("seriesuid,has_nodule,n_positive,n_negative\n1.1,True,-1,3\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"plan\.csv: patch counts"):
-        read_plan(bad)
+    for row in ("1.1,True,-1,3", "1.1,True,two,3", "1.1,True,1.5,3"):
+        bad.write_text(f"seriesuid,has_nodule,n_positive,n_negative\n{row}\n", encoding="utf-8")
+        with pytest.raises(InputError, match=r"plan\.csv: patch counts"):
+            read_plan(bad)

@@ -53,6 +53,7 @@ from noduleflow.io import (
     read_annotations,
     read_candidates,
     read_image,
+    read_uid_table,
     write_csv_atomic,
 )
 from noduleflow.predict import heldout_slice_paths, read_threshold
@@ -233,20 +234,7 @@ def _evaluation(froc: FrocResult, n_candidates: int, scans: pd.DataFrame,
 
 
 def _read_csv(path: str | Path, what: str, columns: Sequence[str]) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: {what} not found")
-    try:
-        frame = pd.read_csv(path, dtype={"seriesuid": str}, index_col=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: malformed CSV: {str(exc).strip()}") from exc
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(columns)}")
-    if frame["seriesuid"].isna().any():
-        raise InputError(f"{path}: empty seriesuid")
-    frame["seriesuid"] = frame["seriesuid"].str.strip()
-    return frame
+    return read_uid_table(path, columns, not_found=f"{what} not found")
 
 
 def read_scan_table(path: str | Path) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from noduleflow.io import InputError, read_annotations, write_csv_atomic
+from noduleflow.io import InputError, read_annotations, read_uid_table, write_csv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -226,19 +226,7 @@ def read_fold_uids(path: str | Path, fold: int) -> list[str]:
 
 
 def _read_csv(path: Path, columns: Sequence[str], key: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise InputError(f"{path}: file not found ({key})")
-    try:
-        frame = pd.read_csv(path, dtype={"seriesuid": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: malformed CSV: {str(exc).strip()}") from exc
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected header {','.join(columns)}")
-    if frame["seriesuid"].isna().any():
-        row = int(np.flatnonzero(frame["seriesuid"].isna().to_numpy())[0])
-        raise InputError(f"{path}: line {row + 2}: empty seriesuid")
-    frame["seriesuid"] = frame["seriesuid"].str.strip()
+    frame = read_uid_table(path, columns, not_found=f"file not found ({key})")
     duplicated = frame["seriesuid"].duplicated()
     if duplicated.any():
         raise InputError(f"{path}: seriesuid {frame['seriesuid'][duplicated].iloc[0]} is listed twice")

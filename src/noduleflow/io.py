@@ -350,10 +350,15 @@ def read_candidates(path: str | Path) -> pd.DataFrame:
     return _read_table(path, CANDIDATE_COLUMNS, None, False)
 
 
-def _read_table(path: str | Path, columns: list[str], diameter: str | None, allow_unknown: bool) -> pd.DataFrame:
+def read_uid_table(path: str | Path, columns: Sequence[str], not_found: str = "file not found") -> pd.DataFrame:
+    """A CSV with a ``seriesuid`` column and at least ``columns``; ``seriesuid`` as stripped strings.
+
+    InputError naming the file when it is missing (``"{path}: {not_found}"``), malformed (a row with
+    more fields than the header included), lacks one of ``columns`` or has an empty seriesuid (its
+    line number)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: {not_found}")
     try:
         # index_col=False: rows with more fields than the header must not silently shift the
         # columns (pandas would otherwise turn the first fields into an index)
@@ -367,8 +372,15 @@ def _read_table(path: str | Path, columns: list[str], diameter: str | None, allo
         raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected header "
                          f"{','.join(columns)} (found {','.join(map(str, frame.columns))})")
     if frame["seriesuid"].isna().any():
-        row = int(frame.index[frame["seriesuid"].isna()][0]) + 2
+        row = int(np.flatnonzero(frame["seriesuid"].isna().to_numpy())[0]) + 2
         raise InputError(f"{path}: line {row}: empty seriesuid")
+    frame["seriesuid"] = frame["seriesuid"].str.strip()
+    return frame
+
+
+def _read_table(path: str | Path, columns: list[str], diameter: str | None, allow_unknown: bool) -> pd.DataFrame:
+    path = Path(path)
+    frame = read_uid_table(path, columns)
     for column in columns[1:]:
         values = pd.to_numeric(frame[column], errors="coerce")
         bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))

@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 from noduleflow.intensity import AIR_HU, BODY_MIN_HU, apply_roi
-from noduleflow.io import InputError, atomic_path, open_h5, write_csv_atomic
+from noduleflow.io import InputError, atomic_path, open_h5, read_uid_table, write_csv_atomic
 from noduleflow.planes import PLANES, check_planes, context_offsets, indices_from_plane, split_count, to_plane
 
 log = logging.getLogger(__name__)
@@ -146,18 +146,12 @@ def plan_patches(slice_files: Sequence[str | Path], out_csv: str | Path, patches
 def read_plan(path: str | Path) -> dict[str, tuple[int, int]]:
     """seriesuid -> (n_positive, n_negative) from a plan file; InputError naming the file if it is
     malformed."""
-    path = Path(path)
-    try:
-        plan = pd.read_csv(path, dtype={"seriesuid": str})
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read the patch plan ({exc})") from exc
-    missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
-    if missing:
-        raise InputError(f"{path}: not a patch plan (missing column(s) {', '.join(missing)})")
-    counts = plan[["n_positive", "n_negative"]]
-    if counts.isna().any().any() or (counts < 0).any().any() or plan["seriesuid"].duplicated().any():
+    plan = read_uid_table(path, PLAN_COLUMNS, not_found="patch plan not found")
+    counts = plan[["n_positive", "n_negative"]].apply(pd.to_numeric, errors="coerce")
+    if (counts.isna().any().any() or (counts < 0).any().any() or (counts != counts.round()).any().any()
+            or plan["seriesuid"].duplicated().any()):
         raise InputError(f"{path}: patch counts must be non-negative integers, one row per seriesuid")
-    return {str(u): (int(p), int(q)) for u, p, q in zip(plan["seriesuid"], plan["n_positive"], plan["n_negative"])}
+    return {str(u): (int(p), int(q)) for u, p, q in zip(plan["seriesuid"], counts["n_positive"], counts["n_negative"])}
 
 
 def sample_scan_file(slice_file: str | Path, out_h5: str | Path, lung_roi: bool, n_positive: int, n_negative: int,
