@@ -5,7 +5,8 @@ cohort of N scans with a small matrix (``--matrix`` in-plane voxels, default 128
 at coarser pixels, so a run takes minutes) up to fold 0's evaluation: every per-scan stage for every
 scan, the patch plan, fold 0's training (``--epochs``), prediction on its held-out scans and its
 evaluation. Snakemake's benchmark files give each job's wall seconds and peak resident memory
-(``max_rss``); the table shows per stage and N: the number of jobs, the summed job seconds, the
+(``max_rss``); the table shows per stage and N: the number of jobs, the summed job CPU seconds
+(``cpu_time``: unlike wall seconds, it does not grow when other work shares the cores), the
 largest job's peak RSS (MiB), and the disk written per scan by the per-scan stages (MiB).
 
 The line that matters for LUNA16: training reads its patches batch by batch
@@ -55,8 +56,9 @@ def run_cohort(workdir: Path, n_scans: int, matrix: int, epochs: int, cores: int
     (workdir / "scale.yaml").write_text(yaml.safe_dump(overrides), encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", "scale.yaml",
-                           "results/reports/fold0/metrics.json"], cwd=workdir, env=env,
+    # the target goes before --configfile, which takes every word after it as a config file
+    done = subprocess.run([sys.executable, "-m", "snakemake", "results/reports/fold0/metrics.json", "--cores",
+                           str(cores), "--configfile", "scale.yaml"], cwd=workdir, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         raise SystemExit(f"snakemake failed for N = {n_scans}:\n{done.stdout[-3000:]}")
@@ -70,11 +72,12 @@ def stage_costs(workdir: Path) -> pd.DataFrame:
     for tsv in root.rglob("*.tsv"):
         stage = tsv.relative_to(root).parts[0].removesuffix(".tsv")
         table = pd.read_csv(tsv, sep="\t")
-        rows.append({"stage": stage, "seconds": float(table["s"].iloc[0]),
-                     "max_rss_mib": float(pd.to_numeric(table["max_rss"], errors="coerce").fillna(0).iloc[0])})
+        number = lambda column: float(pd.to_numeric(table[column], errors="coerce").fillna(0).iloc[0])  # noqa: E731
+        rows.append({"stage": stage, "seconds": number("s"), "cpu_seconds": number("cpu_time"),
+                     "max_rss_mib": number("max_rss")})
     frame = pd.DataFrame(rows)
     return frame.groupby("stage").agg(jobs=("seconds", "size"), seconds=("seconds", "sum"),
-                                      max_rss_mib=("max_rss_mib", "max"))
+                                      cpu_seconds=("cpu_seconds", "sum"), max_rss_mib=("max_rss_mib", "max"))
 
 
 def disk_per_scan(workdir: Path, n_scans: int) -> dict[str, float]:
@@ -112,14 +115,15 @@ def main() -> None:
                           "sample_patches", "train", "predict", "evaluate") if any(s in c.index for c in costs.values())]
     print(f"\n{args.matrix}x{args.matrix} synthetic scans, fold 0 of 5, {args.epochs} epoch(s), "
           f"--cores {args.cores}\n")
-    header = "| stage | " + " | ".join(f"N={n}: jobs, s, RSS MiB" for n in args.sizes) + " |"
+    header = "| stage | " + " | ".join(f"N={n}: jobs, CPU s, RSS MiB" for n in args.sizes) + " |"
     print(header)
     print("|" + "---|" * (len(args.sizes) + 1))
     for stage in stages:
         cells = []
         for n in args.sizes:
             row = costs[n].loc[stage] if stage in costs[n].index else None
-            cells.append("-" if row is None else f"{int(row['jobs'])}, {row['seconds']:.0f}, {row['max_rss_mib']:.0f}")
+            cells.append("-" if row is None else
+                         f"{int(row['jobs'])}, {row['cpu_seconds']:.0f}, {row['max_rss_mib']:.0f}")
         print(f"| {stage} | " + " | ".join(cells) + " |")
     print("| wall (whole run) | " + " | ".join(f"{walls[n]:.0f} s" for n in args.sizes) + " |")
     print("\ndisk per scan (MiB): " + "; ".join(

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from noduleflow.io import Geometry
-from noduleflow.sampling import load_patches, patch_counts, sample_balanced_patches, thick_structures
+from noduleflow.patchplan import patch_counts
+from noduleflow.sampling import load_patches, sample_balanced_patches, thick_structures
 from noduleflow.slices import slice_table_of
 
 SPACING = (1.0, 1.0, 1.0)
@@ -397,7 +398,8 @@ def test_per_scan_files_hold_exactly_the_patches_of_the_cohort_file(stores, tmp_
     """The pipeline samples one file per scan from the cohort's plan; read as one sequence they are
     the single-file sampling, patch for patch (so training on them gives the same model)."""
     from noduleflow.patchdata import PatchFile
-    from noduleflow.sampling import plan_patches, read_plan, sample_scan_file
+    from noduleflow.patchplan import plan_patches, read_plan
+    from noduleflow.sampling import sample_scan_file
 
     settings = dict(patch_size=32, context=1, context_step=1, hard_negative_fraction=0.5, hard_negative_min_hu=-500,
                     jitter_fraction=0.35, seed=3)
@@ -436,7 +438,7 @@ def test_patch_files_sampled_with_other_settings_are_refused(stores, tmp_path):
 
 def test_a_malformed_plan_is_an_error_naming_it(tmp_path):
     from noduleflow.io import InputError
-    from noduleflow.sampling import read_plan
+    from noduleflow.patchplan import read_plan
 
     bad = tmp_path / "plan.csv"
     bad.write_text("seriesuid,n_positive\n1.1,3\n", encoding="utf-8")

@@ -45,6 +45,7 @@ STAGE_ENTRY: dict[str, str] = {
     "lung_mask": "lungmask",
     "extract_slices": "slices",
     "split_folds": "folds",
+    "plan_patches": "patchplan",
     "sample_patches": "sampling",
     "train": "train",
     "predict": "predict",

@@ -31,7 +31,7 @@ checkpoint plan_patches:
         plan="{prefix}patches/plan.csv",
     params:
         cfg=plan_params,
-        code=code_digest("sample_patches"),
+        code=code_digest("plan_patches"),
     log:
         "{prefix}logs/plan_patches.log",
     benchmark:
