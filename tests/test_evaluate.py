@@ -10,6 +10,8 @@ import pytest
 
 from noduleflow.evaluate import (NODULE_COLUMNS, SCAN_COLUMNS, evaluate_fold, evaluate_from_tables, evaluate_scans,
                                   evaluate_scans_detail, pixel_counts, read_nodule_table, read_scan_table)
+from noduleflow.crops import CANDIDATE_ROW, CROP_COLUMNS, select_findings, with_candidate_rows
+from noduleflow.froc import compute_froc
 from noduleflow.io import Geometry, InputError, read_annotations, read_candidates, voxel_to_world, write_image
 
 GEOMETRY = Geometry(spacing=(1.0, 1.0, 1.0), origin=(10.0, -20.0, 30.0))
@@ -126,6 +128,43 @@ def test_evaluate_fold_numbers_and_files(fold_case):
     assert list(froc.columns) == ["fps_per_scan", "sensitivity", "threshold"]
     assert froc["fps_per_scan"].max() == pytest.approx(1.0)
     assert out["out_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_fold_draws_the_crops_the_report_may_show(fold_case):
+    """crops.csv beside metrics.json: nodule 2 of 1.1 (missed), then the false positives by
+    probability: 1.1's blob (row 1 of candidates.csv, p 0.39) and 2.2's candidate (row 2, p 0.2);
+    one PNG each in crops/."""
+    _, out = run_fold(fold_case)
+    folder = out["out_metrics"].parent
+    index = pd.read_csv(folder / "crops.csv", dtype={"seriesuid": str})
+    assert index.columns.tolist() == CROP_COLUMNS
+    assert index["seriesuid"].tolist() == ["1.1", "1.1", "2.2"]
+    assert index["kind"].tolist() == ["missed", "false_positive", "false_positive"]
+    assert index["nodule_id"].tolist()[0] == 2 and index["nodule_id"][1:].isna().all()
+    assert np.isnan(index["candidate"][0]) and index["candidate"].tolist()[1:] == [1, 2]
+    w2, blob = voxel_to_world((9, 22, 22), GEOMETRY), voxel_to_world((12.5, 20.5, 8.5), GEOMETRY)
+    np.testing.assert_allclose(index[["coordX", "coordY", "coordZ"]].to_numpy(), [w2, blob, [0.0, 0.0, 0.0]])
+    assert index["diameter_mm"].tolist() == [4.0, 2.5, 3.0]
+    assert np.isnan(index["probability"][0]) and index["probability"].tolist()[1:] == pytest.approx([100 / 255, 0.2])
+    assert sorted(p.name for p in (folder / "crops").iterdir()) == sorted(index["file"])
+    assert all((folder / "crops" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in index["file"])
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]     # no temporary folder left
+
+
+def test_crops_cover_the_top_false_positives_and_their_ties(fold_case):
+    """A fold draws its false positives down to the n-th highest probability, ties included, so the
+    report's n highest over all folds are drawn whatever the order of equal probabilities."""
+    t = fold_case["tmp"]
+    candidates = with_candidate_rows(pd.DataFrame(
+        [("2.2", 0.0, 0.0, float(z), p, 3.0) for z, p in enumerate([0.2, 0.9, 0.5, 0.5, 0.1])],
+        columns=["seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm"]))
+    froc = compute_froc(read_annotations(t / "annotations.csv").iloc[0:0], candidates, ["2.2"], bootstrap=0)
+    top = select_findings(froc.nodules, froc.candidates, n=1)
+    assert top["candidate"].tolist() == [1] and top["kind"].tolist() == ["false_positive"]
+    assert select_findings(froc.nodules, froc.candidates, n=2)["candidate"].tolist() == [1, 2, 3]
+    assert select_findings(froc.nodules, froc.candidates, n=3)["candidate"].tolist() == [1, 2, 3]
+    assert select_findings(froc.nodules, froc.candidates, n=12)["candidate"].tolist() == [1, 2, 3, 0, 4]
+    assert CANDIDATE_ROW in froc.candidates.columns
 
 
 def t_scans(out):

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from noduleflow import evaluate as nf_evaluate
-from noduleflow import report as nf_report
+from noduleflow import io as nf_io
+from noduleflow.crops import CROP_COLUMNS, GALLERY_SIZE, crop_png, with_candidate_rows, write_crops
 from noduleflow.evaluate import SCAN_COLUMNS, evaluate_scans_detail
 from noduleflow.froc import write_json_atomic
 from noduleflow.io import Geometry, InputError, read_annotations, read_candidates, write_csv_atomic, write_image
@@ -70,8 +71,9 @@ FOLD_METRICS = [
 
 def make_run(root: Path, settings: dict | None = None) -> dict:
     """A finished run's inputs to the report: 3 scans, folds {A, C} and {B}. Each fold's
-    metrics.json is hand-made; its scans.csv and nodules.csv are what evaluate writes (measured
-    from the fold's volumes with evaluate_scans_detail, as evaluate_fold does).
+    metrics.json is hand-made; its scans.csv, nodules.csv, crops/ and crops.csv are what evaluate
+    writes (measured and drawn from the fold's volumes with evaluate_scans_detail, as evaluate_fold
+    does).
 
     A: nodule 1 (radius 3 voxels) predicted exactly, candidate p=0.9 on it (detected, Dice 1).
     B: no nodule; a 2x2x2 false blob and candidate p=0.7 (false positive).
@@ -118,9 +120,12 @@ def make_run(root: Path, settings: dict | None = None) -> dict:
         metrics_paths.append(report_dir / "metrics.json")
     for k in (0, 1):
         ev = _from_volumes(candidate_paths, root / "folds.csv", sorted((root / "slices").glob("*.h5")),
-                           root / "annotations.csv", [u for u, f in fold_of.items() if f == k], bootstrap=0)
+                           root / "annotations.csv", [u for u, f in fold_of.items() if f == k], bootstrap=0,
+                           crops=GALLERY_SIZE)
         write_csv_atomic(ev.scans[SCAN_COLUMNS], root / "reports" / f"fold{k}" / "scans.csv")
         write_csv_atomic(ev.nodules, root / "reports" / f"fold{k}" / "nodules.csv")
+        write_crops(ev.crops, ev.crop_pngs, root / "reports" / f"fold{k}" / "crops",
+                    root / "reports" / f"fold{k}" / "crops.csv")
     truth = {u: s[0] for u, s in scans.items()}
     pred = {u: s[1] for u, s in scans.items()}
     return {"metrics": metrics_paths, "candidates": candidate_paths, "folds": root / "folds.csv",
@@ -128,16 +133,17 @@ def make_run(root: Path, settings: dict | None = None) -> dict:
             "truth": truth, "pred": pred, "reports": root / "reports"}
 
 
-def _from_volumes(candidate_paths, folds_path, slices, annotations_path, uids, bootstrap):
+def _from_volumes(candidate_paths, folds_path, slices, annotations_path, uids, bootstrap, crops=None):
     """What the report computed before it pooled evaluate's rows: the scans ``uids`` measured from
-    their probability volumes and slice stores (each scan with its fold's volume and threshold)."""
+    their probability volumes and slice stores (each scan with its fold's volume and threshold);
+    with ``crops``, the crops evaluate draws (a candidate known by its row in its candidates.csv)."""
     folds = pd.read_csv(folds_path, dtype={"seriesuid": str})
     fold_of = dict(zip(folds["seriesuid"], folds["fold"]))
-    candidates = pd.concat([read_candidates(p) for p in candidate_paths], ignore_index=True)
+    candidates = pd.concat([with_candidate_rows(read_candidates(p)) for p in candidate_paths], ignore_index=True)
     probabilities = {u: Path(candidate_paths[fold_of[u]]).parent / "probabilities" / f"{u}.mha" for u in uids}
     return evaluate_scans_detail(candidates, probabilities, {Path(p).name[:-3]: p for p in slices},
                                  read_annotations(annotations_path), None, uids, bootstrap=bootstrap, seed=0,
-                                 dice_margin_mm=5, threshold=None)
+                                 dice_margin_mm=5, threshold=None, crops=crops)
 
 
 def pooled_from_volumes(run: dict, bootstrap: int, tmp: Path) -> dict:
@@ -157,7 +163,7 @@ def same(a, b) -> bool:
 
 def run_report(run: dict, bootstrap: int = 20) -> pd.DataFrame:
     out = run["reports"]
-    return build_report(run["metrics"], run["candidates"], run["folds"], run["slices"], run["annotations"],
+    return build_report(run["metrics"], run["candidates"], run["folds"], run["annotations"],
                         out_summary=out / "summary.csv", out_plot=out / "froc.png", out_html=out / "report.html",
                         bootstrap=bootstrap, seed=0, dice_margin_mm=5)
 
@@ -254,54 +260,131 @@ def test_pooled_numbers_are_exactly_those_of_the_volumes_evaluated_together(repo
     assert written["fold"].tolist() == [0, 0]
 
 
-def test_report_numbers_read_no_volume_and_crops_read_only_what_they_show(tmp_path, monkeypatch):
-    """With every probability volume deleted and the volume readers of evaluate broken, the pooled
-    numbers still come out, unchanged; the crops read each scan's store and volume at most once,
-    only for the scans and slices they show."""
+def _gallery_images(html_text: str) -> list[tuple[str, bytes]]:
+    """(alt, PNG bytes) of every crop figure of a report.html, in the page's order."""
+    parser = _Collector()
+    parser.feed(html_text)
+    prefix = "data:image/png;base64,"
+    return [(a["alt"], base64.b64decode(a["src"][len(prefix):])) for t, a in parser.tags
+            if t == "img" and a.get("class") is None and a.get("src", "").startswith(prefix)]
+
+
+def delete_volumes(run: dict) -> None:
+    root = run["reports"].parent
+    for path in [*(root / "predictions").glob("fold*/probabilities/*.mha"), *(root / "slices").glob("*.h5")]:
+        path.unlink()
+
+
+def test_report_reads_no_probability_volume_nor_slice_store(tmp_path, monkeypatch):
+    """With every probability volume and slice store deleted after evaluate, and every volume and
+    slice store reader broken, the report has the same numbers and its crop gallery: C's missed
+    nodule, then the false positives of B (p 0.7) and C (p 0.6), the PNGs evaluate drew."""
     run = make_run(tmp_path / "run")
     expected = pooled_from_volumes(run, 0, tmp_path)
+    delete_volumes(run)
 
     def no_volume(*args, **kwargs):
-        raise AssertionError("the report read a volume for its numbers")
-    monkeypatch.setattr(nf_evaluate, "read_probability", no_volume)
-    monkeypatch.setattr(nf_evaluate, "read_truth", no_volume)
-    store_reads, prob_reads = [], []
-    store_slices, prob_slices = nf_report._store_slices, nf_report._probability_slices
+        raise AssertionError("the report read a volume or a slice store")
+    for module, name in ((nf_evaluate, "read_probability"), (nf_evaluate, "read_truth"), (nf_io, "open_h5"),
+                         (nf_io, "read_image")):
+        monkeypatch.setattr(module, name, no_volume)
+    import noduleflow.crops as nf_crops
+    monkeypatch.setattr(nf_crops, "open_h5", no_volume)
 
-    def counted_store(store, centers):
-        geometry, slices = store_slices(store, centers)
-        store_reads.append((store.name[:-3], sorted(z for z, *_ in slices)))
-        return geometry, slices
-
-    def counted_prob(path, zs):
-        zs = list(zs)
-        prob_reads.append((path.name[:-4], sorted(zs)))
-        return prob_slices(path, zs)
-    monkeypatch.setattr(nf_report, "_store_slices", counted_store)
-    monkeypatch.setattr(nf_report, "_probability_slices", counted_prob)
-
-    run_report(run, bootstrap=0)
-    # the crops: C's missed nodule and FP, B's FP (all at z = 4); A has nothing to show
-    assert sorted(store_reads) == [("1.2.826.B", [4]), ("1.2.826.C", [4, 4])]
-    assert sorted(prob_reads) == [("1.2.826.B", [4]), ("1.2.826.C", [4, 4])]
-    metrics = json.loads((run["reports"] / POOLED_METRICS).read_text(encoding="utf-8"))
-    metrics.pop("settings")
-    assert metrics == expected
-
-    # no probability volume at all: the same numbers, the crops without a prediction outline
-    for path in (run["reports"].parent / "predictions").glob("fold*/probabilities/*.mha"):
-        path.unlink()
-    store_reads.clear(), prob_reads.clear()
-    summary_before = (run["reports"] / "summary.csv").read_text(encoding="utf-8")
-    (run["reports"] / "summary.csv").unlink()
     run_report(run, bootstrap=0)
     metrics = json.loads((run["reports"] / POOLED_METRICS).read_text(encoding="utf-8"))
     metrics.pop("settings")
     assert metrics == expected
-    assert (run["reports"] / "summary.csv").read_text(encoding="utf-8") == summary_before
-    assert prob_reads == [] and len(store_reads) == 2
-    html_text = (run["reports"] / "report.html").read_text(encoding="utf-8")
-    assert "p=0.700" in html_text and "p=0.600" in html_text and "nodule 1, 4.0 mm" in html_text
+    gallery = _gallery_images((run["reports"] / "report.html").read_text(encoding="utf-8"))
+    assert [alt for alt, _ in gallery] == ["1.2.826.C nodule 1, 4.0 mm", "1.2.826.B p=0.700, Ø 2.5 mm",
+                                           "1.2.826.C p=0.600, Ø 2.5 mm"]
+    drawn = {}
+    for k in (0, 1):
+        index = pd.read_csv(run["reports"] / f"fold{k}" / "crops.csv", dtype={"seriesuid": str})
+        for _, r in index.iterrows():
+            drawn[(r["seriesuid"], r["kind"])] = (run["reports"] / f"fold{k}" / "crops" / r["file"]).read_bytes()
+    assert [png for _, png in gallery] == [drawn[("1.2.826.C", "missed")], drawn[("1.2.826.B", "false_positive")],
+                                           drawn[("1.2.826.C", "false_positive")]]
+    assert all(png.startswith(PNG_MAGIC) for _, png in gallery)
+
+
+def test_crops_are_the_pictures_the_report_drew_from_the_volumes(reported):
+    """The gallery's PNGs are exactly those drawn from the slice store and probability volume (as
+    the report drew them before): the slice through the finding, its label and the prediction
+    p > 0.5 outlined, the false positive's circle."""
+    gallery = dict(_gallery_images((reported["reports"] / "report.html").read_text(encoding="utf-8")))
+    z, spacing = 4, GEOMETRY.spacing
+    image_c = np.where(reported["truth"]["1.2.826.C"], 40, -800).astype(np.int16)[z]
+    labels_c = reported["truth"]["1.2.826.C"].astype(np.uint8)[z]
+    pred_c = reported["pred"]["1.2.826.C"][z]
+    assert gallery["1.2.826.C nodule 1, 4.0 mm"] == crop_png(image_c, labels_c, pred_c, (4.0, 20.0, 20.0), spacing,
+                                                              2.0, "missed #1 (4.0 mm)", label_id=1)
+    assert gallery["1.2.826.C p=0.600, Ø 2.5 mm"] == crop_png(image_c, labels_c, pred_c, (3.5, 6.5, 24.5), spacing,
+                                                               1.25, "FP p=0.600", circle_mm=1.25)
+    empty = np.zeros(SHAPE[1:], np.uint8)
+    assert gallery["1.2.826.B p=0.700, Ø 2.5 mm"] == crop_png(
+        np.full(SHAPE[1:], -800, np.int16), empty, reported["pred"]["1.2.826.B"][z], (3.5, 8.5, 8.5), spacing, 1.25,
+        "FP p=0.700", circle_mm=1.25)
+
+
+def test_crop_index_of_each_fold(reported):
+    """crops.csv: every missed nodule and false positive of the fold, its id, place and file."""
+    fold0 = pd.read_csv(reported["reports"] / "fold0" / "crops.csv", dtype={"seriesuid": str})
+    assert fold0.columns.tolist() == CROP_COLUMNS
+    assert fold0[["seriesuid", "kind", "nodule_id", "candidate"]].astype(object).where(fold0.notna(), None
+                                                                                     ).values.tolist() == [
+        ["1.2.826.C", "missed", 1, None], ["1.2.826.C", "false_positive", None, 1]]
+    assert fold0[["coordX", "coordY", "coordZ"]].values.tolist() == [list(_world(4, 20, 20)),
+                                                                      list(_world(3.5, 6.5, 24.5))]
+    assert fold0["diameter_mm"].tolist() == [4.0, 2.5]
+    assert np.isnan(fold0["probability"][0]) and fold0["probability"][1] == 0.6
+    fold1 = pd.read_csv(reported["reports"] / "fold1" / "crops.csv", dtype={"seriesuid": str})
+    assert fold1[["seriesuid", "kind", "candidate", "probability"]].values.tolist() == [
+        ["1.2.826.B", "false_positive", 0, 0.7]]
+    for k, index in ((0, fold0), (1, fold1)):
+        folder = reported["reports"] / f"fold{k}" / "crops"
+        assert sorted(p.name for p in folder.iterdir()) == sorted(index["file"])
+        assert all((folder / name).read_bytes().startswith(PNG_MAGIC) for name in index["file"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("delete_index", r"fold1.crops\.csv: crop index .* not found"),
+    ("bad_kind", r"fold0.crops\.csv: line 2: kind must be"),
+    ("bad_id", r"fold0.crops\.csv: line 2: nodule_id of a missed row must be a whole number"),
+    ("missing_column", r"fold0.crops\.csv: missing column\(s\) file"),
+    ("stale_row", r"fold0.crops\.csv: no crop of the false positive \(candidates.csv row 1\) of scan 1\.2\.826\.C"),
+    ("moved_row", r"fold1.crops\.csv: the crop of the false positive .* at another place"),
+    ("delete_png", r"fold0.crops.0000_missed\.png: crop image not found"),
+    ("not_png", r"fold0.crops.0000_missed\.png: not a PNG"),
+])
+def test_bad_or_missing_crop_index_is_named_before_any_output(tmp_path, damage, message):
+    run = make_run(tmp_path / "run")
+    reports = run["reports"]
+    index = reports / "fold0" / "crops.csv"
+    table = pd.read_csv(index, dtype=str, keep_default_na=False)
+    if damage == "delete_index":
+        (reports / "fold1" / "crops.csv").unlink()
+    elif damage == "bad_kind":
+        table.loc[0, "kind"] = "nodule"
+        table.to_csv(index, index=False)
+    elif damage == "bad_id":
+        table.loc[0, "nodule_id"] = "one"
+        table.to_csv(index, index=False)
+    elif damage == "missing_column":
+        table.drop(columns="file").to_csv(index, index=False)
+    elif damage == "stale_row":
+        table.iloc[:1].to_csv(index, index=False)
+    elif damage == "moved_row":
+        other = pd.read_csv(reports / "fold1" / "crops.csv", dtype=str, keep_default_na=False)
+        other.loc[0, "coordX"] = str(float(other.loc[0, "coordX"]) + 3)
+        other.to_csv(reports / "fold1" / "crops.csv", index=False)
+    elif damage == "delete_png":
+        (reports / "fold0" / "crops" / "0000_missed.png").unlink()
+    elif damage == "not_png":
+        (reports / "fold0" / "crops" / "0000_missed.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match=message):
+        run_report(run, bootstrap=0)
+    assert not any((reports / name).exists() for name in ("summary.csv", "report.html", POOLED_METRICS))
 
 
 def test_stale_per_scan_rows_are_named_before_any_output(tmp_path):
@@ -387,16 +470,9 @@ def test_missing_input_raises_before_any_output(tmp_path):
                    for name in ("summary.csv", "froc.png", "report.html", POOLED_FROC, POOLED_METRICS))
 
 
-def test_missing_slice_store_is_named(tmp_path):
-    run = make_run(tmp_path / "run")
-    run["slices"] = [p for p in run["slices"] if "B" not in p.name]
-    with pytest.raises(InputError, match="1.2.826.B"):
-        run_report(run, bootstrap=0)
-    assert not (run["reports"] / "summary.csv").exists()
-
-
 def test_report_reads_the_evaluate_rules_real_outputs(tmp_path):
-    """Fold rows from metrics.json as noduleflow.evaluate writes them (fold 1 has no nodule)."""
+    """Fold rows from metrics.json as noduleflow.evaluate writes them (fold 1 has no nodule), and
+    the crops it drew, with every probability volume and slice store deleted after it."""
     from noduleflow.evaluate import evaluate_fold
 
     run = make_run(tmp_path / "run")
@@ -407,9 +483,12 @@ def test_report_reads_the_evaluate_rules_real_outputs(tmp_path):
                       out_froc=fold_dir / "froc.csv", out_nodules=fold_dir / "nodules.csv",
                       out_plot=fold_dir / "froc.png", bootstrap=0, seed=0, dice_margin_mm=5)
     expected = pooled_from_volumes(run, 0, tmp_path)
-    for path in (tmp_path / "run" / "predictions").glob("fold*/probabilities/*.mha"):
-        path.unlink()              # evaluate has measured them; the report's numbers do not need them
+    delete_volumes(run)            # evaluate has measured them and drawn the crops; the report needs neither
     summary = run_report(run, bootstrap=0).set_index("fold")
+    gallery = _gallery_images((run["reports"] / "report.html").read_text(encoding="utf-8"))
+    assert [alt for alt, _ in gallery] == ["1.2.826.C nodule 1, 4.0 mm", "1.2.826.B p=0.700, Ø 2.5 mm",
+                                           "1.2.826.C p=0.600, Ø 2.5 mm"]
+    assert all(png.startswith(PNG_MAGIC) for _, png in gallery)
     pooled = json.loads((run["reports"] / POOLED_METRICS).read_text(encoding="utf-8"))
     pooled.pop("settings")
     assert pooled == expected

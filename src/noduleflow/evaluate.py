@@ -14,7 +14,10 @@ order among its scan's annotation rows, from 1.
 
 Per-scan and per-nodule rows are written beside ``metrics.json`` (``scans.csv``, ``nodules.csv``) so
 that the pooled report (:func:`evaluate_from_tables`) sums them instead of reading every probability
-volume and slice store a second time.
+volume and slice store a second time. So are the image crops the report's gallery may show (the
+``crops/`` folder and its index ``crops.csv``, :mod:`noduleflow.crops`): drawn here, from the
+volumes already in memory (and the image slices through the findings), so the report reads no
+probability volume and no slice store at all.
 
 ``scans.csv`` columns (:data:`SCAN_COLUMNS`), one row per evaluated scan in the fold's order:
 ``seriesuid``; ``n_nodules`` (its annotation rows); ``has_label`` (it has nodule label voxels: the
@@ -37,13 +40,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from noduleflow.crops import (CANDIDATE_ROW, GALLERY_SIZE, render_crops, select_findings, with_candidate_rows,
+                               write_crops)
 from noduleflow.froc import FPS_POINTS, FrocResult, compute_froc, froc_figure, result_curve, write_json_atomic
 from noduleflow.io import (
     Geometry,
@@ -86,6 +91,10 @@ class Evaluation:
     nodules: pd.DataFrame         # NODULE_COLUMNS
     scans: pd.DataFrame           # SCAN_COLUMNS, one row per scan
     pixel: PixelCounts            # summed over the scans
+    #: the findings drawn (:func:`noduleflow.crops.select_findings`; None: none asked for) and
+    #: their PNGs by row position
+    crops: pd.DataFrame | None = None
+    crop_pngs: dict[int, bytes] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- per scan
@@ -143,10 +152,13 @@ def evaluate_scans_detail(candidates_df: pd.DataFrame, probability_paths: Mappin
                           slice_paths: Mapping[str, str | Path], annotations_df: pd.DataFrame,
                           excluded_df: pd.DataFrame | None, uids: Sequence[str], bootstrap: int = 1000,
                           seed: int = 0, dice_margin_mm: float = 5.0,
-                          threshold: float | None = None) -> Evaluation:
+                          threshold: float | None = None, crops: int | None = None) -> Evaluation:
     """Evaluate the scans ``uids``: FROC (annotations/candidates of other scans are ignored), Dice
     per nodule and per scan, pixel counts. ``threshold`` None: each probability volume's folder's
-    ``threshold.json`` (see :func:`noduleflow.predict.read_threshold`)."""
+    ``threshold.json`` (see :func:`noduleflow.predict.read_threshold`). ``crops`` (a gallery size
+    n): also draw the crops of every missed nodule and of the false positives down to the n-th
+    highest probability (:func:`noduleflow.crops.select_findings`; a candidate is identified by its
+    row in ``candidates_df`` unless it has a :data:`noduleflow.crops.CANDIDATE_ROW` column)."""
     uids = list(dict.fromkeys(uids))
     if not uids:
         raise InputError("evaluate: no scans to evaluate")
@@ -155,10 +167,15 @@ def evaluate_scans_detail(candidates_df: pd.DataFrame, probability_paths: Mappin
         if missing:
             raise InputError(f"evaluate: scan {missing[0]} has no {name} ({len(missing)} missing)")
     wanted = set(uids)
+    if crops is not None and CANDIDATE_ROW not in candidates_df.columns:
+        candidates_df = with_candidate_rows(candidates_df)
     annotations = annotations_df[annotations_df["seriesuid"].isin(wanted)]
     candidates = candidates_df[candidates_df["seriesuid"].isin(wanted)]
     excluded = excluded_df[excluded_df["seriesuid"].isin(wanted)] if excluded_df is not None else None
     froc = compute_froc(annotations, candidates, uids, excluded=excluded, bootstrap=bootstrap, seed=seed)
+    findings = (select_findings(froc.nodules, froc.candidates, crops).reset_index(drop=True)
+                if crops is not None else None)
+    crop_pngs: dict[int, bytes] = {}
 
     n_annot = annotations.groupby("seriesuid").size().to_dict()
     thresholds: dict[Path, float] = {}
@@ -181,13 +198,20 @@ def evaluate_scans_detail(candidates_df: pd.DataFrame, probability_paths: Mappin
         for nid, value in nodule_dice(pred, labels, geometry.spacing, dice_margin_mm, ids).items():
             dice_by_nodule[(uid, nid)] = value
         counts = count_pixels(pred, labels > 0, evaluated_slices(lung, labels))
+        if findings is not None:
+            mine = findings[findings["seriesuid"] == uid]
+            for position, png in zip(mine.index, render_crops(mine, slice_paths[uid], labels, pred.__getitem__,
+                                                              geometry)):
+                crop_pngs[int(position)] = png
         scan_rows.append({"seriesuid": uid, "n_nodules": int(n_annot.get(uid, 0)),
                           "has_label": bool(labels.any()), "dice": scan_dice(pred, labels),
                           **counts.as_dict(), "threshold": t})
         if i % 10 == 0 or i == len(uids):
             log.info("segmentation metrics: %d/%d scans (%.1f s)", i, len(uids), time.perf_counter() - started)
     scans = pd.DataFrame(scan_rows, columns=SCAN_COLUMNS)
-    return _evaluation(froc, int(len(candidates)), scans, dice_by_nodule, bootstrap, seed, dice_margin_mm)
+    ev = _evaluation(froc, int(len(candidates)), scans, dice_by_nodule, bootstrap, seed, dice_margin_mm)
+    ev.crops, ev.crop_pngs = findings, crop_pngs
+    return ev
 
 
 def _evaluation(froc: FrocResult, n_candidates: int, scans: pd.DataFrame,
@@ -357,11 +381,15 @@ def evaluate_fold(candidates_path: str | Path, probabilities_dir: str | Path, fo
                   slice_files: Sequence[str | Path], annotations_path: str | Path,
                   excluded_path: str | Path | None = None, *, out_metrics: str | Path, out_froc: str | Path,
                   out_nodules: str | Path, out_plot: str | Path, out_scans: str | Path | None = None,
+                  out_crops: str | Path | None = None, out_crops_index: str | Path | None = None,
                   bootstrap: int = 1000, seed: int = 0, dice_margin_mm: float = 5.0) -> dict:
     """Evaluate fold ``fold``: writes ``metrics.json``, ``froc.csv``, ``nodules.csv``, ``scans.csv``
-    (``out_scans``; None: beside ``out_metrics``) and ``froc.png`` (formats in the project contract
-    and the module docstring). Every input is read and checked before anything is written;
-    ``metrics.json`` is written last."""
+    (``out_scans``), ``froc.png``, and the crops the report may show: the folder ``out_crops``
+    with their PNGs and its index ``out_crops_index`` (:mod:`noduleflow.crops`; the report's
+    gallery size :data:`noduleflow.crops.GALLERY_SIZE`) (formats in the project contract and the
+    module docstrings; ``out_scans``/``out_crops``/``out_crops_index`` None: ``scans.csv``,
+    ``crops/``, ``crops.csv`` beside ``out_metrics``). Every input is read and checked before
+    anything is written; ``metrics.json`` is written last."""
     stores = heldout_slice_paths(folds_path, fold, slice_files)
     uids = list(stores)
     annotations = read_annotations(annotations_path)
@@ -383,13 +411,18 @@ def evaluate_fold(candidates_path: str | Path, probabilities_dir: str | Path, fo
     log.info("fold %d: %d scans, %d nodules, %d candidates, threshold %s, bootstrap %d",
              fold, len(uids), int(annotations["seriesuid"].isin(uids).sum()),
              int(candidates["seriesuid"].isin(uids).sum()), threshold, bootstrap)
-    ev = evaluate_scans_detail(candidates, probabilities, stores, annotations, excluded, uids,
-                               bootstrap=bootstrap, seed=seed, dice_margin_mm=dice_margin_mm, threshold=threshold)
+    ev = evaluate_scans_detail(with_candidate_rows(candidates), probabilities, stores, annotations, excluded, uids,
+                               bootstrap=bootstrap, seed=seed, dice_margin_mm=dice_margin_mm, threshold=threshold,
+                               crops=GALLERY_SIZE)
     metrics = {"fold": int(fold), **ev.metrics}
     write_csv_atomic(ev.froc.curve_frame(), out_froc)
     write_csv_atomic(ev.nodules, out_nodules)
     out_scans = out_scans if out_scans is not None else Path(out_metrics).parent / "scans.csv"
     write_csv_atomic(ev.scans[SCAN_COLUMNS], out_scans)
+    out_crops = out_crops if out_crops is not None else Path(out_metrics).parent / "crops"
+    out_crops_index = out_crops_index if out_crops_index is not None else Path(out_metrics).parent / "crops.csv"
+    write_crops(ev.crops, ev.crop_pngs, out_crops, out_crops_index)
+    log.info("fold %d: %d crops (missed nodules, false positives) in %s", fold, len(ev.crops), out_crops)
     plot_froc(out_plot, [(f"fold {fold}", ev.froc)], title=f"FROC, fold {fold} ({len(uids)} scans, "
                                                             f"{ev.froc.n_nodules} nodules)")
     write_json_atomic(metrics, out_metrics)

@@ -1,18 +1,19 @@
 """The run's report: every fold, the pooled out-of-fold result, mean and sd over folds.
 
 :func:`build_report` is the ``report`` rule. Inputs are the per-fold outputs of ``evaluate``
-(``reports/fold{k}/metrics.json`` with ``froc.csv``, ``scans.csv`` and ``nodules.csv`` beside it),
-the per-fold outputs of ``predict`` (``predictions/fold{k}/candidates.csv`` with ``threshold.json``
-and ``probabilities/{uid}.mha`` beside it), ``folds.csv``, the slice stores and the annotations.
+(``reports/fold{k}/metrics.json`` with ``froc.csv``, ``scans.csv``, ``nodules.csv``, ``crops.csv``
+and the ``crops/`` folder beside it), the per-fold candidates of ``predict``
+(``predictions/fold{k}/candidates.csv``; the settings it recorded are read from
+``probabilities/threshold.json`` beside it), ``folds.csv`` and the annotations.
 
-Numbers never come from a volume: ``evaluate`` already measured every scan once, and the pooled
-result is computed from what it saved (:func:`noduleflow.evaluate.evaluate_from_tables`): the
-FROC from the candidates and annotations, the pixel counts summed over the folds' ``scans.csv``
-rows, the Dice per scan and per nodule from ``scans.csv`` and ``nodules.csv``. The probability
-volumes and slice stores are read only for the crops the page shows (:func:`_crops`): per scan with
-a crop, its slice store's slices through the findings shown and one read of its probability volume
-(only the z range of those slices where the format allows); a volume that is missing only loses the
-crops' prediction outline.
+No probability volume and no slice store is read: ``evaluate`` already measured every scan once,
+and the pooled result is computed from what it saved (:func:`noduleflow.evaluate.evaluate_from_tables`):
+the FROC from the candidates and annotations, the pixel counts summed over the folds' ``scans.csv``
+rows, the Dice per scan and per nodule from ``scans.csv`` and ``nodules.csv``. The crops the page
+shows were drawn by ``evaluate`` too (:mod:`noduleflow.crops`): the report picks the findings it
+shows (:func:`_gallery`) and embeds their PNGs from the folds' ``crops/`` folders, found through
+``crops.csv``; a finding shown without a crop, or a crop that does not match it, is an error naming
+the index.
 
 Outputs (all written atomically, after every input has been read and checked):
 
@@ -43,15 +44,13 @@ Files written beside ``summary.csv`` for later stages (not read by anything else
 
 Crops show one axial slice through the finding's centre, HU window [-1000, 400]: the nodule's label
 outline (green), the model's prediction outline at the run's threshold (orange), and for false
-positives a circle of the candidate's equivalent diameter (yellow). World mm (x, y, z) are mapped
-to voxels (z, y, x) with the slice store's geometry.
+positives a circle of the candidate's equivalent diameter (yellow) (:func:`noduleflow.crops.crop_png`).
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io as _stdio
 import json
 import logging
 import math
@@ -61,20 +60,14 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+# CROP_HALF_MM, CROP_WINDOW_HU, figure_png: also used through this module by casepage and experiments
+from noduleflow.crops import (CANDIDATE_ROW, CROP_HALF_MM, CROP_WINDOW_HU, FALSE_POSITIVE, GALLERY_SIZE,  # noqa: F401
+                              MISSED, false_positive_order, figure_png, missed_order, read_crop_index, read_crop_png,
+                              with_candidate_rows)
 from noduleflow.folds import read_folds
 from noduleflow.froc import FPS_LABELS, FPS_POINTS, froc_figure, result_curve, write_json_atomic
-from noduleflow.io import (
-    Geometry,
-    InputError,
-    atomic_path,
-    open_h5,
-    read_annotations,
-    read_candidates,
-    world_to_voxel,
-    write_csv_atomic,
-    write_text_atomic,
-)
-from noduleflow.predict import paths_by_uid
+from noduleflow.io import (InputError, atomic_path, read_annotations, read_candidates, write_csv_atomic,
+                           write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -88,27 +81,14 @@ _CI_COLUMNS = ["cpm_ci_low", "cpm_ci_high"]
 POOLED_FROC = "froc_pooled.csv"
 POOLED_NODULES = "nodules_pooled.csv"
 POOLED_METRICS = "metrics_pooled.json"
-#: crops shown per group (missed nodules, false positives)
-MAX_CROPS = 12
-#: HU window of the crops
-CROP_WINDOW_HU = (-1000.0, 400.0)
-#: half width of a crop: max(CROP_HALF_MM, 2.5 x finding radius), mm
-CROP_HALF_MM = 24.0
-#: circle radius for a candidate without a diameter, mm
-DEFAULT_CANDIDATE_RADIUS_MM = 3.0
+#: crops shown per group (missed nodules, false positives); evaluate draws what this many may need
+MAX_CROPS = GALLERY_SIZE
 #: diameter bins (mm) of the per-nodule table
 SIZE_BINS_MM = (0.0, 6.0, 10.0, 20.0, math.inf)
 
 
 # =========================================================================== shared helpers
 # (also used by noduleflow.experiments)
-
-
-def figure_png(fig, dpi: int = 110) -> bytes:
-    """PNG bytes of a matplotlib Figure."""
-    buffer = _stdio.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
 
 
 def data_uri(png: bytes) -> str:
@@ -283,144 +263,53 @@ def read_curve(path: str | Path) -> pd.DataFrame | None:
     return frame
 
 
-def _store_slices(store: Path, centers_xyz: Sequence[Sequence[float]]
-                  ) -> tuple[Geometry, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]]:
-    """(geometry, per centre (z index, image slice HU (y, x), nodule label slice (y, x), voxel
-    (z, y, x))) of the axial slices through ``centers_xyz`` (world mm): only those slices are read
-    from the slice store (one chunk each), the store opened once."""
-    with open_h5(store) as f:
-        geometry = Geometry.from_attrs(f.attrs)
-        nz = f["image"].shape[0]
-        out = []
-        for center in centers_xyz:
-            voxel = world_to_voxel(np.asarray(center, dtype=float), geometry)
-            z = int(np.clip(np.rint(voxel[0]), 0, nz - 1))
-            out.append((z, f["image"][z], f["nodule"][z], voxel))
-        return geometry, out
-
-
-def _probability_slices(path: Path, zs: Iterable[int]) -> tuple[tuple[int, int], dict[int, np.ndarray]]:
-    """((ny, nx), {z: probability slice (y, x)}) of a probability volume for the axial slices ``zs``
-    (those inside it), in one read of the z range they span (SimpleITK reads only that range of an
-    uncompressed file; a compressed one is inflated once)."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    if reader.GetDimension() != 3:
-        raise ValueError(f"expected a 3-D image, got {reader.GetDimension()}-D")
-    nx, ny, nz = (int(v) for v in reader.GetSize())
-    zs = sorted({int(z) for z in zs if 0 <= int(z) < nz})
-    if not zs:
-        return (ny, nx), {}
-    z0, z1 = zs[0], zs[-1]
-    reader.SetExtractIndex([0, 0, z0])
-    reader.SetExtractSize([nx, ny, z1 - z0 + 1])
-    slab = sitk.GetArrayFromImage(reader.Execute()).reshape(z1 - z0 + 1, ny, nx)
-    return (ny, nx), {z: slab[z - z0] for z in zs}
-
-
-def crop_png(image: np.ndarray, labels: np.ndarray, predicted: np.ndarray | None, voxel_zyx: Sequence[float],
-             spacing_xyz: Sequence[float], radius_mm: float, title: str, label_id: int | None = None,
-             circle_mm: float | None = None) -> bytes:
-    """PNG of a square crop of one axial slice (``image`` HU (y, x)) around ``voxel_zyx``.
-
-    Outlines: ``labels == label_id`` (or any label when ``label_id`` is None) in green, the bool
-    ``predicted`` slice in orange, a circle of radius ``circle_mm`` in yellow when given."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Ellipse
-
-    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
-    half_mm = max(CROP_HALF_MM, 2.5 * float(radius_mm))
-    cy, cx = float(voxel_zyx[1]), float(voxel_zyx[2])
-    hy, hx = int(math.ceil(half_mm / sy)), int(math.ceil(half_mm / sx))
-    ny, nx = image.shape
-    y0, y1 = max(0, int(round(cy)) - hy), min(ny, int(round(cy)) + hy + 1)
-    x0, x1 = max(0, int(round(cx)) - hx), min(nx, int(round(cx)) + hx + 1)
-    fig = Figure(figsize=(2.2, 2.2))
-    ax = fig.add_axes((0, 0, 1, 0.88))
-    ax.set_axis_off()
-    if y1 > y0 and x1 > x0:
-        extent = (x0 - 0.5, x1 - 0.5, y1 - 0.5, y0 - 0.5)
-        ax.imshow(image[y0:y1, x0:x1], cmap="gray", vmin=CROP_WINDOW_HU[0], vmax=CROP_WINDOW_HU[1],
-                  extent=extent, interpolation="nearest", aspect=sy / sx)
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        truth = labels[y0:y1, x0:x1]
-        truth = truth == label_id if label_id is not None else truth > 0
-        if truth.any() and not truth.all():
-            ax.contour(xx, yy, truth.astype(float), levels=[0.5], colors=["lime"], linewidths=1.2)
-        if predicted is not None:
-            pred = predicted[y0:y1, x0:x1]
-            if pred.any() and not pred.all():
-                ax.contour(xx, yy, pred.astype(float), levels=[0.5], colors=["orange"], linewidths=1.0,
-                           linestyles="dashed")
-        if circle_mm is not None:
-            ax.add_patch(Ellipse((cx, cy), 2 * circle_mm / sx, 2 * circle_mm / sy, fill=False,
-                                 edgecolor="yellow", lw=1.2))
-        ax.set_xlim(x0 - 0.5, x1 - 0.5)
-        ax.set_ylim(y1 - 0.5, y0 - 0.5)
-    fig.text(0.5, 0.99, title, ha="center", va="top", fontsize=7)
-    return figure_png(fig, dpi=90)
-
-
-def _crops(groups: Mapping[str, pd.DataFrame], stores: Mapping[str, Path], probabilities: Mapping[str, Path],
-           thresholds: Mapping[str, float]) -> dict[str, list[tuple[bytes, str]]]:
-    """(png, caption) per finding row of each group, in the rows' order. ``groups``: kind ->
-    findings, kind "missed" (rows of nodules: nodule_id, diameter_mm) or "fp" (rows of candidates:
-    probability, diameter_mm optional).
-
-    Display only, no number of the report comes from here. What is read is bounded by the crops
-    shown: per scan with a finding, its slice store once (the slices through its findings) and its
-    probability volume once (:func:`_probability_slices`), whatever the number of findings and
-    groups. A missing slice store skips the scan's crops; a missing or unreadable probability
-    volume only drops the prediction outline."""
-    findings = [(kind, idx, row) for kind, frame in groups.items() for idx, row in frame.iterrows()]
-    by_scan: dict[str, list] = {}
-    for item in findings:
-        by_scan.setdefault(str(item[2]["seriesuid"]), []).append(item)
-    out: dict[tuple[str, object], tuple[bytes, str]] = {}
-    for uid, items in by_scan.items():
-        store = stores.get(uid)
-        if store is None or not Path(store).is_file():
-            log.warning("no slice store for %s: its crops are skipped", uid)
-            continue
-        centers = [(float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])) for _, _, r in items]
-        geometry, slices = _store_slices(Path(store), centers)
-        prob_slices: dict[int, np.ndarray] = {}
-        prob_path = probabilities.get(uid)
-        if prob_path is not None and Path(prob_path).is_file():
-            try:
-                shape, prob_slices = _probability_slices(Path(prob_path), [z for z, *_ in slices])
-                if shape != tuple(slices[0][1].shape):
-                    log.warning("%s: slices %s differ from the slice store's %s; no prediction outline",
-                                prob_path, shape, tuple(slices[0][1].shape))
-                    prob_slices = {}
-            except Exception as exc:  # a crop outline is not worth failing the report for
-                log.warning("%s: probability volume unreadable (%s); no prediction outline", prob_path, exc)
-        else:
-            log.warning("no probability volume for %s: its crops have no prediction outline", uid)
-        for (kind, idx, row), (z, image, labels, voxel) in zip(items, slices):
-            predicted = None
-            if z in prob_slices:
-                p = prob_slices[z]
-                p = p.astype(np.float64) / 255.0 if p.dtype == np.uint8 else p.astype(np.float64)
-                predicted = p > thresholds.get(uid, 0.5)
+def _gallery(groups: Mapping[str, pd.DataFrame], indexes: Sequence[pd.DataFrame], index_paths: Sequence[Path],
+             fold_of: Mapping[str, int]) -> dict[str, list[tuple[bytes, str]]]:
+    """(png, caption) per finding row of each group, in the rows' order, from the crops ``evaluate``
+    drew. ``groups``: kind -> findings, :data:`noduleflow.crops.MISSED` (rows of nodules:
+    nodule_id, coordinates, diameter_mm) or :data:`noduleflow.crops.FALSE_POSITIVE` (rows of the
+    FROC's candidates: the candidate's row in its fold's candidates.csv, coordinates, probability,
+    diameter_mm optional). ``indexes``/``index_paths``: fold k's ``crops.csv`` (read) and its path;
+    the PNGs are in the ``crops/`` folder beside it. A finding without a row in its fold's index, or
+    whose row disagrees with it (a stale index), is an InputError naming the index; a missing or
+    broken PNG one naming the PNG."""
+    lookup = {}
+    for k, index in enumerate(indexes):
+        for _, r in index.iterrows():
+            ident = int(r["nodule_id"]) if r["kind"] == MISSED else int(r["candidate"])
+            lookup[(r["kind"], str(r["seriesuid"]), ident)] = (k, r)
+    out: dict[str, list[tuple[bytes, str]]] = {}
+    for kind, frame in groups.items():
+        out[kind] = []
+        for _, row in frame.iterrows():
+            uid = str(row["seriesuid"])
+            k = int(fold_of[uid])
+            if kind == MISSED:
+                ident, what = int(row["nodule_id"]), f"missed nodule {int(row['nodule_id'])} of scan {uid}"
+            else:
+                ident = int(row[CANDIDATE_ROW])
+                what = f"false positive (candidates.csv row {ident}) of scan {uid}"
+            found = lookup.get((kind, uid, ident))
+            if found is None or found[0] != k:
+                raise InputError(f"{index_paths[k]}: no crop of the {what} (is it older than the fold's "
+                                 "evaluation?)")
+            entry = found[1]
+            xyz = [float(row[c]) for c in ("coordX", "coordY", "coordZ")]
+            same = np.allclose(xyz, [float(entry[c]) for c in ("coordX", "coordY", "coordZ")], rtol=0, atol=1e-3)
+            if kind != MISSED:
+                same = same and math.isclose(float(row["probability"]), float(entry["probability"]), abs_tol=1e-9)
+            if not same:
+                raise InputError(f"{index_paths[k]}: the crop of the {what} is at another place or probability "
+                                 "than the finding (is it older than the candidates or annotations?)")
+            png = read_crop_png(Path(index_paths[k]).parent / "crops" / entry["file"])
             short = short_uid(uid, 12)
-            if kind == "missed":
-                radius = float(row["diameter_mm"]) / 2.0
+            if kind == MISSED:
                 caption = f"{short} nodule {int(row['nodule_id'])}, {float(row['diameter_mm']):.1f} mm"
-                png = crop_png(image, labels, predicted, voxel, geometry.spacing, radius,
-                               f"missed #{int(row['nodule_id'])} ({float(row['diameter_mm']):.1f} mm)",
-                               label_id=int(row["nodule_id"]))
             else:
                 d = float(row.get("diameter_mm", float("nan"))) if "diameter_mm" in row else float("nan")
-                radius = d / 2.0 if d > 0 else DEFAULT_CANDIDATE_RADIUS_MM
                 caption = f"{short} p={float(row['probability']):.3f}, Ø {fmt(d, 1)} mm"
-                png = crop_png(image, labels, predicted, voxel, geometry.spacing, radius,
-                               f"FP p={float(row['probability']):.3f}", label_id=None, circle_mm=radius)
-            out[(kind, idx)] = (png, caption)
-    return {kind: [out[(kind, i)] for i in frame.index if (kind, i) in out] for kind, frame in groups.items()}
+            out[kind].append((png, caption))
+    return out
 
 
 def _crop_gallery(crops: list[tuple[bytes, str]], empty: str) -> str:
@@ -566,19 +455,20 @@ def _settings_section(settings: Mapping[str, Mapping], evaluate_params: Mapping)
 
 
 def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence[str | Path],
-                 folds_path: str | Path, slice_files: Sequence[str | Path], annotations_path: str | Path,
+                 folds_path: str | Path, annotations_path: str | Path,
                  excluded_path: str | Path | None = None, *, out_summary: str | Path, out_plot: str | Path,
                  out_html: str | Path, scans_paths: Sequence[str | Path] | None = None,
-                 nodules_paths: Sequence[str | Path] | None = None, bootstrap: int = 1000, seed: int = 0,
-                 dice_margin_mm: float = 5.0) -> pd.DataFrame:
+                 nodules_paths: Sequence[str | Path] | None = None, crops_paths: Sequence[str | Path] | None = None,
+                 bootstrap: int = 1000, seed: int = 0, dice_margin_mm: float = 5.0) -> pd.DataFrame:
     """Write ``summary.csv``, ``froc.png``, ``report.html`` and the pooled files beside summary.csv
     (see the module docstring). ``metrics_paths``/``candidates_paths``/``scans_paths``/
-    ``nodules_paths``: fold k's files at index k (``scans_paths``/``nodules_paths`` None: the
-    ``scans.csv``/``nodules.csv`` beside each ``metrics.json``). ``bootstrap``/``seed``: the pooled
-    result's intervals; ``dice_margin_mm``: recorded in the settings (the per-nodule Dice in
-    ``nodules.csv`` was measured with the evaluate rule's, the same config value). Returns the
-    summary frame. Every input is read and checked before any output; no probability volume or
-    slice store is read for the numbers (only for the crops shown, :func:`_crops`)."""
+    ``nodules_paths``/``crops_paths``: fold k's files at index k (``scans_paths``/``nodules_paths``/
+    ``crops_paths`` None: the ``scans.csv``/``nodules.csv``/``crops.csv`` beside each
+    ``metrics.json``; a ``crops.csv``'s PNGs are in the ``crops/`` folder beside it).
+    ``bootstrap``/``seed``: the pooled result's intervals; ``dice_margin_mm``: recorded in the
+    settings (the per-nodule Dice in ``nodules.csv`` was measured with the evaluate rule's, the same
+    config value). Returns the summary frame. Every input is read and checked before any output; no
+    probability volume or slice store is read (the crops shown were drawn by evaluate, :func:`_gallery`)."""
     from noduleflow.evaluate import evaluate_from_tables, read_nodule_table, read_scan_table
 
     if len(metrics_paths) == 0:
@@ -589,7 +479,9 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
                    else list(scans_paths))
     nodules_paths = ([Path(p).parent / "nodules.csv" for p in metrics_paths] if nodules_paths is None
                      else list(nodules_paths))
-    for name, paths in (("scans.csv", scans_paths), ("nodules.csv", nodules_paths)):
+    crops_paths = ([Path(p).parent / "crops.csv" for p in metrics_paths] if crops_paths is None
+                   else [Path(p) for p in crops_paths])
+    for name, paths in (("scans.csv", scans_paths), ("nodules.csv", nodules_paths), ("crops.csv", crops_paths)):
         if len(paths) != len(metrics_paths):
             raise InputError(f"report: {len(metrics_paths)} metrics files but {len(paths)} {name} files")
     fold_metrics = [(k, read_metrics(p)) for k, p in enumerate(metrics_paths)]
@@ -611,7 +503,7 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     candidate_frames = []
     prob_dirs = []
     for k, path in enumerate(candidates_paths):
-        frame = read_candidates(path)
+        frame = with_candidate_rows(read_candidates(path))     # a candidate's crop is found by its row
         mine = set(folds.loc[folds["fold"] == k, "seriesuid"])
         foreign = ~frame["seriesuid"].isin(mine)
         if foreign.any():
@@ -621,11 +513,6 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     candidates = pd.concat(candidate_frames, ignore_index=True)
     uids = folds["seriesuid"].tolist()
     fold_of = dict(zip(folds["seriesuid"], folds["fold"]))
-    stores = paths_by_uid(slice_files, ".h5")
-    missing = [u for u in uids if u not in stores]
-    if missing:
-        raise InputError(f"{folds_path}: scan {missing[0]} has no slice store among the {len(stores)} given "
-                         f"({len(missing)} missing)")
     # every fold's saved rows: exactly its held-out scans (a stale or foreign table is named)
     scan_frames, nodule_frames = [], []
     for k in range(n_folds):
@@ -638,7 +525,7 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
         scan_frames.append(table[table["seriesuid"].isin(mine)])
         nodule_table = read_nodule_table(nodules_paths[k])
         nodule_frames.append(nodule_table[nodule_table["seriesuid"].isin(mine)])
-    probabilities = {u: prob_dirs[fold_of[u]] / f"{u}.mha" for u in uids}
+    crop_indexes = [read_crop_index(p) for p in crops_paths]
     settings = {k: read_settings(d) for k, d in enumerate(prob_dirs)}
     log.info("report: %d folds, %d scans, %d nodules, %d candidates; pooled evaluation with bootstrap %d "
              "from the folds' scans.csv and nodules.csv", n_folds, len(uids),
@@ -652,7 +539,6 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     nodules = ev.nodules.copy()
     nodules["fold"] = [int(fold_of.get(u, -1)) for u in nodules["seriesuid"]]
     froc = ev.froc
-    thresholds = dict(zip(ev.scans["seriesuid"], ev.scans["threshold"].astype(float)))
 
     # ---- plots
     curves = []
@@ -669,16 +555,14 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     froc_png = figure_png(froc_figure(curves, title=f"FROC: {n_folds} folds and pooled ({len(uids)} scans, "
                                                     f"{froc.n_nodules} nodules)"))
 
-    # ---- crops
-    missed = nodules[~nodules["detected"].astype(bool)].sort_values("diameter_mm", ascending=False, kind="stable")
-    labelled = froc.candidates
-    fps_table = (labelled[labelled["label"] == "fp"].sort_values("probability", ascending=False, kind="stable")
-                 if len(labelled) and "label" in labelled.columns else labelled.iloc[0:0])
-    log.info("report: drawing %d missed-nodule and %d false-positive crops",
-             min(len(missed), MAX_CROPS), min(len(fps_table), MAX_CROPS))
-    crops = _crops({"missed": missed.head(MAX_CROPS), "fp": fps_table.head(MAX_CROPS)}, stores, probabilities,
-                   thresholds)
-    missed_crops, fp_crops = crops["missed"], crops["fp"]
+    # ---- crops (drawn by evaluate)
+    missed = missed_order(nodules)
+    fps_table = false_positive_order(froc.candidates)
+    log.info("report: showing %d missed-nodule and %d false-positive crops from %s",
+             min(len(missed), MAX_CROPS), min(len(fps_table), MAX_CROPS), ", ".join(map(str, crops_paths)))
+    crops = _gallery({MISSED: missed.head(MAX_CROPS), FALSE_POSITIVE: fps_table.head(MAX_CROPS)}, crop_indexes,
+                     crops_paths, fold_of)
+    missed_crops, fp_crops = crops[MISSED], crops[FALSE_POSITIVE]
 
     # ---- HTML
     evaluate_params = {"bootstrap": bootstrap, "seed": seed, "dice_margin_mm": dice_margin_mm}

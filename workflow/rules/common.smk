@@ -299,14 +299,19 @@ def fold_nodule_tables(wildcards):
     return [f"{base}reports/fold{k}/nodules.csv" for k in folds_of(wildcards.prefix)]
 
 
+def fold_crop_indexes(wildcards):
+    base = owner(wildcards, "evaluate")
+    return [f"{base}reports/fold{k}/crops.csv" for k in folds_of(wildcards.prefix)]
+
+
+def fold_crop_dirs(wildcards):
+    base = owner(wildcards, "evaluate")
+    return [f"{base}reports/fold{k}/crops" for k in folds_of(wildcards.prefix)]
+
+
 def fold_predictions(wildcards):
     base = owner(wildcards, "predict")
     return [f"{base}predictions/fold{k}/candidates.csv" for k in folds_of(wildcards.prefix)]
-
-
-def fold_probabilities(wildcards):
-    base = owner(wildcards, "predict")
-    return [f"{base}predictions/fold{k}/probabilities" for k in folds_of(wildcards.prefix)]
 
 
 def experiment_reports(wildcards):

@@ -14,6 +14,8 @@ rule evaluate:
         froc="{prefix}reports/fold{k}/froc.csv",
         nodules="{prefix}reports/fold{k}/nodules.csv",
         scans="{prefix}reports/fold{k}/scans.csv",
+        crops=directory("{prefix}reports/fold{k}/crops"),
+        crops_index="{prefix}reports/fold{k}/crops.csv",
         plot=report(
             "{prefix}reports/fold{k}/froc.png",
             caption="../report/froc_fold.rst",
@@ -38,17 +40,18 @@ rule evaluate:
 
 
 # The pooled numbers come from what evaluate saved per scan and per nodule (scans, nodules) and
-# from the candidates; probabilities and slices are read only for the crops report.html shows.
+# from the candidates; the crops report.html shows were drawn by evaluate (crops_index, crops).
+# No probability volume and no slice store is read.
 rule report:
     input:
         unpack(excluded_input),
         metrics=fold_reports,
         scans=fold_scan_tables,
         nodules=fold_nodule_tables,
+        crops_index=fold_crop_indexes,
+        crops=fold_crop_dirs,
         candidates=fold_predictions,
-        probabilities=fold_probabilities,
         folds=folds_file,
-        slices=slice_files,
         annotations=ANNOTATIONS,
     output:
         summary=report("{prefix}reports/summary.csv", caption="../report/summary.rst", category="Summary"),

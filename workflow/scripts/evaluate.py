@@ -7,5 +7,6 @@ with logging_to(snakemake.log[0]):
                   int(snakemake.wildcards.k), list(snakemake.input.slices), snakemake.input.annotations,
                   excluded_path=snakemake.input.get("excluded"), out_metrics=snakemake.output.metrics,
                   out_froc=snakemake.output.froc, out_nodules=snakemake.output.nodules,
-                  out_scans=snakemake.output.scans, out_plot=snakemake.output.plot,
+                  out_scans=snakemake.output.scans, out_crops=snakemake.output.crops,
+                  out_crops_index=snakemake.output.crops_index, out_plot=snakemake.output.plot,
                   **snakemake.params.cfg["evaluate"])
