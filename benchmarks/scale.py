@@ -1,13 +1,16 @@
 """How the pipeline's cost grows with the cohort (not part of the test suite).
 
-For each N in ``--sizes`` (default 20, 60, 120) the workflow runs in its own folder on a synthetic
-cohort of N scans with a small matrix (``--matrix`` in-plane voxels, default 128: the same anatomy
-at coarser pixels, so a run takes minutes) up to fold 0's evaluation: every per-scan stage for every
-scan, the patch plan, fold 0's training (``--epochs``), prediction on its held-out scans and its
-evaluation. Snakemake's benchmark files give each job's wall seconds and peak resident memory
-(``max_rss``); the table shows per stage and N: the number of jobs, the summed job CPU seconds
-(``cpu_time``: unlike wall seconds, it does not grow when other work shares the cores), the
-largest job's peak RSS (MiB), and the disk written per scan by the per-scan stages (MiB).
+For each N in ``--sizes`` (default 20, 60, 120) the workflow runs in its own folder on the first N
+scans of one synthetic cohort of max(N) scans with a small matrix (``--matrix`` in-plane voxels,
+default 128: the same anatomy at coarser pixels, so a run takes minutes) up to fold 0's
+evaluation: the patch plan and per-scan sampling, the folds, fold 0's training (``--epochs``),
+prediction on its held-out scans and its evaluation. The per-scan preprocessing (synthesize,
+resample, lung_mask, extract_slices) runs once, in the largest run; the smaller runs link to its
+files (a per-scan job's cost does not depend on N, only the number of jobs does). Snakemake's
+benchmark files give each job's wall and CPU seconds and peak resident memory (``max_rss``); the
+table shows per stage and N: the number of jobs, the summed job CPU seconds (``cpu_time``: unlike
+wall seconds, it does not grow when other work shares the cores), the largest job's peak RSS
+(MiB), and the disk written per scan by the per-scan stages (MiB).
 
 The line that matters for LUNA16: training reads its patches batch by batch
 (:class:`noduleflow.patchdata.PatchFile`), so its peak RSS must not grow with N (the ratio
@@ -49,10 +52,18 @@ def workflow_copy(dest: Path) -> Path:
     return dest
 
 
-def run_cohort(workdir: Path, n_scans: int, matrix: int, epochs: int, cores: int) -> float:
-    """Run the pipeline on ``n_scans`` synthetic scans up to fold 0's metrics; wall seconds."""
-    overrides = {"synthetic": {"n_scans": n_scans, "matrix_size": matrix},
+#: per-scan outputs the smaller runs take from the largest one
+SHARED = ("resources", "results/resampled", "results/lungmask", "results/slices")
+
+
+def run_cohort(workdir: Path, uids: list[str] | None, n_total: int, matrix: int, epochs: int, cores: int) -> float:
+    """Run the pipeline on the synthetic cohort of ``n_total`` scans (restricted to ``uids`` when
+    given) up to fold 0's metrics; wall seconds."""
+    overrides = {"synthetic": {"n_scans": n_total, "matrix_size": matrix},
                  "train": {"epochs": epochs, "device": "cpu"}, "evaluate": {"bootstrap": 20}}
+    if uids is not None:
+        (workdir / "uids.txt").write_text("\n".join(uids) + "\n", encoding="utf-8")
+        overrides["dataset"] = {"seriesuids": "uids.txt"}
     (workdir / "scale.yaml").write_text(yaml.safe_dump(overrides), encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     started = time.perf_counter()
@@ -61,16 +72,35 @@ def run_cohort(workdir: Path, n_scans: int, matrix: int, epochs: int, cores: int
                            str(cores), "--configfile", "scale.yaml"], cwd=workdir, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"snakemake failed for N = {n_scans}:\n{done.stdout[-3000:]}")
+        raise SystemExit(f"snakemake failed in {workdir}:\n{done.stdout[-3000:]}")
     return time.perf_counter() - started
 
 
-def stage_costs(workdir: Path) -> pd.DataFrame:
-    """One row per stage: jobs, summed seconds, largest peak RSS (MiB), from the benchmark files."""
+def share_preprocessing(source: Path, dest: Path) -> None:
+    """Link the per-scan preprocessing files of the largest run into ``dest`` (same cohort, same
+    settings: Snakemake finds them complete and does not redo them)."""
+    for name in SHARED:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source / name, target, copy_function=os.link)
+    bench = source / "results" / "benchmarks"
+    for stage in ("synthesize", "resample", "lung_mask", "extract_slices"):
+        shutil.copytree(bench / stage, dest / "results" / "benchmarks" / stage, copy_function=os.link)
+
+
+def stage_costs(workdir: Path, n_scans: int) -> pd.DataFrame:
+    """One row per stage: jobs, summed seconds and CPU seconds, largest peak RSS (MiB), from the
+    benchmark files (for a run that shares the largest run's preprocessing: the first ``n_scans``
+    of those, in seriesuid order)."""
     rows = []
     root = workdir / "results" / "benchmarks"
+    uids = {p.name.removesuffix(".h5") for p in (workdir / "results" / "slices").glob("*.h5")}
+    wanted = set(sorted(uids)[:n_scans])
     for tsv in root.rglob("*.tsv"):
-        stage = tsv.relative_to(root).parts[0].removesuffix(".tsv")
+        parts = tsv.relative_to(root).parts
+        stage = parts[0].removesuffix(".tsv")
+        if len(parts) > 1 and tsv.stem in uids and tsv.stem not in wanted:
+            continue
         table = pd.read_csv(tsv, sep="\t")
         number = lambda column: float(pd.to_numeric(table[column], errors="coerce").fillna(0).iloc[0])  # noqa: E731
         rows.append({"stage": stage, "seconds": number("s"), "cpu_seconds": number("cpu_time"),
@@ -80,13 +110,20 @@ def stage_costs(workdir: Path) -> pd.DataFrame:
                                       cpu_seconds=("cpu_seconds", "sum"), max_rss_mib=("max_rss_mib", "max"))
 
 
+def uid_of(file_name: str) -> str:
+    """The seriesuid a per-scan file belongs to ({uid}.mha, {uid}_nodules.mha, {uid}.h5)."""
+    stem = file_name.removesuffix(".mha").removesuffix(".h5")
+    return stem.removesuffix("_nodules")
+
+
 def disk_per_scan(workdir: Path, n_scans: int) -> dict[str, float]:
-    """MiB per scan in each per-scan output folder."""
+    """MiB per scan in each per-scan output folder (files of this run's scans only)."""
+    uids = set(sorted(p.name.removesuffix(".h5") for p in (workdir / "results" / "slices").glob("*.h5"))[:n_scans])
     out = {}
     for name in PER_SCAN_DIRS:
         folder = workdir / "results" / name
-        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
-        out[name] = size / 2 ** 20 / n_scans
+        files = [p for p in folder.glob("*") if p.is_file() and uid_of(p.name) in uids] if folder.is_dir() else []
+        out[name] = sum(p.stat().st_size for p in files) / 2 ** 20 / n_scans
     return out
 
 
@@ -101,11 +138,18 @@ def main() -> None:
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="noduleflow-scale-"))
     costs, disks, walls = {}, {}, {}
+    n_total = max(args.sizes)
     try:
-        for n in args.sizes:
+        largest = workflow_copy(base / f"n{n_total}")
+        walls[n_total] = run_cohort(largest, None, n_total, args.matrix, args.epochs, args.cores)
+        uids = sorted(p.name.removesuffix(".h5") for p in (largest / "results" / "slices").glob("*.h5"))
+        for n in sorted(set(args.sizes) - {n_total}):
             workdir = workflow_copy(base / f"n{n}")
-            walls[n] = run_cohort(workdir, n, args.matrix, args.epochs, args.cores)
-            costs[n], disks[n] = stage_costs(workdir), disk_per_scan(workdir, n)
+            share_preprocessing(largest, workdir)
+            walls[n] = run_cohort(workdir, uids[:n], n_total, args.matrix, args.epochs, args.cores)
+        for n in args.sizes:
+            workdir = base / f"n{n}"
+            costs[n], disks[n] = stage_costs(workdir, n), disk_per_scan(workdir, n)
             print(f"N = {n}: {walls[n]:.0f} s wall", flush=True)
     finally:
         if args.keep is None:
