@@ -43,12 +43,13 @@ PER_SCAN_DIRS = ("resampled", "lungmask", "slices", "patches/scans")
 
 
 def workflow_copy(dest: Path) -> Path:
-    """The workflow files (not results, not the venv) under ``dest``."""
+    """The workflow files (not results, not the venv) under ``dest`` (a kept run continues where it
+    stopped)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "config.yaml"):
         shutil.copy2(REPO / name, dest / name)
     for name in ("workflow", "envs", "config"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     return dest
 
 
@@ -82,10 +83,11 @@ def share_preprocessing(source: Path, dest: Path) -> None:
     for name in SHARED:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source / name, target, copy_function=os.link)
+        shutil.copytree(source / name, target, copy_function=os.link, dirs_exist_ok=True)
     bench = source / "results" / "benchmarks"
     for stage in ("synthesize", "resample", "lung_mask", "extract_slices"):
-        shutil.copytree(bench / stage, dest / "results" / "benchmarks" / stage, copy_function=os.link)
+        shutil.copytree(bench / stage, dest / "results" / "benchmarks" / stage, copy_function=os.link,
+                        dirs_exist_ok=True)
 
 
 def stage_costs(workdir: Path, n_scans: int) -> pd.DataFrame:

@@ -254,7 +254,7 @@ def plan_params(wildcards):
 def planned_counts(wildcards):
     """{n_positive, n_negative} of one scan, from the run's patch plan (a checkpoint: read once it
     exists, so a scan is sampled again only when its own counts change)."""
-    from noduleflow.sampling import read_plan
+    from noduleflow.patchplan import read_plan
 
     plan = checkpoints.plan_patches.get(prefix=wildcards.prefix).output.plan
     n_positive, n_negative = read_plan(plan)[wildcards.uid]
