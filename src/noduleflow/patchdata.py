@@ -40,12 +40,13 @@ def seed_of(*parts: int) -> int:
 
 
 class Patches(Protocol):
-    """What batches are drawn from: ``len()`` patches, ``take(index)`` -> (image, mask, roi) in the
-    order of ``index`` (image int16 HU (n, c, h, w), mask and roi uint8 (n, h, w))."""
+    """What batches are drawn from: ``len()`` patches, ``take(index, names)`` -> the arrays ``names``
+    (default image, mask, roi) in the order of ``index`` (image int16 HU (n, c, h, w), mask and roi
+    uint8 (n, h, w))."""
 
     def __len__(self) -> int: ...
 
-    def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def take(self, index: np.ndarray, names: Sequence[str] = PATCH_DATASETS) -> tuple[np.ndarray, ...]: ...
 
 
 class ArrayPatches:
@@ -57,14 +58,10 @@ class ArrayPatches:
     def __len__(self) -> int:
         return len(self.image)
 
-    def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def take(self, index: np.ndarray, names: Sequence[str] = PATCH_DATASETS) -> tuple[np.ndarray, ...]:
         index = np.asarray(index, dtype=np.int64)
-        return self.image[index], self.mask[index], self.roi[index]
-
-    def blocks(self, block: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        block = block or BLOCK
-        for start in range(0, len(self), block):
-            yield self.take(np.arange(start, min(start + block, len(self))))
+        arrays = {"image": self.image, "mask": self.mask, "roi": self.roi}
+        return tuple(arrays[name][index] for name in names)
 
 
 class PatchFile:
@@ -181,9 +178,7 @@ class PatchSubset:
         return len(self.index)
 
     def take(self, index: np.ndarray, names: Sequence[str] = PATCH_DATASETS) -> tuple[np.ndarray, ...]:
-        if isinstance(self.source, PatchFile):
-            return self.source.take(self.index[np.asarray(index, dtype=np.int64)], names)
-        return self.source.take(self.index[np.asarray(index, dtype=np.int64)])
+        return self.source.take(self.index[np.asarray(index, dtype=np.int64)], names)
 
     def blocks(self, block: int | None = None,
                names: Sequence[str] = PATCH_DATASETS) -> Iterator[tuple[np.ndarray, ...]]:

@@ -506,12 +506,6 @@ def load_patches(path: str | Path, uids: Iterable[str] | None = None) -> dict[st
     return out
 
 
-def read_patch_attrs(path: str | Path) -> dict:
-    """The settings a patches file was sampled with (``context``, ``patch_size``, ``lung_roi``, ``seed``, ...)."""
-    with open_h5(path) as store:
-        return {key: (value.item() if hasattr(value, "item") else value) for key, value in store.attrs.items()}
-
-
 def index_runs(index: np.ndarray) -> list[tuple[int, int]]:
     """Sorted indices -> [(start, stop)] of their contiguous runs."""
     if len(index) == 0:

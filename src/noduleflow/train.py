@@ -239,9 +239,10 @@ def inner_split(uids: list[str], has_positive: Mapping[str, bool], fraction: flo
 def scans_with_nodule_pixels(patches: PatchFile, uids: Sequence[str]) -> dict[str, bool]:
     """For each of ``uids``: whether any of its patches in ``patches`` has a nodule pixel (masks read
     scan by scan, block by block)."""
+    rows = pd.Series(np.arange(len(patches))).groupby(patches.seriesuid).indices  # one pass, not one per scan
     out = {}
     for uid in uids:
-        subset = PatchSubset(patches, np.flatnonzero(patches.seriesuid == uid))
+        subset = PatchSubset(patches, rows.get(uid, np.zeros(0, dtype=np.int64)))
         out[uid] = any(bool(mask.any()) for (mask,) in subset.blocks(names=("mask",)))
     return out
 
