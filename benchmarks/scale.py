@@ -28,29 +28,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
+from _workflow import run_snakemake, workflow_copy
 
-REPO = Path(__file__).resolve().parents[1]
 #: what the per-scan stages write, per scan
 PER_SCAN_DIRS = ("resampled", "lungmask", "slices", "patches/scans")
-
-
-def workflow_copy(dest: Path) -> Path:
-    """The workflow files (not results, not the venv) under ``dest`` (a kept run continues where it
-    stopped)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy2(REPO / name, dest / name)
-    for name in ("workflow", "envs", "config"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
-    return dest
 
 
 #: per-scan outputs the smaller runs take from the largest one
@@ -65,16 +50,7 @@ def run_cohort(workdir: Path, uids: list[str] | None, n_total: int, matrix: int,
     if uids is not None:
         (workdir / "uids.txt").write_text("\n".join(uids) + "\n", encoding="utf-8")
         overrides["dataset"] = {"seriesuids": "uids.txt"}
-    (workdir / "scale.yaml").write_text(yaml.safe_dump(overrides), encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    started = time.perf_counter()
-    # the target goes before --configfile, which takes every word after it as a config file
-    done = subprocess.run([sys.executable, "-m", "snakemake", "results/reports/fold0/metrics.json", "--cores",
-                           str(cores), "--configfile", "scale.yaml"], cwd=workdir, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"snakemake failed in {workdir}:\n{done.stdout[-3000:]}")
-    return time.perf_counter() - started
+    return run_snakemake(workdir, ["results/reports/fold0/metrics.json"], overrides, cores, "scale.yaml")
 
 
 def share_preprocessing(source: Path, dest: Path) -> None:

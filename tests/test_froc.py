@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from noduleflow.froc import FPS_POINTS, compute_froc, main, select_top_candidates
+from noduleflow.froc import FPS_POINTS, compute_froc, main, select_top_candidates, subgroup_froc
 from noduleflow.io import InputError
 
 
@@ -131,6 +131,26 @@ def test_seven_sensitivities_and_cpm_of_a_worked_example():
     assert result.nodules["nodule_id"].tolist() == [1, 2, 1, 1]
     assert "Z" not in set(result.candidates["seriesuid"])
 
+
+
+def test_subgroup_froc_counts_hits_on_other_groups_neither_way():
+    nodules, excluded, cands, uids = worked_example()
+    groups = ["large", "small", "small", "large"]   # by diameter: 10, 6, 8, 20 mm
+    table = subgroup_froc(nodules, cands, uids, groups, excluded=excluded).set_index("group")
+    # small (n2 at 0.4, n3 at 0.5): c1/c2 on n1 are now excluded, so the FPs stay the five of the
+    # worked example: 0.8, 0.7 -> (0.4 FP/scan, 0); 0.5 -> (0.6, 1/2); 0.4 -> (0.6, 1); then 0.35, 0.2.
+    small = table.loc["small"]
+    assert (small["n_nodules"], small["n_detected"]) == (2, 2)
+    assert [small[f"sens_{p:g}"] for p in FPS_POINTS] == pytest.approx([0.0, 0.0, 0.25, 1, 1, 1, 1])
+    # large: n1 found at 0.9 before any FP, n4 missed
+    large = table.loc["large"]
+    assert (large["n_nodules"], large["n_detected"]) == (2, 1)
+    assert [large[f"sens_{p:g}"] for p in FPS_POINTS] == pytest.approx([0.5] * 7)
+    # one group holding every nodule is the plain FROC
+    whole = subgroup_froc(nodules, cands, uids, ["all"] * 4, excluded=excluded).iloc[0]
+    assert whole["cpm"] == pytest.approx(compute_froc(nodules, cands, uids, excluded=excluded).cpm)
+    with pytest.raises(InputError, match="3 group labels for 4 annotations"):
+        subgroup_froc(nodules, cands, uids, groups[:3])
 
 def test_only_the_100_most_probable_candidates_of_a_scan_are_evaluated():
     probs = np.linspace(0.01, 0.99, 101)

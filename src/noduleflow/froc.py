@@ -316,6 +316,35 @@ def compute_froc(annotations: pd.DataFrame, candidates: pd.DataFrame, seriesuids
     return result
 
 
+def subgroup_froc(annotations: pd.DataFrame, candidates: pd.DataFrame, seriesuids: Sequence[str],
+                  groups: Sequence, excluded: pd.DataFrame | None = None) -> pd.DataFrame:
+    """FROC of each subgroup of the nodules (size bins, textures, ...), the way LUNA16 analyses
+    subgroups: for group ``g`` the nodules of ``g`` are the annotations, and every other nodule joins
+    the excluded findings, so a candidate on a nodule of another group is neither a hit nor a false
+    positive. ``groups``: one label per row of ``annotations`` (same order). False positives are
+    those of the whole run, so the points are at the run's FPs per scan.
+
+    Returns one row per group (in order of first appearance): ``group, n_nodules, n_detected``, the
+    seven sensitivities ``sens_0.125 .. sens_8`` and ``cpm``.
+    """
+    labels = np.asarray(list(groups), dtype=object)
+    if len(labels) != len(annotations):
+        raise InputError(f"subgroup_froc: {len(labels)} group labels for {len(annotations)} annotations")
+    others_columns = ["seriesuid", *_XYZ, "diameter_mm"]
+    rows = []
+    for group in dict.fromkeys(labels.tolist()):
+        inside = labels == group
+        others = annotations.loc[~inside, others_columns]
+        excluded_here = others if excluded is None else pd.concat([excluded[others_columns], others],
+                                                                  ignore_index=True)
+        result = compute_froc(annotations.loc[inside].reset_index(drop=True), candidates, seriesuids,
+                              excluded=excluded_here)
+        rows.append({"group": group, "n_nodules": result.n_nodules, "n_detected": result.n_detected,
+                     **{f"sens_{p:g}": float(s) for p, s in zip(FPS_POINTS, result.sensitivities)},
+                     "cpm": result.cpm})
+    return pd.DataFrame(rows)
+
+
 def _order_statistic_ci(values: np.ndarray, confidence: float = CONFIDENCE) -> np.ndarray:
     """(lower, upper) along axis 0 as the script takes them: the sorted values at
     floor(p n) and floor((1 - p) n), p = (1 - confidence) / 2. NaN columns with no draw."""
