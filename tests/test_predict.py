@@ -11,7 +11,7 @@ import pytest
 
 from noduleflow import model as nf_model
 from noduleflow.io import Geometry, InputError, read_image, voxel_to_world, world_to_voxel
-from noduleflow.predict import CANDIDATE_COLUMNS, candidates_from_probability, to_uint8
+from noduleflow.predict import CANDIDATE_COLUMNS, candidates_from_probability, merge_close_candidates, to_uint8
 
 GEOMETRY = Geometry(spacing=(0.9, 0.8, 1.25), origin=(-120.5, 33.2, -200.7),
                     direction=(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
@@ -285,3 +285,20 @@ def test_inference_channels_are_the_training_patch_channels(context, step):
     patches = cut_patches(image, lung, np.zeros_like(lung), centres, patch_size=8, context=context,
                           lung_roi=True, context_step=step)
     np.testing.assert_array_equal(patches["image"][:, :, 4, 4], expected)
+
+
+def test_merging_keeps_the_most_probable_fragment_and_never_moves_a_candidate():
+    frame = pd.DataFrame({
+        "seriesuid": ["a", "a", "a", "b", "a"],
+        "coordX": [0.0, 3.0, 20.0, 1.0, 5.5],
+        "coordY": [0.0, 4.0, 0.0, 0.0, 0.0],
+        "coordZ": [0.0, 0.0, 0.0, 0.0, 0.0],
+        "probability": [0.6, 0.9, 0.8, 0.3, 0.7],
+    })
+    merged = merge_close_candidates(frame, 5.0)
+    # a: 0.9 at (3, 4) keeps; 0.8 at 20 mm keeps; 0.7 at (5.5, 0) is 4.7 mm from the 0.9: dropped;
+    # 0.6 at the origin is 5.0 mm from the 0.9 (not closer than 5): kept. b's lone candidate stays.
+    assert merged.index.tolist() == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(merged, frame.loc[[0, 1, 2, 3]])   # positions and probabilities untouched
+    assert merge_close_candidates(frame, 0.0) is frame
+    assert len(merge_close_candidates(frame, 100.0)) == 2             # one per scan

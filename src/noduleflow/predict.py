@@ -125,6 +125,29 @@ def candidates_from_probability(probability: np.ndarray, geometry: Geometry, thr
     return _components(probability, geometry, threshold, min_volume_mm3, seriesuid, score)[0]
 
 
+def merge_close_candidates(candidates: pd.DataFrame, distance_mm: float) -> pd.DataFrame:
+    """Keep, of every group of candidates of one scan whose centres lie closer than ``distance_mm``
+    (world mm) to a more probable kept one, only that more probable one (greedy non-maximum
+    suppression, most probable first): the fragments of one nodule become one candidate.
+
+    Kept rows are unchanged (same centre, same probability) and keep their order; ``distance_mm``
+    <= 0 returns ``candidates`` unchanged. Works on any table with ``seriesuid``, ``coord*`` and
+    ``probability`` columns."""
+    if distance_mm <= 0 or len(candidates) < 2:
+        return candidates
+    keep = np.zeros(len(candidates), dtype=bool)
+    xyz = candidates[["coordX", "coordY", "coordZ"]].to_numpy(dtype=float)
+    prob = candidates["probability"].to_numpy(dtype=float)
+    limit = float(distance_mm) ** 2
+    for _, rows in candidates.groupby("seriesuid", sort=False).indices.items():
+        kept: list[int] = []
+        for i in rows[np.argsort(-prob[rows], kind="stable")]:
+            if not kept or ((xyz[kept] - xyz[i]) ** 2).sum(axis=1).min() >= limit:
+                kept.append(int(i))
+        keep[kept] = True
+    return candidates[keep]
+
+
 def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
                      min_volume_mm3: float = 10.0, seriesuid: str = "",
                      score: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:

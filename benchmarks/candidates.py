@@ -1,0 +1,114 @@
+"""Candidate extraction settings compared on finished runs (not part of the test suite).
+
+Inference is the costly part of ``predict``; turning probability volumes into candidates is cheap.
+This script re-extracts the candidates of finished runs (for instance the folders that
+``benchmarks/quality.py --keep DIR`` leaves) from their stored probability volumes
+(``results/predictions/fold*/probabilities/*.mha``, uint8 as ``predict`` wrote them, so the
+setting a run was made with gives exactly that run's candidates) under a grid of settings:
+
+* ``--thresholds``: the probability above which voxels form candidates (``predict.threshold``; a
+  lower one adds faint candidates, which only count at the higher FP rates of the FROC);
+* ``--scores``: a candidate's probability, the mean or the maximum over its component
+  (``predict.candidate_score``);
+* ``--merge-mm``: candidates closer than this to a more probable one are dropped
+  (:func:`noduleflow.predict.merge_close_candidates`; 0 = off);
+
+and scores each run's candidates against the nodules its evaluation listed
+(``results/reports/fold*/nodules.csv``; excluded findings are not used: the synthetic cohort has
+none). For every setting it prints the pooled CPM per run, their mean +- sd and the worst run, and
+the sensitivity at 8 FPs per scan of 6-10 mm nodules pooled over the runs.
+
+Compare settings on runs of tuning seeds (``benchmarks/quality.py --seeds 101 102 103``), then
+confirm on the report seeds; never choose on the default cohort alone.
+
+Usage::
+
+    .venv/bin/python benchmarks/candidates.py RUN_DIR [RUN_DIR ...] [--thresholds 0.5 0.3 0.2]
+        [--scores mean max] [--merge-mm 0 5 10] [--min-volume-mm3 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from _workflow import REPO
+
+sys.path.insert(0, str(REPO / "src"))
+from noduleflow.froc import compute_froc, subgroup_froc  # noqa: E402
+from noduleflow.io import read_image  # noqa: E402
+from noduleflow.predict import candidates_from_probability, merge_close_candidates  # noqa: E402
+
+
+def run_nodules(run: Path) -> pd.DataFrame:
+    """The nodules a run's evaluation scored (every fold), as annotations."""
+    tables = sorted((run / "results" / "reports").glob("fold*/nodules.csv"))
+    if not tables:
+        raise SystemExit(f"{run}: no results/reports/fold*/nodules.csv (run the workflow to its reports first)")
+    nodules = pd.concat([pd.read_csv(t, dtype={"seriesuid": str}) for t in tables], ignore_index=True)
+    return nodules[["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]]
+
+
+def run_maps(run: Path) -> dict[str, Path]:
+    """seriesuid -> stored probability volume of every held-out scan of the run."""
+    maps = {p.stem: p for p in sorted((run / "results" / "predictions").glob("fold*/probabilities/*.mha"))}
+    if not maps:
+        raise SystemExit(f"{run}: no results/predictions/fold*/probabilities/*.mha")
+    return maps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1])
+    parser.add_argument("--scores", nargs="+", choices=["mean", "max"], default=["mean", "max"])
+    parser.add_argument("--merge-mm", type=float, nargs="+", default=[0.0, 5.0, 10.0])
+    parser.add_argument("--min-volume-mm3", type=float, default=10.0)
+    args = parser.parse_args()
+
+    settings = list(itertools.product(args.thresholds, args.scores, args.merge_mm))
+    results = {s: [] for s in settings}
+    for run in args.runs:
+        nodules = run_nodules(run)
+        folds = pd.read_csv(run / "results" / "folds.csv", dtype={"seriesuid": str})
+        uids = folds["seriesuid"].tolist()
+        per_setting = {s: [] for s in settings}
+        for uid, path in run_maps(run).items():
+            stored, geometry = read_image(path)
+            stored = np.asarray(stored)
+            for threshold, score in itertools.product(args.thresholds, args.scores):
+                found = candidates_from_probability(stored, geometry, threshold, args.min_volume_mm3,
+                                                    seriesuid=uid, score=score)
+                for merge in args.merge_mm:
+                    per_setting[(threshold, score, merge)].append(merge_close_candidates(found, merge))
+        small = [("6-10" if 6.0 <= d < 10.0 else "other") for d in nodules["diameter_mm"]]
+        for setting, frames in per_setting.items():
+            candidates = pd.concat(frames, ignore_index=True)
+            froc = compute_froc(nodules, candidates, uids)
+            groups = subgroup_froc(nodules, candidates, uids, small).set_index("group")
+            n_small = int(groups.loc["6-10", "n_nodules"]) if "6-10" in groups.index else 0
+            sens_small = float(groups.loc["6-10", "sens_8"]) if n_small else float("nan")
+            results[setting].append({"run": run.name, "cpm": froc.cpm, "fps_max": float(froc.fps.max()),
+                                     "n_small": n_small, "sens8_small": sens_small})
+        print(f"{run}: {len(uids)} scans, {len(nodules)} nodules", flush=True)
+
+    names = [r["run"] for r in results[settings[0]]]
+    print("\n| threshold | score | merge mm | " + " | ".join(names) + " | mean ± sd | worst | 6-10 mm sens@8 |")
+    print("|" + "---|" * (len(names) + 6))
+    for (threshold, score, merge), rows in results.items():
+        cpm = np.array([r["cpm"] for r in rows])
+        n = np.array([r["n_small"] for r in rows], dtype=float)
+        s = np.array([r["sens8_small"] for r in rows], dtype=float)
+        have = n > 0
+        pooled_small = float(np.sum(n[have] * s[have]) / np.sum(n[have])) if have.any() else float("nan")
+        sd = float(np.std(cpm, ddof=1)) if len(cpm) > 1 else float("nan")
+        print(f"| {threshold:g} | {score} | {merge:g} | " + " | ".join(f"{v:.3f}" for v in cpm)
+              + f" | {cpm.mean():.3f} ± {sd:.3f} | {cpm.min():.3f} | {pooled_small:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
