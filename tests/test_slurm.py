@@ -8,7 +8,8 @@ The run uses ``profiles/slurm/config.yaml`` as shipped, with only what a one-nod
 needs changed in the temporary copy: GPU requests set to 0, cores and memory capped to the node,
 a 2 s first status poll, squeue as status command when the cluster keeps no accounting, successful
 SLURM logs kept, no retries. Then it checks that every job of the workflow was a SLURM job that
-completed, that the per-rule time limits of the profile reached sbatch, and that the reports exist.
+completed, that each scan's preprocessing ran as one group job, that the per-rule time limits of the
+profile reached sbatch (summed over a group job's rules), and that the reports exist.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ TINY_CONFIG = {
 SLURM_RULES = {"synthesize", "synthesize_annotations", "resample", "lung_mask", "extract_slices",
                "split_folds", "sample_patches", "train", "predict", "evaluate", "report"}
 
-SUBMITTED_RE = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.")
+#: a rule's job has a number, a group job (several jobs of one scan run in one SLURM job) a uuid
+SUBMITTED_RE = re.compile(r"Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.")
 
 
 # ------------------------------------------------------------------ cluster discovery
@@ -201,12 +203,27 @@ def run_snakemake(workdir: Path, args: list[str], timeout: float) -> tuple[int, 
 
 
 def submitted_jobs(output: str) -> dict[str, tuple[str, str]]:
-    """SLURM job id -> (rule, SLURM log file) for every job the plugin submitted."""
+    """SLURM job id -> (rule, or ``group:<name>`` for a group job, SLURM log file) for every job
+    the plugin submitted."""
     jobs = {}
     for _, slurm_id, log in SUBMITTED_RE.findall(output):
         rule = re.search(r"/rule_([A-Za-z0-9_]+)/", log)
-        jobs[slurm_id] = (rule.group(1) if rule else "?", log)
+        group = re.search(r"/group_([A-Za-z0-9_]+)/", log)
+        jobs[slurm_id] = (rule.group(1) if rule else f"group:{group.group(1)}" if group else "?", log)
     return jobs
+
+
+def rules_of(name: str, groups: dict[str, str]) -> set[str]:
+    """The rules a submitted job ran: its rule, or the rules of its group in the profile that the
+    plugin lists in the group job's log folder (``group_<group>_<its rules, sorted, joined by _>``)."""
+    if not name.startswith("group:"):
+        return {name}
+    label = name.removeprefix("group:")
+    found = set()
+    for rule, group in groups.items():
+        if label.startswith(f"{group}_") and f"_{rule}_" in f"{label[len(group):]}_":
+            found.add(rule)
+    return found
 
 
 def _minutes(limit: str) -> int:
@@ -273,8 +290,13 @@ def test_tiny_workflow_on_slurm(tmp_path):
 
     # every workflow job was a SLURM job, and all of them completed
     jobs = submitted_jobs(output)
-    rules = {rule for rule, _ in jobs.values()}
+    groups = fitted.get("groups", {})
+    rules = set().union(*(rules_of(name, groups) for name, _ in jobs.values()))
     assert SLURM_RULES <= rules, f"rules never submitted to SLURM: {sorted(SLURM_RULES - rules)}"
+    # the preprocessing of a scan is one SLURM job (the profile's group), one per scan
+    scan_jobs = [name for name, _ in jobs.values() if name.startswith("group:scan_")]
+    assert len(scan_jobs) == TINY_CONFIG["synthetic"]["n_scans"], sorted(name for name, _ in jobs.values())
+    assert not {"resample", "lung_mask", "extract_slices"} & {name for name, _ in jobs.values()}
     assert sum(rule == "train" for rule, _ in jobs.values()) == TINY_CONFIG["cv"]["folds"]
     assert "localrule train" not in output and "localrule resample" not in output
     records = job_records(list(jobs), accounting)
@@ -286,11 +308,13 @@ def test_tiny_workflow_on_slurm(tmp_path):
 
     # the profile's per-rule resources reached sbatch
     res = fitted["set-resources"]
-    for slurm_id, (rule, _) in jobs.items():
-        if rule in res:
-            assert records[slurm_id]["minutes"] == res[rule]["runtime"], (rule, records[slurm_id])
+    for slurm_id, (name, _) in jobs.items():
+        members = rules_of(name, groups) & set(res)
+        if members:
+            # a group job runs its rules one after the other: their time limits add up
+            assert records[slurm_id]["minutes"] == sum(res[r]["runtime"] for r in members), (name, records[slurm_id])
             # >=: a node with several threads per core allocates whole cores
-            assert records[slurm_id]["cpus"] >= expected_cpus(fitted, rule), (rule, records[slurm_id])
+            assert records[slurm_id]["cpus"] >= max(expected_cpus(fitted, r) for r in members), (name, records[slurm_id])
 
     # the reports
     reports = workdir / "results" / "reports"
