@@ -388,6 +388,32 @@ def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(data):
         assert torch.equal(batch["image"], first[b]["image"]) and torch.equal(batch["target"], first[b]["target"])
 
 
+
+def test_an_epoch_of_at_least_n_batches_goes_on_over_reshuffled_patches(data):
+    with h5py.File(data[0], "r") as h5:
+        image, mask, roi = h5["image"][()], h5["mask"][()], h5["roi"][()]
+    patches = ArrayPatches(image, mask, roi)          # 144 patches: 9 batches of 16 in one pass
+    window = {"window_hu": [-1000, 400]}
+    plain = PatchBatches(patches, "positive", window, 16, seed=5, epoch=2)
+    longer = PatchBatches(patches, "positive", window, 16, seed=5, epoch=2, min_batches=20)
+    assert len(plain) == 9 and len(longer) == 20
+    assert all(np.array_equal(a, b) for a, b in zip(plain.batches, longer.batches))   # the first pass unchanged
+    second_pass = np.concatenate(longer.batches[9:18])
+    assert sorted(second_pass.tolist()) == list(range(144))                    # a whole reshuffled pass
+    assert not np.array_equal(second_pass, np.concatenate(plain.batches))
+    again = PatchBatches(patches, "positive", window, 16, seed=5, epoch=2, min_batches=20)
+    assert all(np.array_equal(a, b) for a, b in zip(longer.batches, again.batches))
+    fewer = PatchBatches(patches, "positive", window, 16, seed=5, epoch=2, min_batches=4)
+    assert len(fewer) == 9                                                      # never shorter than one pass
+
+
+def test_min_batches_per_epoch_sets_the_steps_of_training(data, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="noduleflow.train"):
+        run(data, tmp_path, epochs=1, min_batches_per_epoch=11)
+    assert "1 epochs of 11 batches of 16" in caplog.text
+    with pytest.raises(InputError, match="train.min_batches_per_epoch"):
+        run(data, tmp_path / "bad", min_batches_per_epoch=0)
+
 def test_inner_split_is_by_scan_seeded_and_keeps_nodule_scans_on_both_sides():
     uids = [f"s{i}" for i in range(10)]
     positive = {u: i < 6 for i, u in enumerate(uids)}

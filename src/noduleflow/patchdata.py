@@ -197,7 +197,10 @@ class PatchBatches(torch.utils.data.Dataset):
 
     def __init__(self, patches: Patches, label_mode: str, intensity: Mapping[str, Any], batch_size: int,
                  augment: Mapping[str, Any] | None = None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, min_batches: int | None = None):
+        """``min_batches``: when one pass over the patches makes fewer batches, the epoch goes on
+        over further passes (each its own seeded shuffle, ``seed_of(seed, 21, epoch, j)`` for pass
+        ``j`` >= 1) until it has that many; the first pass is the plain epoch's (None: one pass)."""
         self.patches = patches
         self.label_mode = label_mode
         self.intensity = dict(intensity)
@@ -207,6 +210,13 @@ class PatchBatches(torch.utils.data.Dataset):
         order = (np.random.default_rng(seed_of(self.seed, 21, self.epoch)).permutation(n)
                  if shuffle else np.arange(n))
         n_batches = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
+        if min_batches is not None and n and min_batches > n_batches:
+            passes = [order]
+            while sum(map(len, passes)) < min_batches * batch_size:
+                j = len(passes)
+                passes.append(np.random.default_rng(seed_of(self.seed, 21, self.epoch, j)).permutation(n)
+                              if shuffle else np.arange(n))
+            order, n_batches = np.concatenate(passes), int(min_batches)
         self.batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
     def __len__(self) -> int:

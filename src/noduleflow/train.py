@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.99,
     "validation_fraction": 0.2,
     "training_scans": None,
+    "min_batches_per_epoch": None,
     "early_stopping_patience": 4,
     "select_on": "loss",
     "intensity": {"mode": "window", "window_hu": [-1000, 400]},
@@ -147,6 +148,11 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
                                               or cfg["training_scans"] < 2):
         raise InputError(f"config train.training_scans: {cfg['training_scans']!r} must be null (all) or an "
                          f"integer >= 2 (one scan is kept for the inner validation split)")
+    if cfg["min_batches_per_epoch"] is not None and (isinstance(cfg["min_batches_per_epoch"], bool)
+                                                     or not isinstance(cfg["min_batches_per_epoch"], int)
+                                                     or cfg["min_batches_per_epoch"] < 1):
+        raise InputError(f"config train.min_batches_per_epoch: {cfg['min_batches_per_epoch']!r} must be null "
+                         f"(one pass over the patches) or an integer >= 1")
     if not 0 < float(cfg["validation_fraction"]) < 1:
         raise InputError(f"config train.validation_fraction: must be in (0, 1), got {cfg['validation_fraction']!r}")
     window = cfg["intensity"]["window_hu"]
@@ -516,7 +522,8 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
         _init_head_prior(model, data["fit"], cfg["label_mode"])
         model = model.to(device).to(memory_format=memory_format)
         optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
-        steps = len(PatchBatches(data["fit"], cfg["label_mode"], intensity, int(cfg["batch_size"])))
+        steps = len(PatchBatches(data["fit"], cfg["label_mode"], intensity, int(cfg["batch_size"]),
+                                 min_batches=cfg["min_batches_per_epoch"]))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=float(cfg["lr"]),
                                                         total_steps=int(cfg["epochs"]) * steps,
                                                         pct_start=_PCT_WARMUP)
@@ -548,7 +555,7 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
             torch.manual_seed(seed_of(int(cfg["seed"]), 41, epoch))
             model.train()
             batches = PatchBatches(data["fit"], cfg["label_mode"], intensity, int(cfg["batch_size"]), augment=cfg["augment"],
-                                   seed=int(cfg["seed"]), epoch=epoch)
+                                   seed=int(cfg["seed"]), epoch=epoch, min_batches=cfg["min_batches_per_epoch"])
             loss_sum, seen = 0.0, 0
             for batch in iterate_batches(batches, int(cfg["num_workers"]),
                                          loader_settings(device, int(cfg["num_workers"]))):
