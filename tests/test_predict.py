@@ -11,7 +11,8 @@ import pytest
 
 from noduleflow import model as nf_model
 from noduleflow.io import Geometry, InputError, read_image, voxel_to_world, world_to_voxel
-from noduleflow.predict import CANDIDATE_COLUMNS, candidates_from_probability, merge_close_candidates, to_uint8
+from noduleflow.predict import (CANDIDATE_COLUMNS, candidates_from_probability, elongation, merge_close_candidates,
+                                to_uint8)
 
 GEOMETRY = Geometry(spacing=(0.9, 0.8, 1.25), origin=(-120.5, 33.2, -200.7),
                     direction=(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
@@ -302,3 +303,18 @@ def test_merging_keeps_the_most_probable_fragment_and_never_moves_a_candidate():
     pd.testing.assert_frame_equal(merged, frame.loc[[0, 1, 2, 3]])   # positions and probabilities untouched
     assert merge_close_candidates(frame, 0.0) is frame
     assert len(merge_close_candidates(frame, 100.0)) == 2             # one per scan
+
+
+def test_elongation_is_one_for_a_ball_and_large_for_a_vessel_in_mm_not_voxels():
+    shape = (40, 48, 48)
+    ball = sphere(shape, (20, 24, 24), 5.0, GEOMETRY)            # anisotropic voxels: round in mm
+    assert elongation(np.argwhere(ball), GEOMETRY.spacing) == pytest.approx(1.0, abs=0.1)
+    zz, yy, xx = np.indices(shape, dtype=float)
+    vessel = (((yy - 24) * 0.8) ** 2 + ((zz - 20) * 1.25) ** 2 <= 1.5 ** 2) & (np.abs(xx - 24) * 0.9 <= 12)
+    assert elongation(np.argwhere(vessel), GEOMETRY.spacing) > 4.0         # 24 mm long, 3 mm wide
+    assert elongation(np.array([[3, 4, 5]]), (1.0, 1.0, 1.0)) == pytest.approx(1.0)   # one voxel: a cube
+    prob = np.zeros(shape, dtype=np.float32)
+    prob[ball] = 0.9
+    prob[vessel & (xx > 30)] = 0.8                                # a vessel piece beside the ball
+    found = candidates_from_probability(prob, GEOMETRY, 0.5, 1.0)
+    assert found["elongation"].iloc[0] < 1.2 < found["elongation"].iloc[1]   # the ball first (0.9), then the vessel piece

@@ -22,7 +22,7 @@ Outputs in the output folder ``DIR`` (every file written atomically; a scan that
 nothing of its own behind):
 
 * ``candidates.csv``: the LUNA16 submission columns ``seriesuid,coordX,coordY,coordZ,probability``
-  (world mm, x-y-z), then ``diameter_mm, volume_mm3, max_probability, mean_probability`` (as the
+  (world mm, x-y-z), then ``diameter_mm, volume_mm3, max_probability, mean_probability, elongation`` (as the
   ``predict`` rule), ``label`` (the candidate's value in its label map: its rank in the scan,
   1 = most probable) and ``source`` (the input path);
 * ``labels/{seriesuid}.mha``: the candidates' label map (uint16) and ``probabilities/{seriesuid}.mha``:

@@ -33,7 +33,8 @@ Outputs (written atomically):
   "mean", the default: it ranks true nodules above vessel fragments better than the maximum, which
   saturates at 1 on both; ROC AUC nodule-vs-false-positive 0.95 vs 0.91 on the default cohort) or its
   maximum ("max"), both also as ``mean_probability``/``max_probability``; ``volume_mm3`` its voxel count x
-  voxel volume; ``diameter_mm`` the diameter of the sphere of that volume.
+  voxel volume; ``diameter_mm`` the diameter of the sphere of that volume; ``elongation`` its shape
+  (:func:`elongation`: 1 round, larger for vessel-like components).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from noduleflow.planes import PLANES, check_planes, context_offsets, from_plane,
 log = logging.getLogger(__name__)
 
 CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm", "volume_mm3",
-                     "max_probability", "mean_probability"]
+                     "max_probability", "mean_probability", "elongation"]
 #: how a candidate's ``probability`` summarises its component (``predict.candidate_score``)
 CANDIDATE_SCORES = ("mean", "max")
 #: in-plane margin (voxels) around the lung/body bounding box
@@ -194,12 +195,29 @@ def _components(probability: np.ndarray, geometry: Geometry, threshold: float, m
         rows.append({"seriesuid": seriesuid, "coordX": float(x), "coordY": float(y), "coordZ": float(z),
                      "probability": summary[score],
                      "diameter_mm": float((6.0 * volume / math.pi) ** (1.0 / 3.0)), "volume_mm3": volume,
-                     "max_probability": summary["max"], "mean_probability": summary["mean"]})
+                     "max_probability": summary["max"], "mean_probability": summary["mean"],
+                     "elongation": elongation(coords, geometry.spacing)})
         components.append(i)
     frame = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
     order = frame.sort_values("probability", ascending=False, kind="stable").index.to_numpy()
     return frame.iloc[order].reset_index(drop=True), labels, n, np.asarray(components, dtype=np.int64)[order]
 
+
+
+def elongation(voxels_zyx: np.ndarray, spacing_xyz: Sequence[float]) -> float:
+    """How elongated a component is: the square root of the ratio of the largest to the smallest
+    variance of its voxels' positions along its principal axes, in mm (1 for a sphere or a cube,
+    about 3 for a cylinder three times as long as wide; vessels are long, nodules round).
+
+    ``voxels_zyx``: (n, 3) voxel indices (z, y, x); ``spacing_xyz``: voxel size in mm (x, y, z). Each
+    voxel counts as a box of its size (variance ``spacing**2 / 12`` per axis), so one voxel or a thin
+    line is finite."""
+    spacing_zyx = np.asarray(tuple(spacing_xyz)[::-1], dtype=np.float64)
+    points = np.asarray(voxels_zyx, dtype=np.float64) * spacing_zyx
+    spread = np.cov(points, rowvar=False, bias=True) if len(points) > 1 else np.zeros((3, 3))
+    spread = spread + np.diag(spacing_zyx ** 2 / 12.0)
+    variances = np.linalg.eigvalsh(spread)
+    return float(np.sqrt(variances[-1] / variances[0]))
 
 # --------------------------------------------------------------------------- inference
 
