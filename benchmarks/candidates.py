@@ -12,6 +12,8 @@ setting a run was made with gives exactly that run's candidates) under a grid of
   (``predict.candidate_score``);
 * ``--merge-mm``: candidates closer than this to a more probable one are dropped
   (:func:`noduleflow.predict.merge_close_candidates`; 0 = off);
+* ``--rescore``: the candidates' probabilities replaced by the cross-fitted second stage
+  (:mod:`noduleflow.rescore`: a logistic regression on their features, fitted on the other folds);
 
 and scores each run's candidates against the nodules its evaluation listed
 (``results/reports/fold*/nodules.csv``; excluded findings are not used: the synthetic cohort has
@@ -24,7 +26,7 @@ confirm on the report seeds; never choose on the default cohort alone.
 Usage::
 
     .venv/bin/python benchmarks/candidates.py RUN_DIR [RUN_DIR ...] [--thresholds 0.5 0.3 0.2]
-        [--scores mean max] [--merge-mm 0 5 10] [--min-volume-mm3 10]
+        [--scores mean max] [--merge-mm 0 5 10] [--min-volume-mm3 10] [--rescore]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ sys.path.insert(0, str(REPO / "src"))
 from noduleflow.froc import compute_froc, subgroup_froc  # noqa: E402
 from noduleflow.io import read_image  # noqa: E402
 from noduleflow.predict import candidates_from_probability, merge_close_candidates  # noqa: E402
+from noduleflow.rescore import rescore_folds  # noqa: E402
 
 
 def run_nodules(run: Path) -> pd.DataFrame:
@@ -53,9 +56,10 @@ def run_nodules(run: Path) -> pd.DataFrame:
     return nodules[["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]]
 
 
-def run_maps(run: Path) -> dict[str, Path]:
-    """seriesuid -> stored probability volume of every held-out scan of the run."""
-    maps = {p.stem: p for p in sorted((run / "results" / "predictions").glob("fold*/probabilities/*.mha"))}
+def run_maps(run: Path) -> dict[str, tuple[int, Path]]:
+    """seriesuid -> (fold, stored probability volume) of every held-out scan of the run."""
+    maps = {p.stem: (int(p.parent.parent.name.removeprefix("fold")), p)
+            for p in sorted((run / "results" / "predictions").glob("fold*/probabilities/*.mha"))}
     if not maps:
         raise SystemExit(f"{run}: no results/predictions/fold*/probabilities/*.mha")
     return maps
@@ -68,6 +72,8 @@ def main() -> None:
     parser.add_argument("--scores", nargs="+", choices=["mean", "max"], default=["mean", "max"])
     parser.add_argument("--merge-mm", type=float, nargs="+", default=[0.0, 5.0, 10.0])
     parser.add_argument("--min-volume-mm3", type=float, default=10.0)
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the candidates with the cross-fitted second stage (noduleflow.rescore)")
     args = parser.parse_args()
 
     settings = list(itertools.product(args.thresholds, args.scores, args.merge_mm))
@@ -77,7 +83,9 @@ def main() -> None:
         folds = pd.read_csv(run / "results" / "folds.csv", dtype={"seriesuid": str})
         uids = folds["seriesuid"].tolist()
         per_setting = {s: [] for s in settings}
-        for uid, path in run_maps(run).items():
+        fold_of = {}
+        for uid, (fold, path) in run_maps(run).items():
+            fold_of[uid] = fold
             stored, geometry = read_image(path)
             stored = np.asarray(stored)
             for threshold, score in itertools.product(args.thresholds, args.scores):
@@ -88,6 +96,11 @@ def main() -> None:
         small = [("6-10" if 6.0 <= d < 10.0 else "other") for d in nodules["diameter_mm"]]
         for setting, frames in per_setting.items():
             candidates = pd.concat(frames, ignore_index=True)
+            if args.rescore:
+                fold = candidates["seriesuid"].map(fold_of)
+                rescored = rescore_folds({int(k): candidates[fold == k].reset_index(drop=True)
+                                          for k in sorted(fold.unique())}, nodules)
+                candidates = pd.concat(rescored.values(), ignore_index=True)
             froc = compute_froc(nodules, candidates, uids)
             groups = subgroup_froc(nodules, candidates, uids, small).set_index("group")
             n_small = int(groups.loc["6-10", "n_nodules"]) if "6-10" in groups.index else 0

@@ -221,6 +221,25 @@ def _check_frame(frame: pd.DataFrame, columns: list[str], what: str) -> None:
         raise InputError(f"{what}: missing column(s) {', '.join(missing)}")
 
 
+def candidate_outcomes(annotations: pd.DataFrame, candidates: pd.DataFrame,
+                       excluded: pd.DataFrame | None = None) -> np.ndarray:
+    """What each candidate row is under the LUNA16 rule, before any top-100 cut: :data:`TP` (inside
+    an annotated nodule's radius), :data:`EXCLUDED` (only inside an excluded finding's) or
+    :data:`FP`. The labels a second stage learns from (:mod:`noduleflow.rescore`)."""
+    _check_frame(annotations, ["seriesuid", *_XYZ, "diameter_mm"], "annotations")
+    _check_frame(candidates, ["seriesuid", *_XYZ], "candidates")
+    out = np.full(len(candidates), FP, dtype=object)
+    sources = [(annotations, TP)] + ([(excluded, EXCLUDED)] if excluded is not None and len(excluded) else [])
+    positions = np.arange(len(candidates))
+    for uid, rows in candidates.groupby("seriesuid", sort=False).indices.items():
+        points = candidates.iloc[rows][_XYZ].to_numpy(dtype=float)
+        for frame, label in reversed(sources):            # TP last: a hit on a nodule wins
+            found = frame[frame["seriesuid"] == uid]
+            hit = _hits(found[_XYZ].to_numpy(dtype=float), _radius_squared(found["diameter_mm"].to_numpy()), points)
+            out[positions[rows][hit.any(axis=0)]] = label
+    return out
+
+
 def compute_froc(annotations: pd.DataFrame, candidates: pd.DataFrame, seriesuids: Sequence[str],
                  excluded: pd.DataFrame | None = None, bootstrap: int = 0, seed: int = 0) -> FrocResult:
     """Score ``candidates`` against ``annotations`` on the scans ``seriesuids`` as LUNA16 does.
