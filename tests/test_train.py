@@ -536,8 +536,9 @@ def test_patches_streamed_from_disk_give_the_batches_of_patches_in_memory(data, 
 
 
 def test_training_never_holds_more_than_a_block_of_patches(data, tmp_path, monkeypatch):
-    """Memory that does not grow with the cohort: every read of the patches file returns at most
-    one batch or one block (noduleflow.patchdata.BLOCK), never the whole file."""
+    """Memory that does not grow with the cohort: when the patches exceed train.patch_memory_mb,
+    every read of the patches file returns at most one batch or one block
+    (noduleflow.patchdata.BLOCK), never the whole file."""
     from noduleflow import patchdata, train
 
     monkeypatch.setattr(patchdata, "BLOCK", 20)
@@ -550,7 +551,16 @@ def test_training_never_holds_more_than_a_block_of_patches(data, tmp_path, monke
         return real_take(self, index, names)
 
     monkeypatch.setattr(patchdata.PatchFile, "take", recording_take)
-    run(data, tmp_path, epochs=1)
+    run(data, tmp_path, epochs=1, patch_memory_mb=0)   # a cohort too large for memory
     assert largest and max(largest) <= 24
     with h5py.File(data[0], "r") as h5:
         assert max(largest) < len(h5["image"]) / 4
+
+
+def test_patches_held_in_memory_or_streamed_give_the_same_weights(data, uninterrupted, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="noduleflow.train"):
+        streamed = run(data, tmp_path, patch_memory_mb=0)
+    assert "read from disk batch by batch" in caplog.text
+    assert same_weights(streamed[2], uninterrupted[2])          # the fixture's run held them in memory
+    with pytest.raises(InputError, match="train.patch_memory_mb"):
+        run(data, tmp_path / "bad", patch_memory_mb=-1)

@@ -50,10 +50,11 @@ class Patches(Protocol):
 
 
 class ArrayPatches:
-    """:class:`Patches` over arrays in memory."""
+    """:class:`Patches` over arrays in memory (``seriesuid``: each patch's scan, when known)."""
 
-    def __init__(self, image: np.ndarray, mask: np.ndarray, roi: np.ndarray):
+    def __init__(self, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, seriesuid: np.ndarray | None = None):
         self.image, self.mask, self.roi = image, mask, roi
+        self.seriesuid = seriesuid
 
     def __len__(self) -> int:
         return len(self.image)
@@ -137,6 +138,27 @@ class PatchFile:
             handle = h5py.File(self.paths[i], "r", locking=False)
         self._handles[i] = handle  # most recently used last
         return handle
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all patches (image int16, mask and roi uint8) once read into memory."""
+        n, c, h, w = self.image_shape
+        return int(n) * (int(c) * h * w * 2 + 2 * h * w)
+
+    def in_memory(self) -> ArrayPatches:
+        """Every patch read into memory, file by file (one read per dataset and file), as an
+        :class:`ArrayPatches` with the same order and ``seriesuid``: for cohorts whose patches fit
+        in memory, where reading batch by batch would cost more than it saves."""
+        n, c, h, w = self.image_shape
+        image = np.empty((n, c, h, w), dtype=np.int16)
+        mask = np.empty((n, h, w), dtype=np.uint8)
+        roi = np.empty((n, h, w), dtype=np.uint8)
+        for i in range(len(self.paths)):
+            store, a, b = self._store(i), int(self.offsets[i]), int(self.offsets[i + 1])
+            for name, out in (("image", image), ("mask", mask), ("roi", roi)):
+                store[name].read_direct(out, dest_sel=np.s_[a:b])
+        self.close()
+        return ArrayPatches(image, mask, roi, self.seriesuid)
 
     def close(self) -> None:
         if self._pid == os.getpid():

@@ -62,7 +62,8 @@ from noduleflow.losses import LOSSES, make_loss
 from noduleflow.model import (LABEL_MODES, UNet2d, autocast_dtype, memory_format_for, nodule_probability,
                               out_channels_for)
 from noduleflow.model import select_device as _select_device
-from noduleflow.patchdata import PatchBatches, Patches, PatchFile, PatchSubset, iterate_batches, seed_of
+from noduleflow.patchdata import (ArrayPatches, PatchBatches, Patches, PatchFile, PatchSubset, iterate_batches,
+                                  seed_of)
 from noduleflow.runconfig import code_digest
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ DEFAULTS: dict[str, Any] = {
     "amp": True,
     "deterministic": True,
     "num_workers": 0,
+    "patch_memory_mb": 512,
     "seed": 0,
 }
 
@@ -100,7 +102,7 @@ CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = 1
 #: keys that do not change what a run computes, left out of the checkpoint's config hash (device,
 #: amp and deterministic change the numbers and stay in)
-_HASH_EXCLUDED = ("num_workers",)
+_HASH_EXCLUDED = ("num_workers", "patch_memory_mb")
 _PCT_WARMUP = 0.2
 _EVAL_BATCH = 128
 
@@ -138,6 +140,9 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError(f"config train.device: {cfg['device']!r} is not auto, cpu, cuda or mps")
     if not isinstance(cfg["deterministic"], bool):
         raise InputError(f"config train.deterministic: {cfg['deterministic']!r} must be true or false")
+    if isinstance(cfg["patch_memory_mb"], bool) or not isinstance(cfg["patch_memory_mb"], (int, float)) \
+            or cfg["patch_memory_mb"] < 0:
+        raise InputError(f"config train.patch_memory_mb: {cfg['patch_memory_mb']!r} must be a number >= 0")
     if isinstance(cfg["num_workers"], bool) or not isinstance(cfg["num_workers"], int) or cfg["num_workers"] < 0:
         raise InputError(f"config train.num_workers: {cfg['num_workers']!r} must be an integer >= 0")
     for key in ("epochs", "batch_size", "early_stopping_patience"):
@@ -242,7 +247,7 @@ def inner_split(uids: list[str], has_positive: Mapping[str, bool], fraction: flo
     return sorted(u for u in uids if u not in val_set), sorted(val_set)
 
 
-def scans_with_nodule_pixels(patches: PatchFile, uids: Sequence[str]) -> dict[str, bool]:
+def scans_with_nodule_pixels(patches: PatchFile | ArrayPatches, uids: Sequence[str]) -> dict[str, bool]:
     """For each of ``uids``: whether any of its patches in ``patches`` has a nodule pixel (masks read
     scan by scan, block by block)."""
     rows = pd.Series(np.arange(len(patches))).groupby(patches.seriesuid).indices  # one pass, not one per scan
@@ -490,12 +495,21 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
     if len(train_scans) < 2:
         raise InputError(f"{where}: fold {fold} has {len(train_scans)} training scan(s) with patches; "
                          f"at least 2 are needed (one for the inner validation split)")
-    has_positive = scans_with_nodule_pixels(patch_file, train_scans)
+    # a cohort whose patches fit in train.patch_memory_mb is read once into memory (the same arrays,
+    # so the same batches and weights); a larger one is read batch by batch, whatever its size
+    if patch_file.nbytes <= float(cfg["patch_memory_mb"]) * 2 ** 20:
+        source = patch_file.in_memory()
+        log.info("fold %d: %d patches (%.0f MB) held in memory", fold, len(source), patch_file.nbytes / 2 ** 20)
+    else:
+        source = patch_file
+        log.info("fold %d: %d patches (%.0f MB > train.patch_memory_mb) read from disk batch by batch", fold,
+                 len(patch_file), patch_file.nbytes / 2 ** 20)
+    has_positive = scans_with_nodule_pixels(source, train_scans)
     train_scans = training_subset(train_scans, has_positive, cfg["training_scans"], int(cfg["seed"]), fold)
     fit_scans, val_scans = inner_split(train_scans, has_positive, float(cfg["validation_fraction"]), int(cfg["seed"]))
     pick = {name: np.flatnonzero(np.isin(patch_uids, scans))
             for name, scans in (("fit", fit_scans), ("val", val_scans), ("heldout", heldout_scans))}
-    data = {name: PatchSubset(patch_file, index) for name, index in pick.items()}
+    data = {name: PatchSubset(source, index) for name, index in pick.items()}
     log.info("fold %d: %d training scans (%d patches), %d inner validation scans (%d patches), "
              "%d held-out scans (%d patches)", fold, len(fit_scans), len(pick["fit"]), len(val_scans),
              len(pick["val"]), len(heldout_scans), len(pick["heldout"]))
