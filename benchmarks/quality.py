@@ -18,8 +18,9 @@ go into the README and the issues; tune (choose a default, compare levers) with 
 
 Cost on 2 cores: a 20-scan / 5-fold cohort is one ``make run`` (about 15 min), a 12-scan / 3-fold
 cohort about 7 min; the default (3 seeds x both regimes) about 1 h 10 min. ``--keep DIR`` keeps
-every run, and a rerun with the same DIR only computes what is missing (Snakemake), so a lever can
-be compared by a second ``--keep`` folder with ``--set`` (e.g. ``--set predict.tta=true``).
+every run, and a rerun with the same DIR only computes what is missing or out of date (Snakemake:
+after a code change, the stages that run it), so a lever can be compared by a second ``--keep``
+folder with ``--set`` (e.g. ``--set predict.tta=true``).
 
 Usage::
 
