@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from _workflow import REPO
+from quality import size_bin
 
 sys.path.insert(0, str(REPO / "src"))
 from noduleflow.froc import compute_froc, subgroup_froc  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> None:
                                                     seriesuid=uid, score=score)
                 for merge in args.merge_mm:
                     per_setting[(threshold, score, merge)].append(merge_close_candidates(found, merge))
-        small = [("6-10" if 6.0 <= d < 10.0 else "other") for d in nodules["diameter_mm"]]
+        small = [size_bin(float(d)) for d in nodules["diameter_mm"]]
         for setting, frames in per_setting.items():
             candidates = pd.concat(frames, ignore_index=True)
             if args.rescore:

@@ -44,14 +44,17 @@ from _workflow import REPO, run_snakemake, workflow_copy
 
 sys.path.insert(0, str(REPO / "src"))
 from noduleflow.froc import FPS_POINTS, subgroup_froc  # noqa: E402
+from noduleflow.report import SIZE_BINS_MM as SIZE_EDGES_MM  # noqa: E402
+from noduleflow.runconfig import deep_merge  # noqa: E402
+from noduleflow.synthetic import TEXTURES  # noqa: E402
 
 #: seeds the README's quality figures are measured on (never tuned on)
 REPORT_SEEDS = (1, 2, 3)
 #: seeds to tune on (choose defaults, compare levers); disjoint from REPORT_SEEDS and the default cohort's
 TUNE_SEEDS = (101, 102, 103)
-#: nodule size bins (mm): [lower, upper)
-SIZE_BINS_MM = ((0.0, 6.0, "<6"), (6.0, 10.0, "6-10"), (10.0, 20.0, "10-20"), (20.0, math.inf, ">=20"))
-TEXTURES = ("solid", "part_solid", "ground_glass")
+#: nodule size bins (mm): (lower, upper, name), [lower, upper), the report's bins
+SIZE_BINS_MM = tuple((lo, hi, f">={lo:g}" if math.isinf(hi) else f"<{hi:g}" if lo == 0 else f"{lo:g}-{hi:g}")
+                     for lo, hi in zip(SIZE_EDGES_MM[:-1], SIZE_EDGES_MM[1:]))
 SENS_COLUMNS = [f"sens_{p:g}" for p in FPS_POINTS]
 
 
@@ -82,14 +85,6 @@ def nested(settings: list[tuple[list[str], object]]) -> dict:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
-    return out
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """``extra`` merged into a copy of ``base`` (nested mappings merged key by key)."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -130,7 +125,7 @@ def cohort_metrics(workdir: Path) -> dict:
 
 def run_one(base: Path, seed: int, scans: int, folds: int, overrides: dict, cores: int) -> dict:
     workdir = workflow_copy(base / f"seed{seed}_n{scans}_k{folds}")
-    config = merge({"synthetic": {"seed": seed, "n_scans": scans}, "cv": {"folds": folds}}, overrides)
+    config = deep_merge({"synthetic": {"seed": seed, "n_scans": scans}, "cv": {"folds": folds}}, overrides)
     wall = run_snakemake(workdir, ["all"], config, cores, "quality.yaml")
     print(f"seed {seed}, {scans} scans / {folds} folds: {wall:.0f} s wall", flush=True)
     return {"seed": seed, "scans": scans, "folds": folds, "seconds": wall, **cohort_metrics(workdir)}
