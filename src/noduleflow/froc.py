@@ -212,6 +212,22 @@ def _hits(findings: np.ndarray, radius_sq: np.ndarray, points: np.ndarray) -> np
     return dist < radius_sq[:, None]
 
 
+def _scan_hits(nodules: pd.DataFrame, excluded: pd.DataFrame | None,
+               points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One scan's findings against its candidate ``points`` (k, 3): the (nodules, k) hit matrix, and
+    per candidate its label :data:`TP` / :data:`EXCLUDED` / :data:`FP` (a hit on a nodule wins over
+    one on an excluded finding)."""
+    hit_nod = _hits(nodules[_XYZ].to_numpy(dtype=float), _radius_squared(nodules["diameter_mm"].to_numpy()), points)
+    if excluded is not None and len(excluded):
+        hit_exc = _hits(excluded[_XYZ].to_numpy(dtype=float), _radius_squared(excluded["diameter_mm"].to_numpy()),
+                        points)
+    else:
+        hit_exc = np.zeros((0, len(points)), dtype=bool)
+    on_nodule = hit_nod.any(axis=0)
+    on_excluded = hit_exc.any(axis=0) & ~on_nodule
+    return hit_nod, np.where(on_nodule, TP, np.where(on_excluded, EXCLUDED, FP)).astype(object)
+
+
 _XYZ = ["coordX", "coordY", "coordZ"]
 
 
@@ -229,14 +245,11 @@ def candidate_outcomes(annotations: pd.DataFrame, candidates: pd.DataFrame,
     _check_frame(annotations, ["seriesuid", *_XYZ, "diameter_mm"], "annotations")
     _check_frame(candidates, ["seriesuid", *_XYZ], "candidates")
     out = np.full(len(candidates), FP, dtype=object)
-    sources = [(annotations, TP)] + ([(excluded, EXCLUDED)] if excluded is not None and len(excluded) else [])
-    positions = np.arange(len(candidates))
+    ann_by = {u: g for u, g in annotations.groupby("seriesuid", sort=False)}
+    exc_by = {u: g for u, g in excluded.groupby("seriesuid", sort=False)} if excluded is not None else {}
     for uid, rows in candidates.groupby("seriesuid", sort=False).indices.items():
         points = candidates.iloc[rows][_XYZ].to_numpy(dtype=float)
-        for frame, label in reversed(sources):            # TP last: a hit on a nodule wins
-            found = frame[frame["seriesuid"] == uid]
-            hit = _hits(found[_XYZ].to_numpy(dtype=float), _radius_squared(found["diameter_mm"].to_numpy()), points)
-            out[positions[rows][hit.any(axis=0)]] = label
+        out[rows] = _scan_hits(ann_by.get(uid, annotations.iloc[0:0]), exc_by.get(uid), points)[1]
     return out
 
 
@@ -273,15 +286,10 @@ def compute_froc(annotations: pd.DataFrame, candidates: pd.DataFrame, seriesuids
         points = cand[_XYZ].to_numpy(dtype=float)[kept]
         kept_probs = probs[kept]
         nod_xyz = nod[_XYZ].to_numpy(dtype=float)
-        hit_nod = _hits(nod_xyz, _radius_squared(nod["diameter_mm"].to_numpy()), points)
-        if exc is not None and len(exc):
-            hit_exc = _hits(exc[_XYZ].to_numpy(dtype=float), _radius_squared(exc["diameter_mm"].to_numpy()), points)
-        else:
-            hit_exc = np.zeros((0, len(points)), dtype=bool)
-        on_nodule = hit_nod.any(axis=0)
-        on_excluded = hit_exc.any(axis=0) & ~on_nodule
-        false_pos = ~on_nodule & ~on_excluded
-        n_excluded_hits += int(on_excluded.sum())
+        hit_nod, kept_labels = _scan_hits(nod, exc, points)
+        on_nodule = kept_labels == TP
+        false_pos = kept_labels == FP
+        n_excluded_hits += int((kept_labels == EXCLUDED).sum())
 
         detected = hit_nod.any(axis=1)
         best = np.where(hit_nod, kept_probs[None, :], -np.inf).max(axis=1) if len(points) else \
@@ -297,7 +305,6 @@ def compute_froc(annotations: pd.DataFrame, candidates: pd.DataFrame, seriesuids
                                 "diameter_mm": float(row["diameter_mm"]), "detected": bool(detected[i]),
                                 "probability": float(best[i]) if detected[i] else np.nan})
         labels = np.full(len(cand), DROPPED, dtype=object)
-        kept_labels = np.where(on_nodule, TP, np.where(on_excluded, EXCLUDED, FP))
         labels[kept] = kept_labels
         nodule_id = np.zeros(len(cand), dtype=int)
         if len(points) and len(nod_xyz):

@@ -203,7 +203,6 @@ def _components(probability: np.ndarray, geometry: Geometry, threshold: float, m
     return frame.iloc[order].reset_index(drop=True), labels, n, np.asarray(components, dtype=np.int64)[order]
 
 
-
 def elongation(voxels_zyx: np.ndarray, spacing_xyz: Sequence[float]) -> float:
     """How elongated a component is: the square root of the ratio of the largest to the smallest
     variance of its voxels' positions along its principal axes, in mm (1 for a sphere or a cube,
@@ -218,6 +217,7 @@ def elongation(voxels_zyx: np.ndarray, spacing_xyz: Sequence[float]) -> float:
     spread = spread + np.diag(spacing_zyx ** 2 / 12.0)
     variances = np.linalg.eigvalsh(spread)
     return float(np.sqrt(variances[-1] / variances[0]))
+
 
 # --------------------------------------------------------------------------- inference
 
