@@ -113,3 +113,45 @@ def test_dice_patch_counts_every_patch_alike():
     logits[0] = (2 * targets[0] - 1) * 20
     assert float(make_loss("dice")(logits, targets)) < 0.1
     assert float(make_loss("dice_patch")(logits, targets)) == pytest.approx(0.5, abs=0.05)
+
+
+def _discs(radii_px: tuple[float, ...], size: int = 32) -> torch.Tensor:
+    """One patch per radius with a centred disc of that radius (0 = an empty patch): (n, 1, size, size)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    r2 = ((yy - size // 2) ** 2 + (xx - size // 2) ** 2).float()
+    return torch.stack([(r2 <= r * r).float() if r > 0 else torch.zeros(size, size) for r in radii_px])[:, None]
+
+
+def test_dice_patch_bce_charges_a_missed_small_nodule_like_a_missed_large_one():
+    """A batch with a large and a small nodule patch: under dice_bce missing the small one costs a
+    fraction of missing the large one (its pixels are few); under dice_patch_bce the Dice part of
+    the two mistakes is the same, so small nodules are not outweighed by large ones."""
+    targets = _discs((10, 2))
+    right = (2 * targets - 1) * 20
+
+    def cost_of_missing(name: str, patch: int) -> float:
+        wrong = right.clone()
+        wrong[patch] = -20.0  # nothing predicted in that patch
+        loss = make_loss(name)
+        return float(loss(wrong, targets)) - float(loss(right, targets))
+
+    assert cost_of_missing("dice_bce", 1) < 0.25 * cost_of_missing("dice_bce", 0)
+    dice_part = {patch: cost_of_missing("dice_patch_bce", patch) - cost_of_missing("bce", patch) for patch in (0, 1)}
+    assert dice_part[1] == pytest.approx(dice_part[0], abs=0.1)
+    assert dice_part[1] > 0.3
+
+
+def test_dice_patch_bce_leaves_patches_without_nodule_to_the_cross_entropy():
+    """Empty patches add no Dice term: a batch of them scores exactly the BCE, and a few doubtful
+    pixels in an empty patch beside a nodule patch cost no more than under the BCE alone."""
+    empty = _discs((0, 0))
+    logits = torch.randn(empty.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(make_loss("dice_patch_bce")(logits, empty), make_loss("bce")(logits, empty))
+    targets = _discs((6, 0))
+    right = (2 * targets - 1) * 20
+    doubtful = right.clone()
+    doubtful[1, 0, 10:12, 10:12] = 20.0  # four false pixels in the empty patch
+    extra = {name: float(make_loss(name)(doubtful, targets)) - float(make_loss(name)(right, targets))
+             for name in ("dice_patch_bce", "bce", "dice_patch")}
+    assert extra["dice_patch_bce"] == pytest.approx(extra["bce"], rel=1e-4)
+    assert extra["dice_patch"] > 10 * extra["dice_patch_bce"]
