@@ -18,7 +18,12 @@ setting a run was made with gives exactly that run's candidates) under a grid of
 and scores each run's candidates against the nodules its evaluation listed
 (``results/reports/fold*/nodules.csv``; excluded findings are not used: the synthetic cohort has
 none). For every setting it prints the pooled CPM per run, their mean +- sd and the worst run, and
-the sensitivity at 8 FPs per scan of 6-10 mm nodules pooled over the runs.
+the sensitivity at 8 FPs per scan of 6-10 mm nodules pooled over the runs. The threshold is also
+the segmentation's cut (evaluate's Dice uses ``predict.threshold``), so a second table gives, per
+threshold, the mean per-nodule Dice of each run (exactly as ``evaluate``: every annotated nodule, a
+missed one scoring about 0, :func:`noduleflow.segmetrics.nodule_dice` with a 5 mm box margin), per
+size bin pooled over the runs, and the ratio of predicted to true voxels inside the nodules' boxes
+(below 1: the model under-segments).
 
 Compare settings on runs of tuning seeds (``benchmarks/quality.py --seeds 101 102 103``), then
 confirm on the report seeds; never choose on the default cohort alone.
@@ -46,6 +51,11 @@ from noduleflow.froc import compute_froc, subgroup_froc  # noqa: E402
 from noduleflow.io import read_image  # noqa: E402
 from noduleflow.predict import candidates_from_probability, merge_close_candidates  # noqa: E402
 from noduleflow.rescore import rescore_folds  # noqa: E402
+from noduleflow.segmetrics import nodule_dice, threshold_mask  # noqa: E402
+from noduleflow.slices import read_slice_store  # noqa: E402
+
+#: box margin of the per-nodule Dice, as evaluate.dice_margin_mm's default
+DICE_MARGIN_MM = 5.0
 
 
 def run_nodules(run: Path) -> pd.DataFrame:
@@ -54,7 +64,38 @@ def run_nodules(run: Path) -> pd.DataFrame:
     if not tables:
         raise SystemExit(f"{run}: no results/reports/fold*/nodules.csv (run the workflow to its reports first)")
     nodules = pd.concat([pd.read_csv(t, dtype={"seriesuid": str}) for t in tables], ignore_index=True)
-    return nodules[["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]]
+    return nodules[["seriesuid", "nodule_id", "coordX", "coordY", "coordZ", "diameter_mm"]]
+
+
+def segmentation_rows(run: Path, uid: str, stored: np.ndarray, nodules: pd.DataFrame,
+                      thresholds: list[float]) -> list[dict]:
+    """Per nodule of scan ``uid`` and threshold: its Dice (as evaluate) and its predicted and true
+    voxel counts inside its Dice box, from the stored probability volume (uint8, (z, y, x))."""
+    from scipy import ndimage
+
+    _, _, labels, geometry = read_slice_store(run / "results" / "slices" / f"{uid}.h5")
+    mine = nodules[nodules["seriesuid"] == uid]
+    ids = mine["nodule_id"].astype(int).tolist()
+    objects = ndimage.find_objects(labels.astype(np.int32)) if labels.any() else []
+    grow = [int(np.ceil(DICE_MARGIN_MM / float(s))) for s in tuple(geometry.spacing)[::-1]]  # z, y, x
+    boxes = {}
+    for nid in ids:
+        if nid <= len(objects) and objects[nid - 1] is not None:
+            boxes[nid] = tuple(slice(max(0, sl.start - g), min(n, sl.stop + g))
+                               for sl, g, n in zip(objects[nid - 1], grow, labels.shape))
+    rows = []
+    for threshold in thresholds:
+        pred = threshold_mask(stored, threshold)
+        dices = nodule_dice(pred, labels, geometry.spacing, DICE_MARGIN_MM, ids)
+        for nid, diameter in zip(ids, mine["diameter_mm"]):
+            predicted = true = 0
+            if nid in boxes:
+                lab = labels[boxes[nid]]
+                counted = (lab == 0) | (lab == nid)  # other nodules' voxels count for neither
+                predicted, true = int((pred[boxes[nid]] & counted).sum()), int((lab == nid).sum())
+            rows.append({"run": run.name, "threshold": threshold, "size": size_bin(float(diameter)),
+                         "dice": dices[nid], "predicted": predicted, "true": true})
+    return rows
 
 
 def run_maps(run: Path) -> dict[str, tuple[int, Path]]:
@@ -79,6 +120,7 @@ def main() -> None:
 
     settings = list(itertools.product(args.thresholds, args.scores, args.merge_mm))
     results = {s: [] for s in settings}
+    seg_rows: list[dict] = []
     for run in args.runs:
         nodules = run_nodules(run)
         folds = pd.read_csv(run / "results" / "folds.csv", dtype={"seriesuid": str})
@@ -89,6 +131,7 @@ def main() -> None:
             fold_of[uid] = fold
             stored, geometry = read_image(path)
             stored = np.asarray(stored)
+            seg_rows += segmentation_rows(run, uid, stored, nodules, args.thresholds)
             for threshold, score in itertools.product(args.thresholds, args.scores):
                 found = candidates_from_probability(stored, geometry, threshold, args.min_volume_mm3,
                                                     seriesuid=uid, score=score)
@@ -109,6 +152,7 @@ def main() -> None:
             results[setting].append({"run": run.name, "cpm": froc.cpm, "fps_max": float(froc.fps.max()),
                                      "n_small": n_small, "sens8_small": sens_small})
         print(f"{run}: {len(uids)} scans, {len(nodules)} nodules", flush=True)
+    nodules_dice = pd.DataFrame(seg_rows)
 
     names = [r["run"] for r in results[settings[0]]]
     print("\n| threshold | score | merge mm | " + " | ".join(names) + " | mean ± sd | worst | 6-10 mm sens@8 |")
@@ -122,6 +166,24 @@ def main() -> None:
         sd = float(np.std(cpm, ddof=1)) if len(cpm) > 1 else float("nan")
         print(f"| {threshold:g} | {score} | {merge:g} | " + " | ".join(f"{v:.3f}" for v in cpm)
               + f" | {cpm.mean():.3f} ± {sd:.3f} | {cpm.min():.3f} | {pooled_small:.3f} |")
+    print_segmentation(nodules_dice, names)
+
+
+def print_segmentation(rows: pd.DataFrame, names: list[str]) -> None:
+    """Per threshold: mean per-nodule Dice per run, mean +- sd and worst, Dice per size bin pooled
+    over the runs, and predicted / true voxels inside the nodules' boxes."""
+    bins = [b for b in ("<6", "6-10", "10-20", ">=20") if b in set(rows["size"])]
+    print("\n| threshold | " + " | ".join(names) + " | mean ± sd | worst | "
+          + " | ".join(f"Dice {b} mm" for b in bins) + " | predicted / true |")
+    print("|" + "---|" * (len(names) + 4 + len(bins)))
+    for threshold, group in rows.groupby("threshold", sort=False):
+        per_run = group.groupby("run", sort=False)["dice"].mean().reindex(names).to_numpy()
+        sd = float(np.std(per_run, ddof=1)) if len(per_run) > 1 else float("nan")
+        by_bin = group.groupby("size")["dice"].mean()
+        ratio = group["predicted"].sum() / max(group["true"].sum(), 1)
+        print(f"| {threshold:g} | " + " | ".join(f"{v:.3f}" for v in per_run)
+              + f" | {per_run.mean():.3f} ± {sd:.3f} | {per_run.min():.3f} | "
+              + " | ".join(f"{by_bin.get(b, float('nan')):.3f}" for b in bins) + f" | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
