@@ -78,8 +78,7 @@ NODULE_COLUMNS = ["seriesuid", "nodule_id", "coordX", "coordY", "coordZ", "diame
 #: columns of ``scans.csv`` (and of :attr:`Evaluation.scans`)
 SCAN_COLUMNS = ["seriesuid", "n_nodules", "has_label", "dice", "tp", "fp", "fn", "tn", "threshold"]
 _COUNT_COLUMNS = ["tp", "fp", "fn", "tn"]
-#: threshold of a probabilities folder without threshold.json: such outputs predate that file and
-#: were all made with the default of the time, 0.5 (not today's predict.threshold default)
+#: threshold used when a probabilities folder has no threshold.json (older outputs)
 DEFAULT_THRESHOLD = 0.5
 
 

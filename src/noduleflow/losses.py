@@ -19,8 +19,8 @@ under mixed precision) and return a scalar tensor; every channel counts equally.
   complementary label leaves out, so that answer costs ~0.5;
 * ``bce``: binary cross-entropy, target-1 pixels weighted by ``pos_weight``, mean over counted pixels;
 * ``focal``: ``(1 - p_t) ** gamma`` times the cross-entropy (Lin et al. 2017), mean over counted pixels;
-* ``dice_bce``: ``dice + bce``;
-* ``dice_patch_bce`` (the default): the soft Dice of each patch that shows target pixels inside the ROI, mean over
+* ``dice_bce`` (the default): ``dice + bce``;
+* ``dice_patch_bce``: the soft Dice of each patch that shows target pixels inside the ROI, mean over
   those patches and channels, plus ``bce`` over every pixel. A batch Dice sums pixels, so a 25 mm
   nodule (~500 pixels per slice at 1 mm) outweighs a 7 mm one (~40) about twelve to one, and a
   missed small nodule barely moves the loss; here every nodule patch counts alike. Patches without

@@ -68,7 +68,7 @@ THRESHOLD_FILE = "threshold.json"
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
 #: the defaults of the ``predict:`` config block (workflow/schemas/config.schema.yaml holds the
 #: same; tests/test_apply.py checks they agree), also those of ``noduleflow predict``
-PREDICT_DEFAULTS: dict = {"threshold": 0.3, "min_volume_mm3": 10.0, "candidate_score": "mean",
+PREDICT_DEFAULTS: dict = {"threshold": 0.5, "min_volume_mm3": 10.0, "candidate_score": "mean",
                           "hybrid_output": "positive", "planes": list(PLANES), "amp": True,
                           "batch_size": 8, "tta": False, "device": "auto"}
 
@@ -112,8 +112,7 @@ def check_candidate_score(score: str) -> None:
         raise InputError(f"predict.candidate_score = {score!r} must be one of {list(CANDIDATE_SCORES)}")
 
 
-def candidates_from_probability(probability: np.ndarray, geometry: Geometry,
-                                threshold: float = PREDICT_DEFAULTS["threshold"],
+def candidates_from_probability(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
                                 min_volume_mm3: float = 10.0, seriesuid: str = "",
                                 score: str = "mean") -> pd.DataFrame:
     """One candidate per 3-D connected component (26-connectivity) of ``probability > threshold``.
@@ -150,8 +149,7 @@ def merge_close_candidates(candidates: pd.DataFrame, distance_mm: float) -> pd.D
     return candidates[keep]
 
 
-def label_candidates(probability: np.ndarray, geometry: Geometry,
-                     threshold: float = PREDICT_DEFAULTS["threshold"],
+def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
                      min_volume_mm3: float = 10.0, seriesuid: str = "",
                      score: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
     """The candidates of :func:`candidates_from_probability` and their label map: uint16 (z, y, x)
@@ -362,7 +360,7 @@ def inference_device(device: str = "auto", setting: str = "config predict.device
 
 def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slice_files: Sequence[str | Path],
                  out_candidates: str | Path, out_probabilities: str | Path, lung_roi: bool, threads: int = 1,
-                 threshold: float = PREDICT_DEFAULTS["threshold"], min_volume_mm3: float = 10.0, batch_size: int = 8,
+                 threshold: float = 0.5, min_volume_mm3: float = 10.0, batch_size: int = 8,
                  hybrid_output: str = "positive", planes: Sequence[str] = PLANES,
                  amp: bool = True, candidate_score: str = "mean", tta: bool = False,
                  device: str = "auto") -> pd.DataFrame:

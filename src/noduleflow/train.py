@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 #: the ``train:`` block's defaults (config.yaml holds the same values)
 DEFAULTS: dict[str, Any] = {
     "label_mode": "positive",
-    "loss": "dice_patch_bce",
+    "loss": "dice_bce",
     "pos_weight": 1.0,
     "focal_gamma": 2.0,
     "epochs": 9,
