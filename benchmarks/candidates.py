@@ -22,8 +22,9 @@ the sensitivity at 8 FPs per scan of 6-10 mm nodules pooled over the runs. The t
 the segmentation's cut (evaluate's Dice uses ``predict.threshold``), so a second table gives, per
 threshold, the mean per-nodule Dice of each run (exactly as ``evaluate``: every annotated nodule, a
 missed one scoring about 0, :func:`noduleflow.segmetrics.nodule_dice` with a 5 mm box margin), per
-size bin pooled over the runs, and the ratio of predicted to true voxels inside the nodules' boxes
-(below 1: the model under-segments).
+size bin pooled over the runs, the ratio of predicted to true voxels inside the nodules' boxes
+(below 1: the model under-segments), and the pixel Dice of each run pooled over its scans
+(evaluate's: every pixel of the slices with lung or nodule, so false-positive pixels anywhere count).
 
 Compare settings on runs of tuning seeds (``benchmarks/quality.py --seeds 101 102 103``), then
 confirm on the report seeds; never choose on the default cohort alone.
@@ -51,7 +52,7 @@ from noduleflow.froc import compute_froc, subgroup_froc  # noqa: E402
 from noduleflow.io import read_image  # noqa: E402
 from noduleflow.predict import candidates_from_probability, merge_close_candidates  # noqa: E402
 from noduleflow.rescore import rescore_folds  # noqa: E402
-from noduleflow.segmetrics import nodule_dice, threshold_mask  # noqa: E402
+from noduleflow.segmetrics import evaluated_slices, nodule_dice, pixel_counts, threshold_mask  # noqa: E402
 from noduleflow.slices import read_slice_store  # noqa: E402
 
 #: box margin of the per-nodule Dice, as evaluate.dice_margin_mm's default
@@ -73,7 +74,8 @@ def segmentation_rows(run: Path, uid: str, stored: np.ndarray, nodules: pd.DataF
     voxel counts inside its Dice box, from the stored probability volume (uint8, (z, y, x))."""
     from scipy import ndimage
 
-    _, _, labels, geometry = read_slice_store(run / "results" / "slices" / f"{uid}.h5")
+    _, lung, labels, geometry = read_slice_store(run / "results" / "slices" / f"{uid}.h5")
+    slices = evaluated_slices(lung, labels)
     mine = nodules[nodules["seriesuid"] == uid]
     ids = mine["nodule_id"].astype(int).tolist()
     objects = ndimage.find_objects(labels.astype(np.int32)) if labels.any() else []
@@ -87,6 +89,9 @@ def segmentation_rows(run: Path, uid: str, stored: np.ndarray, nodules: pd.DataF
     for threshold in thresholds:
         pred = threshold_mask(stored, threshold)
         dices = nodule_dice(pred, labels, geometry.spacing, DICE_MARGIN_MM, ids)
+        counts = pixel_counts(pred, labels > 0, slices)
+        rows.append({"run": run.name, "threshold": threshold, "size": "scan", "dice": float("nan"),
+                     "predicted": 0, "true": 0, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn})
         for nid, diameter in zip(ids, mine["diameter_mm"]):
             predicted = true = 0
             if nid in boxes:
@@ -174,16 +179,21 @@ def print_segmentation(rows: pd.DataFrame, names: list[str]) -> None:
     over the runs, and predicted / true voxels inside the nodules' boxes."""
     bins = [b for b in ("<6", "6-10", "10-20", ">=20") if b in set(rows["size"])]
     print("\n| threshold | " + " | ".join(names) + " | mean ± sd | worst | "
-          + " | ".join(f"Dice {b} mm" for b in bins) + " | predicted / true |")
-    print("|" + "---|" * (len(names) + 4 + len(bins)))
-    for threshold, group in rows.groupby("threshold", sort=False):
+          + " | ".join(f"Dice {b} mm" for b in bins) + " | predicted / true | pixel Dice per run | pixel Dice mean |")
+    print("|" + "---|" * (len(names) + 6 + len(bins)))
+    for threshold, everything in rows.groupby("threshold", sort=False):
+        scans = everything[everything["size"] == "scan"].groupby("run", sort=False)[["tp", "fp", "fn"]].sum()
+        scans = scans.reindex(names)
+        pixel = (2 * scans["tp"] / (2 * scans["tp"] + scans["fp"] + scans["fn"])).to_numpy()
+        group = everything[everything["size"] != "scan"]
         per_run = group.groupby("run", sort=False)["dice"].mean().reindex(names).to_numpy()
         sd = float(np.std(per_run, ddof=1)) if len(per_run) > 1 else float("nan")
         by_bin = group.groupby("size")["dice"].mean()
         ratio = group["predicted"].sum() / max(group["true"].sum(), 1)
         print(f"| {threshold:g} | " + " | ".join(f"{v:.3f}" for v in per_run)
               + f" | {per_run.mean():.3f} ± {sd:.3f} | {per_run.min():.3f} | "
-              + " | ".join(f"{by_bin.get(b, float('nan')):.3f}" for b in bins) + f" | {ratio:.2f} |")
+              + " | ".join(f"{by_bin.get(b, float('nan')):.3f}" for b in bins) + f" | {ratio:.2f} | "
+              + " ".join(f"{v:.3f}" for v in pixel) + f" | {pixel.mean():.3f} |")
 
 
 if __name__ == "__main__":
