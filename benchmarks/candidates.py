@@ -52,7 +52,8 @@ from noduleflow.froc import compute_froc, subgroup_froc  # noqa: E402
 from noduleflow.io import read_image  # noqa: E402
 from noduleflow.predict import candidates_from_probability, merge_close_candidates  # noqa: E402
 from noduleflow.rescore import rescore_folds  # noqa: E402
-from noduleflow.segmetrics import evaluated_slices, nodule_dice, pixel_counts, threshold_mask  # noqa: E402
+from noduleflow.segmetrics import (  # noqa: E402
+    evaluated_slices, nodule_boxes, nodule_dice, pixel_counts, threshold_mask)
 from noduleflow.slices import read_slice_store  # noqa: E402
 
 #: box margin of the per-nodule Dice, as evaluate.dice_margin_mm's default
@@ -69,38 +70,30 @@ def run_nodules(run: Path) -> pd.DataFrame:
 
 
 def segmentation_rows(run: Path, uid: str, stored: np.ndarray, nodules: pd.DataFrame,
-                      thresholds: list[float]) -> list[dict]:
-    """Per nodule of scan ``uid`` and threshold: its Dice (as evaluate) and its predicted and true
-    voxel counts inside its Dice box, from the stored probability volume (uint8, (z, y, x))."""
-    from scipy import ndimage
-
+                      thresholds: list[float]) -> tuple[list[dict], list[dict]]:
+    """For scan ``uid`` and each threshold, from the stored probability volume (uint8, (z, y, x)):
+    per nodule its Dice (as evaluate) and its predicted and true voxel counts inside its Dice box,
+    and the scan's pixel counts over evaluate's slices. Returns (nodule rows, scan rows)."""
     _, lung, labels, geometry = read_slice_store(run / "results" / "slices" / f"{uid}.h5")
     slices = evaluated_slices(lung, labels)
     mine = nodules[nodules["seriesuid"] == uid]
     ids = mine["nodule_id"].astype(int).tolist()
-    objects = ndimage.find_objects(labels.astype(np.int32)) if labels.any() else []
-    grow = [int(np.ceil(DICE_MARGIN_MM / float(s))) for s in tuple(geometry.spacing)[::-1]]  # z, y, x
-    boxes = {}
-    for nid in ids:
-        if nid <= len(objects) and objects[nid - 1] is not None:
-            boxes[nid] = tuple(slice(max(0, sl.start - g), min(n, sl.stop + g))
-                               for sl, g, n in zip(objects[nid - 1], grow, labels.shape))
-    rows = []
+    boxes = nodule_boxes(labels, geometry.spacing, DICE_MARGIN_MM, ids)
+    nodule_rows, scan_rows = [], []
     for threshold in thresholds:
         pred = threshold_mask(stored, threshold)
         dices = nodule_dice(pred, labels, geometry.spacing, DICE_MARGIN_MM, ids)
         counts = pixel_counts(pred, labels > 0, slices)
-        rows.append({"run": run.name, "threshold": threshold, "size": "scan", "dice": float("nan"),
-                     "predicted": 0, "true": 0, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn})
+        scan_rows.append({"run": run.name, "threshold": threshold, **counts.as_dict()})
         for nid, diameter in zip(ids, mine["diameter_mm"]):
             predicted = true = 0
             if nid in boxes:
                 lab = labels[boxes[nid]]
                 counted = (lab == 0) | (lab == nid)  # other nodules' voxels count for neither
                 predicted, true = int((pred[boxes[nid]] & counted).sum()), int((lab == nid).sum())
-            rows.append({"run": run.name, "threshold": threshold, "size": size_bin(float(diameter)),
-                         "dice": dices[nid], "predicted": predicted, "true": true})
-    return rows
+            nodule_rows.append({"run": run.name, "threshold": threshold, "size": size_bin(float(diameter)),
+                                "dice": dices[nid], "predicted": predicted, "true": true})
+    return nodule_rows, scan_rows
 
 
 def run_maps(run: Path) -> dict[str, tuple[int, Path]]:
@@ -126,6 +119,7 @@ def main() -> None:
     settings = list(itertools.product(args.thresholds, args.scores, args.merge_mm))
     results = {s: [] for s in settings}
     seg_rows: list[dict] = []
+    pixel_rows: list[dict] = []
     for run in args.runs:
         nodules = run_nodules(run)
         folds = pd.read_csv(run / "results" / "folds.csv", dtype={"seriesuid": str})
@@ -136,7 +130,9 @@ def main() -> None:
             fold_of[uid] = fold
             stored, geometry = read_image(path)
             stored = np.asarray(stored)
-            seg_rows += segmentation_rows(run, uid, stored, nodules, args.thresholds)
+            nodule_part, scan_part = segmentation_rows(run, uid, stored, nodules, args.thresholds)
+            seg_rows += nodule_part
+            pixel_rows += scan_part
             for threshold, score in itertools.product(args.thresholds, args.scores):
                 found = candidates_from_probability(stored, geometry, threshold, args.min_volume_mm3,
                                                     seriesuid=uid, score=score)
@@ -157,7 +153,6 @@ def main() -> None:
             results[setting].append({"run": run.name, "cpm": froc.cpm, "fps_max": float(froc.fps.max()),
                                      "n_small": n_small, "sens8_small": sens_small})
         print(f"{run}: {len(uids)} scans, {len(nodules)} nodules", flush=True)
-    nodules_dice = pd.DataFrame(seg_rows)
 
     names = [r["run"] for r in results[settings[0]]]
     print("\n| threshold | score | merge mm | " + " | ".join(names) + " | mean ± sd | worst | 6-10 mm sens@8 |")
@@ -171,21 +166,21 @@ def main() -> None:
         sd = float(np.std(cpm, ddof=1)) if len(cpm) > 1 else float("nan")
         print(f"| {threshold:g} | {score} | {merge:g} | " + " | ".join(f"{v:.3f}" for v in cpm)
               + f" | {cpm.mean():.3f} ± {sd:.3f} | {cpm.min():.3f} | {pooled_small:.3f} |")
-    print_segmentation(nodules_dice, names)
+    print_segmentation(pd.DataFrame(seg_rows), pd.DataFrame(pixel_rows), names)
 
 
-def print_segmentation(rows: pd.DataFrame, names: list[str]) -> None:
-    """Per threshold: mean per-nodule Dice per run, mean +- sd and worst, Dice per size bin pooled
-    over the runs, and predicted / true voxels inside the nodules' boxes."""
+def print_segmentation(rows: pd.DataFrame, pixels: pd.DataFrame, names: list[str]) -> None:
+    """Per threshold: mean per-nodule Dice per run (``rows``: one per nodule), mean +- sd and worst,
+    Dice per size bin pooled over the runs, predicted / true voxels inside the nodules' boxes, and
+    each run's pixel Dice from its scans' counts (``pixels``: one row per scan)."""
     bins = [b for b in ("<6", "6-10", "10-20", ">=20") if b in set(rows["size"])]
     print("\n| threshold | " + " | ".join(names) + " | mean ± sd | worst | "
           + " | ".join(f"Dice {b} mm" for b in bins) + " | predicted / true | pixel Dice per run | pixel Dice mean |")
     print("|" + "---|" * (len(names) + 6 + len(bins)))
-    for threshold, everything in rows.groupby("threshold", sort=False):
-        scans = everything[everything["size"] == "scan"].groupby("run", sort=False)[["tp", "fp", "fn"]].sum()
+    for threshold, group in rows.groupby("threshold", sort=False):
+        scans = pixels[pixels["threshold"] == threshold].groupby("run", sort=False)[["tp", "fp", "fn"]].sum()
         scans = scans.reindex(names)
         pixel = (2 * scans["tp"] / (2 * scans["tp"] + scans["fp"] + scans["fn"])).to_numpy()
-        group = everything[everything["size"] != "scan"]
         per_run = group.groupby("run", sort=False)["dice"].mean().reindex(names).to_numpy()
         sd = float(np.std(per_run, ddof=1)) if len(per_run) > 1 else float("nan")
         by_bin = group.groupby("size")["dice"].mean()

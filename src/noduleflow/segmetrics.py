@@ -52,9 +52,27 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(pred, truth).sum()) / denom
 
 
+def nodule_boxes(labels: np.ndarray, spacing: Sequence[float], margin_mm: float = 5.0,
+                 ids: Iterable[int] | None = None) -> dict[int, tuple[slice, slice, slice]]:
+    """Each nodule's Dice box: the bounding box (z, y, x slices) of its label voxels grown by
+    ``margin_mm`` on every side, clipped to the volume. ``labels`` integer (z, y, x), ``spacing``
+    (x, y, z) mm. ``ids``: the nodules wanted (default every label present); an id absent from
+    ``labels`` has no box (it is left out of the result)."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    objects = ndimage.find_objects(labels.astype(np.int32, copy=False)) if labels.any() else []
+    present = {i + 1 for i, box in enumerate(objects) if box is not None}
+    grow = [int(math.ceil(margin_mm / float(s))) for s in tuple(spacing)[::-1]]  # z, y, x voxels
+    wanted = sorted(present) if ids is None else [int(i) for i in ids]
+    return {nid: tuple(slice(max(0, sl.start - g), min(n, sl.stop + g))
+                       for sl, g, n in zip(objects[nid - 1], grow, labels.shape))
+            for nid in wanted if nid in present}
+
+
 def nodule_dice(pred: np.ndarray, labels: np.ndarray, spacing: Sequence[float], margin_mm: float = 5.0,
                 ids: Iterable[int] | None = None) -> dict[int, float]:
-    """Dice of each nodule in its box (label bounding box + ``margin_mm``); see module docstring.
+    """Dice of each nodule in its box (:func:`nodule_boxes`); see module docstring.
 
     ``pred`` bool (z, y, x), ``labels`` integer (z, y, x), ``spacing`` (x, y, z) mm. ``ids``: the
     nodule ids to score (default: every label present); an id absent from ``labels`` gets NaN.
@@ -63,25 +81,16 @@ def nodule_dice(pred: np.ndarray, labels: np.ndarray, spacing: Sequence[float], 
     labels = np.asarray(labels)
     if pred.shape != labels.shape:
         raise ValueError(f"prediction shape {pred.shape} != label shape {labels.shape}")
-    from scipy import ndimage
-
-    objects = ndimage.find_objects(labels.astype(np.int32, copy=False)) if labels.any() else []
-    present = {i + 1 for i, box in enumerate(objects) if box is not None}
-    if ids is None:
-        ids = sorted(present)
-    grow = [int(math.ceil(margin_mm / float(s))) for s in tuple(spacing)[::-1]]  # z, y, x voxels
+    boxes = nodule_boxes(labels, spacing, margin_mm, ids)
     out: dict[int, float] = {}
-    for nid in ids:
-        nid = int(nid)
-        if nid not in present:
+    for nid in (sorted(boxes) if ids is None else [int(i) for i in ids]):
+        if nid not in boxes:
             out[nid] = float("nan")
             continue
-        box = tuple(slice(max(0, sl.start - g), min(n, sl.stop + g))
-                    for sl, g, n in zip(objects[nid - 1], grow, labels.shape))
-        lab = labels[box]
+        lab = labels[boxes[nid]]
         truth = lab == nid
         other = (lab > 0) & ~truth
-        out[nid] = dice(pred[box] & ~other, truth)
+        out[nid] = dice(pred[boxes[nid]] & ~other, truth)
     return out
 
 
