@@ -69,7 +69,7 @@ def test_paper_experiments_share_preprocessing_and_the_hybrid_model(paper_runs):
     assert stage_owner(runs, _prefix("roi_hybrid_negative"), "train") == _prefix("roi_hybrid_positive")
     assert stage_owner(runs, _prefix("roi_hybrid_negative"), "predict") == _prefix("roi_hybrid_negative")
     # roi_positive is the base with the article's Dice loss: its own model under the default
-    # dice_bce base, the base run itself when the base already uses dice
+    # dice_mixed_bce base, the base run itself when the base already uses dice
     assert stage_owner(runs, _prefix("roi_positive"), "train") == _prefix("roi_positive")
     dice_base = deep_merge(base, {"train": {"loss": "dice"},
                                   "experiments": yaml.safe_load(

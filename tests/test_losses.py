@@ -155,3 +155,34 @@ def test_dice_patch_bce_leaves_patches_without_nodule_to_the_cross_entropy():
              for name in ("dice_patch_bce", "bce", "dice_patch")}
     assert extra["dice_patch_bce"] == pytest.approx(extra["bce"], rel=1e-4)
     assert extra["dice_patch"] > 10 * extra["dice_patch_bce"]
+
+
+def test_dice_mixed_bce_charges_false_pixels_in_empty_patches_that_dice_patch_bce_leaves_alone():
+    """False pixels in a patch without a nodule: dice_patch_bce charges them only the cross-entropy,
+    dice_mixed_bce also half a batch Dice, so a model cannot buy small-nodule recall with false
+    pixels elsewhere for free. A missed small nodule still costs it over a third of what a missed large
+    one costs (the Dice parts; dice_bce: a few per cent)."""
+    targets = _discs((6, 0))
+    right = (2 * targets - 1) * 20
+    noisy = right.clone()
+    noisy[1, 0, 5:25, 5:25] = 20.0  # 400 false pixels in the empty patch
+    extra = {name: float(make_loss(name)(noisy, targets)) - float(make_loss(name)(right, targets))
+             for name in ("dice_mixed_bce", "dice_patch_bce", "bce", "dice")}
+    assert extra["dice_patch_bce"] == pytest.approx(extra["bce"], rel=1e-4)
+    assert extra["dice_mixed_bce"] - extra["bce"] == pytest.approx(0.5 * extra["dice"], rel=1e-3)
+    assert extra["dice_mixed_bce"] - extra["dice_patch_bce"] > 0.2  # the batch Dice's half of ~0.45
+
+    sizes = _discs((10, 2))
+    exact = (2 * sizes - 1) * 20
+
+    def cost_of_missing(name: str, patch: int) -> float:
+        wrong = exact.clone()
+        wrong[patch] = -20.0
+        return float(make_loss(name)(wrong, sizes)) - float(make_loss(name)(exact, sizes))
+
+    def dice_part(name: str, patch: int) -> float:
+        return cost_of_missing(name, patch) - cost_of_missing("bce", patch)
+
+    ratio = {name: dice_part(name, 1) / dice_part(name, 0) for name in ("dice_mixed_bce", "dice_bce")}
+    assert ratio["dice_mixed_bce"] > 0.3
+    assert ratio["dice_bce"] < 0.1

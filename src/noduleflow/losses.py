@@ -26,6 +26,10 @@ under mixed precision) and return a scalar tensor; every channel counts equally.
   missed small nodule barely moves the loss; here every nodule patch counts alike. Patches without
   target pixels are left to the cross-entropy (a per-patch Dice would charge them a near-total loss
   for a handful of doubtful pixels, which is what ``dice_patch`` does).
+* ``dice_mixed_bce``: the mean of the batch ``dice`` and the per-patch Dice of ``dice_patch_bce``,
+  plus ``bce``. The per-patch term gives every nodule patch the same weight; the batch term charges
+  false pixels wherever they are, in patches without a nodule too, which ``dice_patch_bce`` leaves
+  to the cross-entropy alone (its models mark many false pixels: a lower pixel Dice).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("dice_bce", "dice", "dice_patch", "dice_both", "dice_patch_bce", "focal", "bce")
+LOSSES = ("dice_bce", "dice", "dice_patch", "dice_both", "dice_patch_bce", "dice_mixed_bce", "focal",
+          "bce")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -134,6 +139,14 @@ def dice_patch_bce_loss(logits: torch.Tensor, targets: torch.Tensor, weight: tor
     return target_patch_dice_loss(logits, targets, weight) + bce_loss(logits, targets, weight, pos_weight)
 
 
+def dice_mixed_bce_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
+                        pos_weight: float = 1.0) -> torch.Tensor:
+    """Mean of the soft batch Dice and the per-patch Dice of the patches that show the target, plus
+    binary cross-entropy over every counted pixel (``pos_weight`` applies to the BCE term)."""
+    dice_part = 0.5 * (dice_loss(logits, targets, weight) + target_patch_dice_loss(logits, targets, weight))
+    return dice_part + bce_loss(logits, targets, weight, pos_weight)
+
+
 def make_loss(name: str, pos_weight: float = 1.0, focal_gamma: float = 2.0) -> LossFn:
     """The loss ``name`` (one of :data:`LOSSES`) as ``fn(logits, targets, weight=None) -> scalar``."""
     if name == "dice_bce":
@@ -146,6 +159,8 @@ def make_loss(name: str, pos_weight: float = 1.0, focal_gamma: float = 2.0) -> L
         return lambda logits, targets, weight=None: both_dice_loss(logits, targets, weight)
     if name == "dice_patch_bce":
         return lambda logits, targets, weight=None: dice_patch_bce_loss(logits, targets, weight, pos_weight)
+    if name == "dice_mixed_bce":
+        return lambda logits, targets, weight=None: dice_mixed_bce_loss(logits, targets, weight, pos_weight)
     if name == "bce":
         return lambda logits, targets, weight=None: bce_loss(logits, targets, weight, pos_weight)
     if name == "focal":

@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 #: the ``train:`` block's defaults (config.yaml holds the same values)
 DEFAULTS: dict[str, Any] = {
     "label_mode": "positive",
-    "loss": "dice_bce",
+    "loss": "dice_mixed_bce",
     "pos_weight": 1.0,
     "focal_gamma": 2.0,
     "epochs": 9,
@@ -286,10 +286,13 @@ def intensity_block(cfg_intensity: Mapping[str, Any], patches: PatchSubset) -> d
 
 
 def evaluate(model: torch.nn.Module, patches: Patches, label_mode: str, intensity: Mapping[str, Any],
-             device: torch.device | str = "cpu", loss_fn=None, threshold: float = 0.5) -> tuple[float, float]:
+             device: torch.device | str = "cpu", loss_fn=None, threshold: float = 0.5,
+             amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """(mean loss, Dice) of ``model`` on ``patches`` (a :class:`noduleflow.patchdata.Patches` source,
     read batch by batch), normalised with ``intensity`` (a model's intensity block), no
-    augmentation, model in eval mode.
+    augmentation, model in eval mode. ``amp_dtype``: run the model under autocast to that dtype
+    (training passes its own, so validation sees what inference with ``predict.amp`` computes);
+    None: float32. The loss is computed in float32 either way.
 
     Dice is over all pixels of all patches: nodule probability (positive head for hybrid) above
     ``threshold`` inside the ROI vs the nodule mask; 1.0 when both are empty; NaN without patches.
@@ -306,7 +309,10 @@ def evaluate(model: torch.nn.Module, patches: Patches, label_mode: str, intensit
     with torch.inference_mode():
         for batch in data:
             x = batch["image"].to(device).contiguous(memory_format=memory_format)
-            logits = model(x).float()
+            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                logits = model(x)
+            logits = logits.float()
             if loss_fn is not None:
                 loss = loss_fn(logits, batch["target"].to(device), batch["weight"].to(device))
                 total_loss += float(loss) * len(x)
@@ -589,7 +595,8 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
                 loss_sum += float(loss.detach()) * len(x)
                 seen += len(x)
             lr_now = float(optimizer.param_groups[0]["lr"])
-            val_loss, val_dice = evaluate(ema.model, data["val"], cfg["label_mode"], intensity, device, loss_fn)
+            val_loss, val_dice = evaluate(ema.model, data["val"], cfg["label_mode"], intensity, device, loss_fn,
+                                          amp_dtype=amp_dtype)
             score = val_dice if cfg["select_on"] == "dice" else -val_loss
             improved = score > state["best_score"]
             if improved:
@@ -619,7 +626,7 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
                 raise TrainingInterrupted(f"stopped after epoch {epoch} (stop_after_epoch)")
 
         model.load_state_dict(state["best_state"])
-        _, heldout_dice = evaluate(model, data["heldout"], cfg["label_mode"], intensity, device)
+        _, heldout_dice = evaluate(model, data["heldout"], cfg["label_mode"], intensity, device, amp_dtype=amp_dtype)
     patch_file.close()
     if math.isnan(heldout_dice):
         log.warning("fold %d: no held-out patches, held-out patch Dice undefined", fold)
