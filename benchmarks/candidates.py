@@ -53,7 +53,7 @@ from noduleflow.io import read_image  # noqa: E402
 from noduleflow.predict import candidates_from_probability, merge_close_candidates  # noqa: E402
 from noduleflow.rescore import rescore_folds  # noqa: E402
 from noduleflow.segmetrics import (  # noqa: E402
-    evaluated_slices, nodule_boxes, nodule_dice, pixel_counts, threshold_mask)
+    PixelCounts, evaluated_slices, nodule_boxes, nodule_dice, pixel_counts, threshold_mask)
 from noduleflow.slices import read_slice_store  # noqa: E402
 
 #: box margin of the per-nodule Dice, as evaluate.dice_margin_mm's default
@@ -178,9 +178,9 @@ def print_segmentation(rows: pd.DataFrame, pixels: pd.DataFrame, names: list[str
           + " | ".join(f"Dice {b} mm" for b in bins) + " | predicted / true | pixel Dice per run | pixel Dice mean |")
     print("|" + "---|" * (len(names) + 6 + len(bins)))
     for threshold, group in rows.groupby("threshold", sort=False):
-        scans = pixels[pixels["threshold"] == threshold].groupby("run", sort=False)[["tp", "fp", "fn"]].sum()
-        scans = scans.reindex(names)
-        pixel = (2 * scans["tp"] / (2 * scans["tp"] + scans["fp"] + scans["fn"])).to_numpy()
+        summed = pixels[pixels["threshold"] == threshold].groupby("run", sort=False)[["tp", "fp", "fn", "tn"]].sum()
+        pixel = np.array([PixelCounts(**{k: int(v) for k, v in summed.loc[name].items()}).metrics()["dice"]
+                          for name in names])
         per_run = group.groupby("run", sort=False)["dice"].mean().reindex(names).to_numpy()
         sd = float(np.std(per_run, ddof=1)) if len(per_run) > 1 else float("nan")
         by_bin = group.groupby("size")["dice"].mean()
