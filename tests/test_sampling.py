@@ -448,3 +448,32 @@ def test_a_malformed_plan_is_an_error_naming_it(tmp_path):
         bad.write_text(f"seriesuid,has_nodule,n_positive,n_negative\n{row}\n", encoding="utf-8")
         with pytest.raises(InputError, match=r"plan\.csv: patch counts"):
             read_plan(bad)
+
+
+def test_draws_give_fresh_centres_with_the_same_counts_and_draw_0_is_the_single_draw(stores, tmp_path):
+    single = sample(stores, tmp_path / "one.h5")
+    three = sample(stores, tmp_path / "three.h5", draws=3)
+    assert set(np.unique(three["draw"])) == {0, 1, 2}
+    first = three["draw"] == 0
+    for key in ("image", "mask", "y", "x", "kind", "seriesuid", "plane"):   # draw 0 = what draws: 1 gives
+        np.testing.assert_array_equal(three[key][first], single[key])
+    for uid in np.unique(three["seriesuid"]):
+        per_draw = [three["kind"][(three["seriesuid"] == uid) & (three["draw"] == d)] for d in range(3)]
+        assert all(np.array_equal(kinds, per_draw[0]) for kinds in per_draw)   # same kinds, same order
+    centres = [np.stack([three[a][three["draw"] == d] for a in ("z", "y", "x")], axis=1) for d in range(3)]
+    for d in (1, 2):                                                   # new centres, not a shuffled copy
+        assert np.mean(np.all(centres[d] == centres[0], axis=1)) < 0.2
+    positives = three["kind"] == "positive"                            # every draw's positives show a nodule
+    assert three["mask"][positives].reshape(positives.sum(), -1).any(axis=1).all()
+    again = sample(list(reversed(stores)), tmp_path / "again.h5", draws=3)
+    for key in three:
+        np.testing.assert_array_equal(three[key], again[key])
+    with h5py.File(tmp_path / "three.h5", "r") as f:
+        assert f.attrs["draws"] == 3
+
+
+@pytest.mark.parametrize("draws", [0, 1.5, True])
+def test_an_invalid_number_of_draws_is_refused_before_writing(stores, tmp_path, draws):
+    with pytest.raises(ValueError, match="sampling.draws"):
+        sample(stores, tmp_path / "p.h5", draws=draws)
+    assert not (tmp_path / "p.h5").exists()

@@ -564,3 +564,59 @@ def test_patches_held_in_memory_or_streamed_give_the_same_weights(data, uninterr
     assert same_weights(streamed[2], uninterrupted[2])          # the fixture's run held them in memory
     with pytest.raises(InputError, match="train.patch_memory_mb"):
         run(data, tmp_path / "bad", patch_memory_mb=-1)
+
+
+def write_drawn_patches(path, draw_seeds):
+    """A patches file with one draw per seed in ``draw_seeds`` (draw d: :func:`write_disc_patches`
+    of that seed), stored scan by scan, draw by draw (the layout of noduleflow.sampling)."""
+    parts = []
+    for d, seed in enumerate(draw_seeds):
+        one = write_disc_patches(path.with_suffix(f".d{d}.h5"), seed=seed)
+        with h5py.File(one, "r") as h5:
+            parts.append({k: h5[k][()] for k in ("image", "mask", "roi", "seriesuid", "kind", "plane")})
+    n_scans, per_scan = 6, 24
+    order = np.concatenate([d * n_scans * per_scan + np.arange(s * per_scan, (s + 1) * per_scan)
+                            for s in range(n_scans) for d in range(len(parts))])
+    every = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+    draw = np.repeat(np.arange(len(parts)), n_scans * per_scan)[order]
+    with h5py.File(path, "w") as h5:
+        for key, value in every.items():
+            h5[key] = value
+        h5["draw"] = draw.astype(np.int32)
+        n = len(draw)
+        h5["z"], h5["y"], h5["x"] = np.arange(n), np.full(n, SIZE // 2), np.full(n, SIZE // 2)
+        h5.attrs.update({"context": 1, "context_step": 2, "patch_size": SIZE, "lung_roi": True, "seed": 0,
+                         "draws": len(parts)})
+    return path
+
+
+def test_each_epoch_trains_on_its_own_draw_and_validation_on_the_first(data, uninterrupted, tmp_path, caplog):
+    # two draws that are both the fixture's patches: every epoch sees what a single draw shows
+    twice = write_drawn_patches(tmp_path / "twice.h5", [0, 0])
+    _, history, weights = run((twice, data[1]), tmp_path / "twice")
+    assert same_weights(weights, uninterrupted[2])
+    assert history["val_loss"].tolist() == uninterrupted[1]["val_loss"].tolist()
+    # a second draw of other patches: epoch 1 as before (draw 0), epoch 2 trains on draw 1, epoch 3 on draw 0
+    fresh = write_drawn_patches(tmp_path / "fresh.h5", [0, 9])
+    with caplog.at_level(logging.INFO, logger="noduleflow.train"):
+        _, fresh_history, fresh_weights = run((fresh, data[1]), tmp_path / "fresh")
+    assert "in each of 2 draws, one per epoch in turn" in caplog.text
+    assert fresh_history["val_loss"][0] == history["val_loss"][0]
+    assert fresh_history["val_loss"][1] != history["val_loss"][1]
+    assert not same_weights(fresh_weights, weights)
+    # killed after epoch 2 and resumed: the same weights as the run in one go
+    with pytest.raises(TrainingInterrupted):
+        run((fresh, data[1]), tmp_path / "resumed", stop_after_epoch=2)
+    _, _, resumed = run((fresh, data[1]), tmp_path / "resumed")
+    assert same_weights(resumed, fresh_weights)
+
+
+def test_draws_of_unequal_size_are_an_error_naming_the_file(tmp_path):
+    path = write_drawn_patches(tmp_path / "bad.h5", [0, 9])
+    with h5py.File(path, "r+") as h5:
+        draw, uids = h5["draw"][()], h5["seriesuid"][()].astype(str)
+        draw[np.flatnonzero((draw == 1) & (uids == "1.2.826.0.1"))[:5]] = 0   # a training scan of fold 0
+        h5["draw"][...] = draw
+    with pytest.raises(InputError, match="bad.h5.*different numbers of patches"):
+        run((path, write_folds(tmp_path / "folds.csv")), tmp_path / "out")
+    assert not (tmp_path / "out" / "model.pt").exists()

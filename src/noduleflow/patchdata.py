@@ -50,11 +50,14 @@ class Patches(Protocol):
 
 
 class ArrayPatches:
-    """:class:`Patches` over arrays in memory (``seriesuid``: each patch's scan, when known)."""
+    """:class:`Patches` over arrays in memory (``seriesuid``: each patch's scan, when known; ``draw``:
+    each patch's draw, :mod:`noduleflow.sampling`, default all 0)."""
 
-    def __init__(self, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, seriesuid: np.ndarray | None = None):
+    def __init__(self, image: np.ndarray, mask: np.ndarray, roi: np.ndarray, seriesuid: np.ndarray | None = None,
+                 draw: np.ndarray | None = None):
         self.image, self.mask, self.roi = image, mask, roi
         self.seriesuid = seriesuid
+        self.draw = np.zeros(len(image), dtype=np.int32) if draw is None else np.asarray(draw, dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self.image)
@@ -69,7 +72,7 @@ class PatchFile:
     """Patches files read on demand, as one sequence: one ``patches.h5`` or the per-scan files of
     the pipeline (``patches/scans/{seriesuid}.h5``), given as a list or a folder of ``*.h5``, in
     the order given (a folder: sorted by name, i.e. by seriesuid). In memory: the table
-    (``seriesuid``), the attributes and the shapes; patches are read by :meth:`take`. Raises
+    (``seriesuid``, ``draw``: 0 for files written before draws existed), the attributes and the shapes; patches are read by :meth:`take`. Raises
     InputError naming the file when one is missing, is not a patches file, or was sampled with
     other settings than the first."""
 
@@ -82,7 +85,7 @@ class PatchFile:
         self.paths = [Path(p) for p in paths]
         if not self.paths:
             raise InputError("no patches files given")
-        uids, sizes, self.attrs, self.image_shape = [], [], None, None
+        uids, draws, sizes, self.attrs, self.image_shape = [], [], [], None, None
         for path in self.paths:
             if not path.is_file():
                 raise InputError(f"{path}: patches file not found")
@@ -97,6 +100,9 @@ class PatchFile:
                 seriesuid = store["seriesuid"][()].astype(str)
                 if len(seriesuid) != image[0]:
                     raise InputError(f"{path}: {len(seriesuid)} seriesuids for {image[0]} patches")
+                draw = store["draw"][()].astype(np.int32) if "draw" in store else np.zeros(image[0], np.int32)
+                if len(draw) != image[0]:
+                    raise InputError(f"{path}: {len(draw)} draw indices for {image[0]} patches")
                 attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in store.attrs.items()}
             if self.attrs is None:
                 self.attrs, self.image_shape = attrs, tuple(int(v) for v in image)
@@ -105,8 +111,10 @@ class PatchFile:
                 raise InputError(f"{path}: sampled with other settings than {self.paths[0]} "
                                  f"({', '.join(differ) or 'patch shape'})")
             uids.append(seriesuid)
+            draws.append(draw)
             sizes.append(int(image[0]))
         self.seriesuid = np.concatenate(uids)
+        self.draw = np.concatenate(draws)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.image_shape = (int(self.offsets[-1]),) + tuple(self.image_shape[1:])
         self._handles: dict[int, Any] = {}
@@ -158,7 +166,7 @@ class PatchFile:
             for name, out in (("image", image), ("mask", mask), ("roi", roi)):
                 store[name].read_direct(out, dest_sel=np.s_[a:b])
         self.close()
-        return ArrayPatches(image, mask, roi, self.seriesuid)
+        return ArrayPatches(image, mask, roi, self.seriesuid, self.draw)
 
     def close(self) -> None:
         if self._pid == os.getpid():

@@ -30,6 +30,14 @@ Of a scan's negatives, ``round(negatives * hard_negative_fraction)`` are hard ne
 scan has fewer such voxels: each is used once, and plain negatives fill in). Negative centres are
 drawn without replacement (plain negatives with replacement only in a scan with too few voxels).
 
+**Draws** (``draws`` = D): each scan gives D independent sets of these patches (the same counts,
+centres drawn afresh), and training uses set ``(epoch - 1) mod D`` in each epoch, so with D equal
+to the epochs every epoch sees new patches instead of the same ones again (nnU-Net samples its
+patches on the fly for the same reason; drawing them here keeps training reproducible and lets
+the five folds share one sampling). Draw 0 is the set a run with ``draws: 1`` gets; validation and
+the held-out patch Dice use draw 0 only. The scan's thick-structure map is computed once for
+all draws.
+
 Each patch has ``c = 2 * context + 1`` channels: the slices ``s + j * context_step`` for ``j = -context
 .. context`` of its plane around the centre slice ``s`` (indices clamped at the volume ends, so edge
 slices repeat). A ``context_step`` above 1 widens the view across the plane at no extra cost: with
@@ -50,12 +58,13 @@ Output, per scan or for the cohort (written atomically): ``image`` int16 HU (n, 
 uint8 0/1 nodule of the centre slice (n, h, w), ``roi`` uint8 (n, h, w) (lung mask of the centre slice, or all
 ones without ``lung_roi``), all chunked one patch per chunk and gzip-compressed; the table
 ``seriesuid`` (bytes), ``z``, ``y``, ``x`` (int32 centre voxel, (z, y, x) whatever the plane), ``kind``
-and ``plane`` (bytes); attrs ``context``, ``context_step``, ``patch_size``, ``lung_roi``, ``seed``,
-``planes`` and the other sampling settings. Patches are stored scan by scan in seriesuid order;
-within a scan plane by plane (axial, coronal, sagittal), and within a plane positives, then hard
+and ``plane`` (bytes), ``draw`` (int32); attrs ``context``, ``context_step``, ``patch_size``, ``lung_roi``, ``seed``,
+``planes``, ``draws`` and the other sampling settings. Patches are stored scan by scan in seriesuid
+order; within a scan draw by draw, within a draw plane by plane (axial, coronal, sagittal), and within a plane positives, then hard
 negatives, then negatives.
 
-Determinism: every scan draws from its own generator seeded by ``(seed, sha256(seriesuid))``, so the
+Determinism: every scan draws from its own generators seeded by ``(seed, sha256(seriesuid))`` (draw 0)
+and ``(seed, sha256(seriesuid), d)`` (draw d >= 1), so the
 file is identical for the same slice stores and settings, whatever the order of ``slice_files``.
 """
 
@@ -80,7 +89,7 @@ KINDS = ("positive", "hard_negative", "negative")
 #: per-patch chunks, compressed (fast gzip level with byte shuffle)
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 PATCH_DATASETS = ("image", "mask", "roi")
-TABLE_DATASETS = ("seriesuid", "z", "y", "x", "kind", "plane")
+TABLE_DATASETS = ("seriesuid", "z", "y", "x", "kind", "plane", "draw")
 
 
 # --------------------------------------------------------------------------- the stage
@@ -150,7 +159,7 @@ def patch_file_attrs(lung_roi: bool, patches_per_scan: int, positive_fraction: f
                      context: int = 3, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
                      jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
                      thick_negative_fraction: float = 0.5, thick_negative_sigma_mm: float = 2.0,
-                     context_step: int = 2) -> dict[str, Any]:
+                     context_step: int = 2, draws: int = 1) -> dict[str, Any]:
     """The attributes of a patches file: every sampling setting (what inference must repeat, and
     what tells two files apart)."""
     return {"context": int(context), "context_step": int(context_step), "patch_size": int(patch_size),
@@ -161,7 +170,7 @@ def patch_file_attrs(lung_roi: bool, patches_per_scan: int, positive_fraction: f
             "jitter_fraction": float(jitter_fraction), "fill_hu": AIR_HU,
             "thick_negative_fraction": float(thick_negative_fraction),
             "thick_negative_sigma_mm": float(thick_negative_sigma_mm),
-            "planes": ",".join(check_planes(planes, "sampling.planes"))}
+            "planes": ",".join(check_planes(planes, "sampling.planes")), "draws": int(draws)}
 
 
 class PatchWriter:
@@ -219,6 +228,7 @@ class PatchWriter:
                                          track_times=False)
                 self.file.create_dataset("plane", data=table["plane"].astype(f"S{max(len(p) for p in PLANES)}"),
                                          track_times=False)
+                self.file.create_dataset("draw", data=table["draw"].astype(np.int32), track_times=False)
         finally:
             self.file.close()
 
@@ -226,9 +236,11 @@ class PatchWriter:
 def check_settings(patch_size: int = 64, context: int = 3, patches_per_scan: int = 160,
                    positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5, jitter_fraction: float = 0.35,
                    thick_negative_fraction: float = 0.5, thick_negative_sigma_mm: float = 2.0, context_step: int = 2,
-                   planes: Sequence[str] = PLANES, **_other: Any) -> None:
+                   planes: Sequence[str] = PLANES, draws: int = 1, **_other: Any) -> None:
     """ValueError naming the ``sampling.*`` key of the first invalid setting."""
     check_planes(planes, "sampling.planes")
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or int(draws) < 1:
+        raise ValueError(f"sampling.draws = {draws!r}: must be an integer >= 1")
     if int(patch_size) < 2:
         raise ValueError(f"sampling.patch_size = {patch_size}: must be at least 2 pixels")
     if int(context) < 0:
@@ -249,11 +261,12 @@ def check_settings(patch_size: int = 64, context: int = 3, patches_per_scan: int
 # --------------------------------------------------------------------------- one scan
 
 
-def scan_rng(seed: int, uid: str) -> np.random.Generator:
-    """The generator of one scan: seeded by (seed, sha256 of the seriesuid), order-independent."""
+def scan_rng(seed: int, uid: str, draw: int = 0) -> np.random.Generator:
+    """The generator of one scan's draw: seeded by (seed, sha256 of the seriesuid) for draw 0 and
+    (seed, sha256 of the seriesuid, draw) for the others; independent of the order of the scans."""
     digest = hashlib.sha256(uid.encode()).digest()
     words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
-    return np.random.default_rng([int(seed), *words])
+    return np.random.default_rng([int(seed), *words] + ([int(draw)] if draw else []))
 
 
 def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: int, patch_size: int = 64,
@@ -261,13 +274,14 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
                 jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
                 thick_negative_fraction: float = 0.5,
                 thick_negative_sigma_mm: float = 2.0,
-                context_step: int = 2) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                context_step: int = 2, draws: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
-    "kind", "plane"}``): ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
+    "kind", "plane", "draw"}``), ``draws`` sets of: ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
     negatives, of which a ``hard_negative_fraction`` share hard ones (a ``thick_negative_fraction``
     share of these inside thick structures, :func:`thick_structures`), each count split evenly over
     ``planes`` (:func:`noduleflow.planes.split_count`). Centres in the table are (z, y, x) voxel indices
-    whatever the plane. Generator: :func:`scan_rng`, used plane after plane in :data:`PLANES` order."""
+    whatever the plane. Generator: :func:`scan_rng` of each draw, used plane after plane in
+    :data:`PLANES` order; draws in order 0 .. ``draws`` - 1."""
     from noduleflow.slices import read_slice_store
 
     path = Path(path)
@@ -279,11 +293,13 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
     for name, array in (("lung", lung), ("nodule", nodule)):
         if array.shape != image.shape:
             raise InputError(f"{path}: {name} {array.shape} and image {image.shape} differ in shape (z, y, x)")
-    rng = scan_rng(seed, uid)
     thick = (thick_structures(image, lung, geometry.spacing, thick_negative_sigma_mm, hard_negative_min_hu)
              if thick_negative_fraction > 0 and hard_negative_fraction > 0 else None)
     parts, tables = [], []
-    for plane, n_pos, n_neg in zip(planes, split_count(n_positive, planes), split_count(n_negative, planes)):
+    plane_counts = list(zip(planes, split_count(n_positive, planes), split_count(n_negative, planes)))
+    for draw, (plane, n_pos, n_neg) in ((d, pc) for d in range(int(draws)) for pc in plane_counts):
+        if plane == plane_counts[0][0]:
+            rng = scan_rng(seed, uid, draw)
         img_p, lung_p, nod_p = (to_plane(a, plane) for a in (image, lung, nodule))
         centres, kinds = choose_centres(img_p, lung_p, nod_p, rng, lung_roi=lung_roi, n_positive=n_pos,
                                         n_negative=n_neg, patch_size=patch_size,
@@ -299,7 +315,8 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
         zyx = indices_from_plane(centres, plane)
         tables.append({"seriesuid": np.full(len(kinds), uid, dtype=object).astype(str),
                        "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2], "kind": np.asarray(kinds, dtype=str),
-                       "plane": np.full(len(kinds), plane, dtype=object).astype(str)})
+                       "plane": np.full(len(kinds), plane, dtype=object).astype(str),
+                       "draw": np.full(len(kinds), draw, dtype=np.int32)})
     patches = {name: np.concatenate([p[name] for p in parts]) for name in PATCH_DATASETS}
     table = {name: np.concatenate([t[name] for t in tables]) for name in tables[0]}
     return patches, table

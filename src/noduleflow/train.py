@@ -11,7 +11,10 @@ that picks the best epoch (lowest validation loss, or highest validation Dice wi
 dice``) and stops early. The loss is the default criterion: on a few validation scans the
 thresholded Dice jumps with single nodules found or lost from one epoch to the next (it picked an
 epoch-2 model in a 9-epoch run), while the loss moves smoothly. The held-out fold is only used
-once, after training, to report the selected model's **held-out patch Dice**.
+once, after training, to report the selected model's **held-out patch Dice**. When the patches were
+sampled in several draws (``sampling.draws``), epoch ``e`` trains on draw ``(e - 1) mod draws``
+(:func:`draw_subsets`: fresh patches each epoch); validation, the held-out patch Dice, the output
+bias and the CT statistics use draw 0.
 
 Each batch: intensity normalisation (:func:`noduleflow.intensity.normalize_intensity`: the HU
 window -> [0, 1], or nnU-Net's CT scheme with statistics of the training nodules), then per-patch
@@ -248,9 +251,11 @@ def inner_split(uids: list[str], has_positive: Mapping[str, bool], fraction: flo
 
 
 def scans_with_nodule_pixels(patches: PatchFile | ArrayPatches, uids: Sequence[str]) -> dict[str, bool]:
-    """For each of ``uids``: whether any of its patches in ``patches`` has a nodule pixel (masks read
-    scan by scan, block by block)."""
-    rows = pd.Series(np.arange(len(patches))).groupby(patches.seriesuid).indices  # one pass, not one per scan
+    """For each of ``uids``: whether any of its draw-0 patches in ``patches`` has a nodule pixel
+    (masks read scan by scan, block by block; every draw of a scan has the same kinds of patches)."""
+    first = np.flatnonzero(patches.draw == 0)
+    groups = pd.Series(first).groupby(patches.seriesuid[first]).indices  # one pass, not one per scan
+    rows = {uid: first[at] for uid, at in groups.items()}
     out = {}
     for uid in uids:
         subset = PatchSubset(patches, rows.get(uid, np.zeros(0, dtype=np.int64)))
@@ -340,6 +345,30 @@ def data_digest(*subsets: PatchSubset) -> str:
                 digest.update(str((array.dtype.str, array.shape)).encode())
                 digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()
+
+
+def draw_subsets(source: PatchFile | ArrayPatches, draw: np.ndarray, rows: np.ndarray,
+                 where: str | Path) -> list[PatchSubset]:
+    """The patches of ``rows`` (bool per patch of ``source``), one subset per draw (0, 1, ...; draw
+    indices per patch in ``draw``): what epochs 1, 2, ... train on in turn. InputError (naming
+    ``where``) when the draws are not numbered 0 .. D-1 or hold different numbers of patches (the
+    learning-rate schedule counts one draw's batches per epoch)."""
+    present = np.unique(draw[rows])
+    if len(present) == 0:
+        return [PatchSubset(source, np.zeros(0, dtype=np.int64))]
+    if present.tolist() != list(range(len(present))):
+        raise InputError(f"{where}: patch draws {present.tolist()} are not numbered 0 .. {len(present) - 1}")
+    subsets = [PatchSubset(source, np.flatnonzero(rows & (draw == d))) for d in present.tolist()]
+    sizes = sorted({len(subset) for subset in subsets})
+    if len(sizes) > 1:
+        raise InputError(f"{where}: the draws of the training scans hold different numbers of patches {sizes}")
+    return subsets
+
+
+def _attrs_digest(attrs: Mapping[str, Any]) -> str:
+    """The sampling settings of a patches file as a short digest (they decide every draw's patches)."""
+    text = json.dumps({str(k): str(v) for k, v in sorted(attrs.items())}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def _config_hash(cfg: Mapping, fold: int, data_digest: str) -> str:
@@ -513,12 +542,15 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
     has_positive = scans_with_nodule_pixels(source, train_scans)
     train_scans = training_subset(train_scans, has_positive, cfg["training_scans"], int(cfg["seed"]), fold)
     fit_scans, val_scans = inner_split(train_scans, has_positive, float(cfg["validation_fraction"]), int(cfg["seed"]))
-    pick = {name: np.flatnonzero(np.isin(patch_uids, scans))
+    first_draw = patch_file.draw == 0
+    pick = {name: np.flatnonzero(np.isin(patch_uids, scans) & first_draw)
             for name, scans in (("fit", fit_scans), ("val", val_scans), ("heldout", heldout_scans))}
     data = {name: PatchSubset(source, index) for name, index in pick.items()}
-    log.info("fold %d: %d training scans (%d patches), %d inner validation scans (%d patches), "
-             "%d held-out scans (%d patches)", fold, len(fit_scans), len(pick["fit"]), len(val_scans),
-             len(pick["val"]), len(heldout_scans), len(pick["heldout"]))
+    fit_draws = draw_subsets(source, patch_file.draw, np.isin(patch_uids, fit_scans), where)
+    log.info("fold %d: %d training scans (%d patches%s), %d inner validation scans (%d patches), "
+             "%d held-out scans (%d patches)", fold, len(fit_scans), len(pick["fit"]),
+             f" in each of {len(fit_draws)} draws, one per epoch in turn" if len(fit_draws) > 1 else "",
+             len(val_scans), len(pick["val"]), len(heldout_scans), len(pick["heldout"]))
     channels, height, width = patch_file.image_shape[1:]
     depth = int(cfg["model"]["depth"])
     if width % 2 ** depth or height % 2 ** depth:
@@ -528,7 +560,8 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
     device = select_device(cfg["device"])
     amp_dtype = autocast_dtype(device, bool(cfg["amp"]))
     use_amp = amp_dtype == torch.float16  # the gradient scaler is needed for float16 only
-    digest = data_digest(data["fit"], data["val"]) + "|" + ",".join(fit_scans) + "|" + ",".join(val_scans)
+    digest = (data_digest(data["fit"], data["val"]) + "|" + ",".join(fit_scans) + "|" + ",".join(val_scans)
+              + f"|draws {len(fit_draws)}|" + _attrs_digest(patch_file.attrs))
     config_hash = _config_hash(cfg, fold, digest)
     intensity = intensity_block(cfg["intensity"], data["fit"])
     model_kwargs = {"in_channels": int(channels),
@@ -574,7 +607,8 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
             started = time.perf_counter()
             torch.manual_seed(seed_of(int(cfg["seed"]), 41, epoch))
             model.train()
-            batches = PatchBatches(data["fit"], cfg["label_mode"], intensity, int(cfg["batch_size"]), augment=cfg["augment"],
+            batches = PatchBatches(fit_draws[(epoch - 1) % len(fit_draws)], cfg["label_mode"], intensity,
+                                   int(cfg["batch_size"]), augment=cfg["augment"],
                                    seed=int(cfg["seed"]), epoch=epoch, min_batches=cfg["min_batches_per_epoch"])
             loss_sum, seen = 0.0, 0
             for batch in iterate_batches(batches, int(cfg["num_workers"]),
