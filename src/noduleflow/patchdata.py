@@ -72,9 +72,9 @@ class PatchFile:
     """Patches files read on demand, as one sequence: one ``patches.h5`` or the per-scan files of
     the pipeline (``patches/scans/{seriesuid}.h5``), given as a list or a folder of ``*.h5``, in
     the order given (a folder: sorted by name, i.e. by seriesuid). In memory: the table
-    (``seriesuid``, ``draw``: 0 for files written before draws existed), the attributes and the shapes; patches are read by :meth:`take`. Raises
-    InputError naming the file when one is missing, is not a patches file, or was sampled with
-    other settings than the first."""
+    (``seriesuid``; ``draw``, 0 for files written before draws existed), the attributes and the
+    shapes; patches are read by :meth:`take`. Raises InputError naming the file when one is
+    missing, is not a patches file, or was sampled with other settings than the first."""
 
     #: open files kept per process (a LUNA16 cohort has 888 per-scan files)
     MAX_OPEN = 64

@@ -58,14 +58,14 @@ Output, per scan or for the cohort (written atomically): ``image`` int16 HU (n, 
 uint8 0/1 nodule of the centre slice (n, h, w), ``roi`` uint8 (n, h, w) (lung mask of the centre slice, or all
 ones without ``lung_roi``), all chunked one patch per chunk and gzip-compressed; the table
 ``seriesuid`` (bytes), ``z``, ``y``, ``x`` (int32 centre voxel, (z, y, x) whatever the plane), ``kind``
-and ``plane`` (bytes), ``draw`` (int32); attrs ``context``, ``context_step``, ``patch_size``, ``lung_roi``, ``seed``,
-``planes``, ``draws`` and the other sampling settings. Patches are stored scan by scan in seriesuid
-order; within a scan draw by draw, within a draw plane by plane (axial, coronal, sagittal), and within a plane positives, then hard
-negatives, then negatives.
+and ``plane`` (bytes), ``draw`` (int32); attrs ``context``, ``context_step``, ``patch_size``,
+``lung_roi``, ``seed``, ``planes``, ``draws`` and the other sampling settings. Patches are stored
+scan by scan in seriesuid order; within a scan draw by draw, within a draw plane by plane (axial,
+coronal, sagittal), and within a plane positives, then hard negatives, then negatives.
 
-Determinism: every scan draws from its own generators seeded by ``(seed, sha256(seriesuid))`` (draw 0)
-and ``(seed, sha256(seriesuid), d)`` (draw d >= 1), so the
-file is identical for the same slice stores and settings, whatever the order of ``slice_files``.
+Determinism: every scan draws from its own generators, seeded by ``(seed, sha256(seriesuid))`` for
+draw 0 and ``(seed, sha256(seriesuid), d)`` for draw d >= 1, so the file is identical for the same
+slice stores and settings, whatever the order of ``slice_files``.
 """
 
 from __future__ import annotations
@@ -276,10 +276,11 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
                 thick_negative_sigma_mm: float = 2.0,
                 context_step: int = 2, draws: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
-    "kind", "plane", "draw"}``), ``draws`` sets of: ``n_positive`` positives (none if the scan has no nodule voxel) and ``n_negative``
-    negatives, of which a ``hard_negative_fraction`` share hard ones (a ``thick_negative_fraction``
-    share of these inside thick structures, :func:`thick_structures`), each count split evenly over
-    ``planes`` (:func:`noduleflow.planes.split_count`). Centres in the table are (z, y, x) voxel indices
+    "kind", "plane", "draw"}``), ``draws`` sets of: ``n_positive`` positives (none if the scan has
+    no nodule voxel) and ``n_negative`` negatives, of which a ``hard_negative_fraction`` share hard
+    ones (a ``thick_negative_fraction`` share of these inside thick structures,
+    :func:`thick_structures`), each count split evenly over ``planes``
+    (:func:`noduleflow.planes.split_count`). Centres in the table are (z, y, x) voxel indices
     whatever the plane. Generator: :func:`scan_rng` of each draw, used plane after plane in
     :data:`PLANES` order; draws in order 0 .. ``draws`` - 1."""
     from noduleflow.slices import read_slice_store
