@@ -296,47 +296,52 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
             raise InputError(f"{path}: {name} {array.shape} and image {image.shape} differ in shape (z, y, x)")
     thick = (thick_structures(image, lung, geometry.spacing, thick_negative_sigma_mm, hard_negative_min_hu)
              if thick_negative_fraction > 0 and hard_negative_fraction > 0 else None)
-    parts, tables = [], []
-    plane_counts = list(zip(planes, split_count(n_positive, planes), split_count(n_negative, planes)))
-    for draw, (plane, n_pos, n_neg) in ((d, pc) for d in range(int(draws)) for pc in plane_counts):
-        if plane == plane_counts[0][0]:
-            rng = scan_rng(seed, uid, draw)
+    rngs = [scan_rng(seed, uid, draw) for draw in range(int(draws))]
+    parts: list[list[dict]] = [[] for _ in rngs]   # per draw, plane after plane
+    tables: list[list[dict]] = [[] for _ in rngs]
+    for plane, n_pos, n_neg in zip(planes, split_count(n_positive, planes), split_count(n_negative, planes)):
         img_p, lung_p, nod_p = (to_plane(a, plane) for a in (image, lung, nodule))
-        centres, kinds = choose_centres(img_p, lung_p, nod_p, rng, lung_roi=lung_roi, n_positive=n_pos,
-                                        n_negative=n_neg, patch_size=patch_size,
-                                        hard_negative_fraction=hard_negative_fraction,
-                                        hard_negative_min_hu=hard_negative_min_hu, jitter_fraction=jitter_fraction,
-                                        thick=None if thick is None else to_plane(thick, plane),
-                                        thick_negative_fraction=thick_negative_fraction)
-        if len(kinds) < n_pos + n_neg:
-            log.warning("%s (%s): only %d of %d patches (%s)", uid, plane, len(kinds), n_pos + n_neg,
-                        "no nodule voxel" if n_pos and "positive" not in kinds else "too few voxels")
-        parts.append(cut_patches(img_p, lung_p, nod_p, centres, patch_size=patch_size, context=context,
-                                 lung_roi=lung_roi, context_step=context_step))
-        zyx = indices_from_plane(centres, plane)
-        tables.append({"seriesuid": np.full(len(kinds), uid, dtype=object).astype(str),
-                       "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2], "kind": np.asarray(kinds, dtype=str),
-                       "plane": np.full(len(kinds), plane, dtype=object).astype(str),
-                       "draw": np.full(len(kinds), draw, dtype=np.int32)})
-    patches = {name: np.concatenate([p[name] for p in parts]) for name in PATCH_DATASETS}
-    table = {name: np.concatenate([t[name] for t in tables]) for name in tables[0]}
+        chosen = choose_centres(img_p, lung_p, nod_p, rngs, lung_roi=lung_roi, n_positive=n_pos,
+                                n_negative=n_neg, patch_size=patch_size,
+                                hard_negative_fraction=hard_negative_fraction,
+                                hard_negative_min_hu=hard_negative_min_hu, jitter_fraction=jitter_fraction,
+                                thick=None if thick is None else to_plane(thick, plane),
+                                thick_negative_fraction=thick_negative_fraction)
+        for draw, (centres, kinds) in enumerate(chosen):
+            if len(kinds) < n_pos + n_neg:
+                log.warning("%s (%s): only %d of %d patches (%s)", uid, plane, len(kinds), n_pos + n_neg,
+                            "no nodule voxel" if n_pos and "positive" not in kinds else "too few voxels")
+            parts[draw].append(cut_patches(img_p, lung_p, nod_p, centres, patch_size=patch_size, context=context,
+                                           lung_roi=lung_roi, context_step=context_step))
+            zyx = indices_from_plane(centres, plane)
+            tables[draw].append({"seriesuid": np.full(len(kinds), uid, dtype=object).astype(str),
+                                 "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2],
+                                 "kind": np.asarray(kinds, dtype=str),
+                                 "plane": np.full(len(kinds), plane, dtype=object).astype(str),
+                                 "draw": np.full(len(kinds), draw, dtype=np.int32)})
+    in_order = [p for draw_parts in parts for p in draw_parts]
+    rows = [t for draw_tables in tables for t in draw_tables]
+    patches = {name: np.concatenate([p[name] for p in in_order]) for name in PATCH_DATASETS}
+    table = {name: np.concatenate([t[name] for t in rows]) for name in rows[0]}
     return patches, table
 
 
-def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rng: np.random.Generator,
+def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rngs: Sequence[np.random.Generator],
                    lung_roi: bool, n_positive: int, n_negative: int, patch_size: int,
                    hard_negative_fraction: float, hard_negative_min_hu: float,
                    jitter_fraction: float, thick: np.ndarray | None = None,
-                   thick_negative_fraction: float = 0.5) -> tuple[np.ndarray, list[str]]:
-    """Patch centres (k, 3) int64 voxel indices and their kinds (positives, then hard negatives, then
-    negatives). Volumes image HU, lung 0/1, nodule ids, all in one axis order (slices along axis 0:
-    (z, y, x) for axial patches, see :func:`noduleflow.planes.to_plane`); centres in that order.
-    ``thick`` (bool, same order): voxels inside thick structures, from which a
-    ``thick_negative_fraction`` share of the hard negatives is drawn first (the rest, and any
-    shortfall, from all bright lung voxels)."""
-    positives = positive_centres(nodule, rng, n_positive, patch_size, jitter_fraction)
+                   thick_negative_fraction: float = 0.5) -> list[tuple[np.ndarray, list[str]]]:
+    """For each generator of ``rngs`` (one per draw): patch centres (k, 3) int64 voxel indices and
+    their kinds (positives, then hard negatives, then negatives). Volumes image HU, lung 0/1, nodule
+    ids, all in one axis order (slices along axis 0: (z, y, x) for axial patches, see
+    :func:`noduleflow.planes.to_plane`); centres in that order. ``thick`` (bool, same order): voxels
+    inside thick structures, from which a ``thick_negative_fraction`` share of the hard negatives is
+    drawn first (the rest, and any shortfall, from all bright lung voxels). The candidate voxels of
+    each kind are found once, on the first generator that needs them, and every generator draws
+    from them, so a draw's centres depend only on its own generator."""
     n_neg = int(n_negative)
     n_hard = int(round(n_neg * hard_negative_fraction))
+    n_thick = int(round(n_hard * thick_negative_fraction)) if thick is not None else 0
     blocked = nodule_windows(nodule, patch_size)  # z -> centres whose patch holds a nodule pixel
 
     def nodule_free(candidates: np.ndarray) -> np.ndarray:
@@ -345,24 +350,31 @@ def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rng:
         return candidates
 
     lung_b = lung > 0
-    hard = np.zeros((0, 3), dtype=np.int64)
-    if n_hard:
-        bright = nodule_free(lung_b & (image > hard_negative_min_hu))
-        n_thick = int(round(n_hard * thick_negative_fraction)) if thick is not None else 0
-        if n_thick:
-            hard = _draw(bright & thick, n_thick, rng, replace=False)
-        hard = np.concatenate([hard, _draw(bright, n_hard - len(hard), rng, replace=False)])
-    n_plain = n_neg - len(hard)
-    plain = np.zeros((0, 3), dtype=np.int64)
-    if n_plain:
-        roi = nodule_free(lung_b if lung_roi else (lung_b | (image > BODY_MIN_HU)))
-        plain = _draw(roi, n_plain, rng, replace=True)
-    if len(plain) < n_plain:  # no ROI voxel with a nodule-free patch: anywhere nodule-free
-        more = _draw(nodule_free(np.ones(nodule.shape, dtype=bool)), n_plain - len(plain), rng, replace=True)
-        plain = np.concatenate([plain, more])
-    centres = np.concatenate([positives, hard, plain]).astype(np.int64)
-    kinds = ["positive"] * len(positives) + ["hard_negative"] * len(hard) + ["negative"] * len(plain)
-    return centres, kinds
+    bright = nodule_free(lung_b & (image > hard_negative_min_hu)) if n_hard else None
+    bright_thick = bright & thick if n_thick else None
+    pools: dict[str, np.ndarray] = {}  # plain-negative voxels, found when first needed
+    chosen = []
+    for rng in rngs:
+        positives = positive_centres(nodule, rng, n_positive, patch_size, jitter_fraction)
+        hard = np.zeros((0, 3), dtype=np.int64)
+        if n_hard:
+            if n_thick:
+                hard = _draw(bright_thick, n_thick, rng, replace=False)
+            hard = np.concatenate([hard, _draw(bright, n_hard - len(hard), rng, replace=False)])
+        n_plain = n_neg - len(hard)
+        plain = np.zeros((0, 3), dtype=np.int64)
+        if n_plain:
+            if "roi" not in pools:
+                pools["roi"] = nodule_free(lung_b if lung_roi else (lung_b | (image > BODY_MIN_HU)))
+            plain = _draw(pools["roi"], n_plain, rng, replace=True)
+        if len(plain) < n_plain:  # no ROI voxel with a nodule-free patch: anywhere nodule-free
+            if "anywhere" not in pools:
+                pools["anywhere"] = nodule_free(np.ones(nodule.shape, dtype=bool))
+            plain = np.concatenate([plain, _draw(pools["anywhere"], n_plain - len(plain), rng, replace=True)])
+        centres = np.concatenate([positives, hard, plain]).astype(np.int64)
+        kinds = ["positive"] * len(positives) + ["hard_negative"] * len(hard) + ["negative"] * len(plain)
+        chosen.append((centres, kinds))
+    return chosen
 
 
 def thick_structures(image: np.ndarray, lung: np.ndarray, spacing_xyz: Sequence[float], sigma_mm: float,

@@ -347,12 +347,12 @@ def data_digest(*subsets: PatchSubset) -> str:
     return digest.hexdigest()
 
 
-def draw_subsets(source: PatchFile | ArrayPatches, draw: np.ndarray, rows: np.ndarray,
-                 where: str | Path) -> list[PatchSubset]:
-    """The patches of ``rows`` (bool per patch of ``source``), one subset per draw (0, 1, ...; draw
-    indices per patch in ``draw``): what epochs 1, 2, ... train on in turn. InputError (naming
+def draw_subsets(source: PatchFile | ArrayPatches, rows: np.ndarray, where: str | Path) -> list[PatchSubset]:
+    """The patches of ``rows`` (bool per patch of ``source``), one subset per draw (0, 1, ...;
+    ``source.draw``): what epochs 1, 2, ... train on in turn. InputError (naming
     ``where``) when the draws are not numbered 0 .. D-1 or hold different numbers of patches (the
     learning-rate schedule counts one draw's batches per epoch)."""
+    draw = source.draw
     present = np.unique(draw[rows])
     if len(present) == 0:
         return [PatchSubset(source, np.zeros(0, dtype=np.int64))]
@@ -542,15 +542,15 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
     has_positive = scans_with_nodule_pixels(source, train_scans)
     train_scans = training_subset(train_scans, has_positive, cfg["training_scans"], int(cfg["seed"]), fold)
     fit_scans, val_scans = inner_split(train_scans, has_positive, float(cfg["validation_fraction"]), int(cfg["seed"]))
-    first_draw = patch_file.draw == 0
-    pick = {name: np.flatnonzero(np.isin(patch_uids, scans) & first_draw)
-            for name, scans in (("fit", fit_scans), ("val", val_scans), ("heldout", heldout_scans))}
-    data = {name: PatchSubset(source, index) for name, index in pick.items()}
-    fit_draws = draw_subsets(source, patch_file.draw, np.isin(patch_uids, fit_scans), where)
+    fit_draws = draw_subsets(source, np.isin(patch_uids, fit_scans), where)
+    first_draw = source.draw == 0
+    data = {"fit": fit_draws[0],
+            **{name: PatchSubset(source, np.flatnonzero(np.isin(patch_uids, scans) & first_draw))
+               for name, scans in (("val", val_scans), ("heldout", heldout_scans))}}
     log.info("fold %d: %d training scans (%d patches%s), %d inner validation scans (%d patches), "
-             "%d held-out scans (%d patches)", fold, len(fit_scans), len(pick["fit"]),
+             "%d held-out scans (%d patches)", fold, len(fit_scans), len(data["fit"]),
              f" in each of {len(fit_draws)} draws, one per epoch in turn" if len(fit_draws) > 1 else "",
-             len(val_scans), len(pick["val"]), len(heldout_scans), len(pick["heldout"]))
+             len(val_scans), len(data["val"]), len(heldout_scans), len(data["heldout"]))
     channels, height, width = patch_file.image_shape[1:]
     depth = int(cfg["model"]["depth"])
     if width % 2 ** depth or height % 2 ** depth:
