@@ -20,6 +20,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/sampling.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/second_stage.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/apply.smk"
 

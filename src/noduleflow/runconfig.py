@@ -31,7 +31,11 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train": (("train", "preprocess.spacing_mm", "preprocess.lung_roi", "lungmask"),
               ("sample_patches", "split_folds")),
     "predict": (("predict", "preprocess.lung_roi"), ("train", "extract_slices")),
-    "evaluate": (("evaluate",), ("predict", "split_folds")),
+    "candidate_crops": (("second_stage.variants", "second_stage.crop_voxels", "second_stage.seed"),
+                        ("predict", "split_folds")),
+    "rescore": (("second_stage",), ("candidate_crops",)),
+    # evaluate scores the re-scored candidates when second_stage.enabled, predict's otherwise
+    "evaluate": (("evaluate",), ("rescore", "predict", "split_folds")),
     "report": ((), ("evaluate",)),
 }
 
@@ -49,6 +53,8 @@ STAGE_ENTRY: dict[str, str] = {
     "sample_patches": "sampling",
     "train": "train",
     "predict": "predict",
+    "candidate_crops": "second_stage",
+    "rescore": "second_stage",
     "evaluate": "evaluate",
     "report": "report",
     "compare": "experiments",

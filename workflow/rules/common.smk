@@ -309,9 +309,23 @@ def fold_crop_dirs(wildcards):
     return [f"{base}reports/fold{k}/crops" for k in folds_of(wildcards.prefix)]
 
 
+def evaluated_candidates(wildcards, k=None):
+    """The candidates a fold's evaluation scores: the second stage's when second_stage.enabled,
+    predict's otherwise."""
+    k = wildcards.k if k is None else k
+    if RUNS[wildcards.prefix]["second_stage"]["enabled"]:
+        return f"{owner(wildcards, 'rescore')}second_stage/fold{k}/candidates.csv"
+    return f"{owner(wildcards, 'predict')}predictions/fold{k}/candidates.csv"
+
+
 def fold_predictions(wildcards):
-    base = owner(wildcards, "predict")
-    return [f"{base}predictions/fold{k}/candidates.csv" for k in folds_of(wildcards.prefix)]
+    return [evaluated_candidates(wildcards, k) for k in folds_of(wildcards.prefix)]
+
+
+def fold_candidate_crops(wildcards):
+    """Every fold's crop file: a fold's classifier is fitted on the others'."""
+    base = owner(wildcards, "candidate_crops")
+    return [f"{base}second_stage/fold{k}/crops.h5" for k in folds_of(wildcards.prefix)]
 
 
 def experiment_reports(wildcards):

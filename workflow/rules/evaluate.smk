@@ -4,7 +4,7 @@
 rule evaluate:
     input:
         unpack(excluded_input),
-        candidates=lambda wc: f"{prediction_dir(wc)}/candidates.csv",
+        candidates=evaluated_candidates,
         probabilities=lambda wc: f"{prediction_dir(wc)}/probabilities",
         folds=folds_file,
         slices=slice_files,
