@@ -14,6 +14,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from workflow_helpers import (REPO_ROOT, TINY_CONFIG, TINY_MIN_POOLED_CPM, copy_workflow, deep_update, planned_jobs,
@@ -81,7 +83,10 @@ def test_snakemake_report_holds_the_froc_plots_with_their_captions(tiny_run, tmp
     ({"train": {"lr": 0.001}}, {"train", "predict", "evaluate", "report"}),
     ({"predict": {"threshold": 0.6}}, {"predict", "evaluate", "report"}),
     ({"evaluate": {"bootstrap": 11}}, {"evaluate", "report"}),
-], ids=["spacing", "lungmask", "positive_fraction", "context_step", "cv_seed", "lr", "threshold", "bootstrap"])
+    ({"second_stage": {"enabled": True}}, {"candidate_crops", "rescore", "evaluate", "report"}),
+    ({"second_stage": {"epochs": 3}}, set()),   # off: its settings touch nothing
+], ids=["spacing", "lungmask", "positive_fraction", "context_step", "cv_seed", "lr", "threshold", "bootstrap",
+        "second_stage_on", "second_stage_off_epochs"])
 def test_a_changed_setting_reruns_exactly_its_stage_and_what_follows(tiny_run, change, expected):
     rules = planned_rules(plan_after(tiny_run, change))
     assert set(rules) == expected, rules
@@ -198,6 +203,35 @@ def test_experiments_with_training_overrides_reuse_preprocessing_and_patches(tin
     # complementary, one shared hybrid training, no_roi
     assert rules["train"] == 3 * folds
     assert rules["predict"] == 4 * folds and rules["compare_experiments"] == 1
+
+
+def test_the_second_stage_as_an_experiment_reuses_predictions_and_moves_no_candidate(tiny_run, tmp_path):
+    """second_stage on, as an experiment: the base run's predictions are reused; each fold's
+    re-scored candidates are predict's rows at predict's positions; the experiment's evaluation
+    scores the re-scored probabilities."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True, ignore=shutil.ignore_patterns(".snakemake"))
+    overrides = deep_update(TINY_CONFIG, {"experiments": {"fpr": {"second_stage": {"enabled": True, "epochs": 4}}}})
+    write_config(run, overrides, name="fpr.yaml")
+    folds = TINY_CONFIG["cv"]["folds"]
+    rules = planned_rules(planned_jobs(run, "experiments", "--configfile", "fpr.yaml"))
+    assert rules == {"candidate_crops": folds, "rescore": folds, "evaluate": folds, "report": 1,
+                     "compare_experiments": 1}, rules
+    snakemake(run, "experiments", "--cores", "2", "--configfile", "fpr.yaml")
+    exp = run / "results" / "experiments" / "fpr"
+    assert not (exp / "predictions").exists()   # predict's files are the base run's
+    for k in range(folds):
+        detector = pd.read_csv(run / "results" / "predictions" / f"fold{k}" / "candidates.csv", dtype={"seriesuid": str})
+        rescored = pd.read_csv(exp / "second_stage" / f"fold{k}" / "candidates.csv", dtype={"seriesuid": str})
+        columns = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+        pd.testing.assert_frame_equal(rescored[columns], detector[columns])
+        np.testing.assert_array_equal(rescored["detector_probability"], detector["probability"])
+        assert not np.array_equal(rescored["probability"], detector["probability"])
+        # the experiment's evaluation ranked the re-scored probabilities: a found nodule's
+        # probability is one of them
+        nodules = pd.read_csv(exp / "reports" / f"fold{k}" / "nodules.csv")
+        found = nodules["probability"].dropna().to_numpy()
+        assert len(found) and np.isin(found, rescored["probability"].to_numpy()).all(), (found, rescored)
 
 
 def test_documented_experiment_commands_name_the_target_before_configfile():
