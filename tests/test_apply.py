@@ -542,3 +542,44 @@ def test_the_apply_rule_runs_the_same_function_on_the_configs_scans(tiny_run, tm
     assert len(table) == len(direct.candidates)
     np.testing.assert_allclose(table[["coordX", "coordY", "coordZ", "probability"]],
                                direct.candidates[["coordX", "coordY", "coordZ", "probability"]], atol=1e-9)
+
+
+def test_second_stage_classifiers_rescore_new_scans_without_moving_a_candidate(models, small_scan, tmp_path):
+    """``noduleflow predict --classifiers DIR``: the same candidates, labels and maps as without;
+    ``detector_probability`` is the plain run's probability, ``probability`` its mean with the fold
+    classifiers' mean (second_stage.combine = mean)."""
+    import torch
+
+    from noduleflow.candidate_classifier import fit_classifier, state_of
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (16, 1, 2, 16, 16, 16)).astype(np.uint8)
+    labels = np.arange(16) % 2 == 0
+    second = tmp_path / "second_stage"
+    for k in range(TINY_CONFIG["cv"]["folds"]):
+        model, _ = fit_classifier(crops, np.full(16, 8.0), labels, seed=k, epochs=1, batch_size=8, width=4)
+        (second / f"fold{k}").mkdir(parents=True)
+        torch.save({"fold": k, "settings": {"width": 4, "crop_voxels": 16, "combine": "mean"},
+                    "classifier": state_of(model, 4)}, second / f"fold{k}" / "classifier.pt")
+    common = ("predict", "--models", str(models), "--input", str(small_scan), "--planes", "axial",
+              "--threshold", "0.2", "--threads", "2")
+    plain = run_cli(*common, "--output", str(tmp_path / "plain"), cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    rescored = run_cli(*common, "--classifiers", str(second), "--output", str(tmp_path / "rescored"), cwd=tmp_path)
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    a = pd.read_csv(tmp_path / "plain" / CANDIDATES_FILE, dtype={"seriesuid": str})
+    b = pd.read_csv(tmp_path / "rescored" / CANDIDATES_FILE, dtype={"seriesuid": str})
+    assert len(a) > 0
+    assert list(b.columns) == APPLY_COLUMNS + ["detector_probability", "classifier_probability"]
+    pd.testing.assert_frame_equal(b[["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "label"]],
+                                  a[["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "label"]])
+    np.testing.assert_allclose(b["detector_probability"], a["probability"])
+    np.testing.assert_allclose(b["probability"], (b["detector_probability"] + b["classifier_probability"]) / 2)
+    assert b["classifier_probability"].between(0, 1).all() and b["classifier_probability"].nunique() > 1
+    uid = uid_of(small_scan)
+    for folder in ("labels", "probabilities"):
+        x, _ = read_image(tmp_path / "plain" / folder / f"{uid}.mha")
+        y, _ = read_image(tmp_path / "rescored" / folder / f"{uid}.mha")
+        np.testing.assert_array_equal(x, y)
+    missing = run_cli(*common, "--classifiers", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x"), cwd=tmp_path)
+    assert missing.returncode == 1 and "nowhere: no fold*/classifier.pt" in missing.stderr

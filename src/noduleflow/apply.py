@@ -11,7 +11,11 @@ Per scan it runs the pipeline's own code, with the settings stored in every ``mo
 4. :func:`noduleflow.predict.predict_volume` with each fold's model (the ``predict`` rule), the
    ensemble probability being the mean of the fold maps;
 5. :func:`noduleflow.predict.label_candidates` on that mean, stored as uint8 ``p = v/255`` like the
-   ``predict`` rule's maps: one candidate per connected component above the threshold.
+   ``predict`` rule's maps: one candidate per connected component above the threshold;
+6. with second-stage classifiers (``rescore``'s ``classifier.pt`` of each fold, when
+   ``second_stage.enabled``; ``noduleflow predict --classifiers``):
+   :func:`noduleflow.second_stage.rescore_candidates`, the mean of the fold classifiers on crops of
+   the resampled image and the ensemble probability; only ``probability`` changes.
 
 A single-fold ensemble therefore gives exactly the ``predict`` rule's probabilities and candidates
 for that fold on the same scan. Every model of an ensemble must have been trained with the same
@@ -24,7 +28,8 @@ nothing of its own behind):
 * ``candidates.csv``: the LUNA16 submission columns ``seriesuid,coordX,coordY,coordZ,probability``
   (world mm, x-y-z), then ``diameter_mm, volume_mm3, max_probability, mean_probability, elongation`` (as the
   ``predict`` rule), ``label`` (the candidate's value in its label map: its rank in the scan,
-  1 = most probable) and ``source`` (the input path);
+  1 = most probable for the detector) and ``source`` (the input path); with the second stage also
+  ``detector_probability`` and ``classifier_probability``;
 * ``labels/{seriesuid}.mha``: the candidates' label map (uint16) and ``probabilities/{seriesuid}.mha``:
   the ensemble probability (float32 in [0, 1]), both on the scan's **own stored grid** (the size,
   spacing, origin and direction SimpleITK reads from the input), so they overlay the scan in 3D
@@ -54,6 +59,7 @@ from noduleflow.io import (Geometry, InputError, atomic_path, voxel_to_world, wo
 from noduleflow.planes import check_planes
 from noduleflow.predict import (CANDIDATE_COLUMNS, PREDICT_DEFAULTS, check_candidate_score, label_candidates,
                                 inference_device, input_settings, predict_volume, to_uint8)
+from noduleflow.second_stage import load_classifiers, rescore_candidates
 from noduleflow.scans import DICOM_SUFFIX, SCAN_SUFFIXES, CanonicalScan, find_scans, read_canonical, scan_suffix
 
 log = logging.getLogger(__name__)
@@ -430,14 +436,16 @@ def check_planes_fit(settings: PredictSettings, ensemble: Ensemble) -> None:
 def apply_models(models: str | Path | Sequence[str | Path], inputs: Sequence[str | Path], output: str | Path,
                  folds: Sequence[int] | None = None, settings: PredictSettings | None = None,
                  device: str = "auto", threads: int | None = None,
-                 html_max_candidates: int | None = None, log_file: bool = True) -> ApplyResult:
+                 html_max_candidates: int | None = None, log_file: bool = True,
+                 classifiers: Sequence[str | Path] | None = None) -> ApplyResult:
     """Apply a fold ensemble to new scans and write the outputs of the module docstring to ``output``.
 
     ``models``: a models folder (:func:`find_models`, ``folds`` selects) or a list of ``model.pt``
     files. ``inputs``: see :func:`discover_inputs`. ``threads``: torch CPU threads (None: torch's
     default). ``html_max_candidates``: crops in the HTML page per scan (None:
     :data:`noduleflow.casepage.MAX_CANDIDATES`). ``log_file``: write ``output/predict.log`` (False
-    when the caller already logs there, as the ``apply`` rule does).
+    when the caller already logs there, as the ``apply`` rule does). ``classifiers``: second-stage
+    ``classifier.pt`` files (step 6 of the module docstring); None = the detector's probabilities.
 
     Models, settings and inputs are all checked before anything is written (InputError naming the
     problem). A scan that cannot be read or processed is logged and skipped, leaving nothing of its
@@ -457,6 +465,8 @@ def apply_models(models: str | Path | Sequence[str | Path], inputs: Sequence[str
     device = resolve_device(device)
     ensemble = load_ensemble(model_paths, device)
     check_planes_fit(settings, ensemble)
+    second_stage = load_classifiers(classifiers) if classifiers else None
+    columns = APPLY_COLUMNS + (["detector_probability", "classifier_probability"] if second_stage else [])
     scans = discover_inputs(inputs)
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
@@ -466,6 +476,9 @@ def apply_models(models: str | Path | Sequence[str | Path], inputs: Sequence[str
     with _log_file(output / LOG_FILE) if log_file else contextlib.nullcontext():
         log.info("noduleflow predict: %d scan(s) -> %s", len(scans), output)
         log.info("models: %s (folds %s)", ", ".join(map(str, model_paths)), ensemble.folds)
+        if second_stage:
+            log.info("second stage: %d classifier(s) of %s, %s", len(second_stage[0]),
+                     ", ".join(map(str, classifiers)), second_stage[1])
         log.info("preprocessing from the models: spacing %s mm, lung_roi %s, lungmask %s", list(ensemble.spacing_mm),
                  ensemble.lung_roi, ensemble.lungmask)
         log.info("settings: %s; device %s, %d CPU thread(s)", settings.as_dict(), device, torch.get_num_threads())
@@ -475,6 +488,9 @@ def apply_models(models: str | Path | Sequence[str | Path], inputs: Sequence[str
             try:
                 scan = read_canonical(path)
                 prediction = predict_scan(ensemble, scan, uid, settings, device)
+                if second_stage:
+                    prediction.candidates = rescore_candidates(*second_stage, prediction.image, prediction.probability,
+                                                               prediction.geometry, prediction.candidates)
                 write_scan_maps(prediction, output)
                 sections.append(casepage.scan_section(prediction, path, max_candidates=html_max_candidates))
             except InputError as exc:
@@ -495,8 +511,8 @@ def apply_models(models: str | Path | Sequence[str | Path], inputs: Sequence[str
                      i, len(scans), uid, len(cands), "-" if math.isnan(top) else f"{top:.3f}", seconds,
                      prediction.seconds["preprocess"], prediction.seconds["inference"])
             del prediction, scan
-        candidates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=APPLY_COLUMNS)
-        candidates = candidates[APPLY_COLUMNS]
+        candidates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+        candidates = candidates[columns]
         summary = pd.DataFrame(rows, columns=["seriesuid", "source", "shape_zyx", "spacing_mm", "candidates",
                                               "top_probability", "seconds", "seconds_preprocess",
                                               "seconds_inference"])

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", type=int, metavar="K", help="only these folds' models (default: all)")
     p.add_argument("--device", default=PREDICT_DEFAULTS["device"],
                    help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--classifiers", metavar="DIR",
+                   help="re-score the candidates with the second stage's fold classifiers "
+                        "(DIR/fold{k}/classifier.pt, e.g. results/second_stage; --folds selects as for --models)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4x the time)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--threshold", type=float, default=PREDICT_DEFAULTS["threshold"],
@@ -61,12 +64,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _predict(args: argparse.Namespace) -> int:
     from noduleflow.apply import PredictSettings, apply_models
+    from noduleflow.second_stage import find_classifiers
 
     settings = PredictSettings(threshold=args.threshold, min_volume_mm3=args.min_volume_mm3,
                                candidate_score=args.candidate_score, hybrid_output=args.hybrid_output,
                                planes=tuple(args.planes), amp=args.amp, batch_size=args.batch_size, tta=args.tta)
     result = apply_models(args.models, args.input, args.output, folds=args.folds, settings=settings,
-                          device=args.device, threads=args.threads, html_max_candidates=args.html_max_candidates)
+                          device=args.device, threads=args.threads, html_max_candidates=args.html_max_candidates,
+                          classifiers=find_classifiers(args.classifiers, args.folds) if args.classifiers else None)
     print(f"{len(result.scans)} scan(s), {len(result.candidates)} candidate(s) -> {result.output}")
     return 0
 

@@ -204,3 +204,71 @@ def rescore_fold(crop_paths: Sequence[str | Path], fold: int, candidates_path: s
                         "classifier": state_of(model, cfg["width"])}, tmp)
     write_csv_atomic(table, out_candidates)
     return table
+
+
+# --------------------------------------------------------------------------- new scans (apply)
+
+
+def find_classifiers(second_stage_dir: str | Path, folds: Sequence[int] | None = None) -> list[Path]:
+    """``fold{k}/classifier.pt`` under a second-stage folder (``results/second_stage``): every fold's,
+    or those of ``folds``; InputError when one is missing or there are none."""
+    root = Path(second_stage_dir)
+    if folds is None:
+        found = sorted(root.glob("fold*/classifier.pt"), key=lambda p: int(p.parent.name.removeprefix("fold") or -1))
+        if not found:
+            raise InputError(f"{root}: no fold*/classifier.pt (run the workflow with second_stage.enabled: true)")
+        return found
+    paths = [root / f"fold{int(k)}" / "classifier.pt" for k in folds]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise InputError(f"second-stage classifier(s) not found: {', '.join(missing)}")
+    return paths
+
+
+def load_classifiers(paths: Sequence[str | Path]) -> tuple[list, dict[str, Any]]:
+    """The fitted classifiers of ``rescore``'s ``classifier.pt`` files (folds whose classifier could
+    not be fitted are skipped) and their shared settings; InputError when a file is missing or not
+    one, or when their settings (crop size, combine) differ."""
+    import torch
+
+    from noduleflow.candidate_classifier import from_state
+
+    models, settings = [], None
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: second-stage classifier not found (written by the rescore rule)")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            cfg = check_settings(saved["settings"])
+        except (KeyError, TypeError, RuntimeError, EOFError) as exc:
+            raise InputError(f"{path}: not a second-stage classifier ({exc})") from exc
+        shared = {"crop_voxels": cfg["crop_voxels"], "combine": cfg["combine"]}
+        if settings is not None and shared != settings:
+            raise InputError(f"{path}: second-stage settings {shared} differ from the other classifiers' {settings}")
+        settings = shared
+        if saved["classifier"] is None:
+            log.warning("%s: fold %s has no fitted classifier; the others score the candidates", path, saved.get("fold"))
+            continue
+        models.append(from_state(saved["classifier"]))
+    if settings is None:
+        raise InputError("no second-stage classifier given")
+    return models, settings
+
+
+def rescore_candidates(classifiers: Sequence, settings: Mapping[str, Any], image_hu: np.ndarray,
+                       probability_u8: np.ndarray, geometry, candidates: pd.DataFrame) -> pd.DataFrame:
+    """A new scan's candidates re-scored by the mean of the fold classifiers (same rows, order and
+    positions; ``detector_probability`` and ``classifier_probability`` added). ``image_hu`` int16 and
+    ``probability_u8`` (z, y, x) on the grid ``geometry`` the candidates were found on."""
+    table = candidates.copy()
+    table["detector_probability"] = table["probability"]
+    if not classifiers or not len(table):
+        table["classifier_probability"] = np.nan
+        return table
+    crops = crop_variants(image_hu, probability_u8, geometry, table[["coordX", "coordY", "coordZ"]].to_numpy(),
+                          table["diameter_mm"].to_numpy(), 1, np.random.default_rng(0), settings["crop_voxels"])[:, 0]
+    q = np.mean([classify(model, crops, table["diameter_mm"].to_numpy()) for model in classifiers], axis=0)
+    table["classifier_probability"] = q
+    table["probability"] = combine(table["detector_probability"].to_numpy(), q, settings["combine"])
+    return table

@@ -360,4 +360,8 @@ def apply_inputs(wildcards):
     scans += [re.sub(r"\.mhd$", ".raw", s) for s in scans if scan_suffix(s) == ".mhd"]
     folds = block["folds"] if block["folds"] is not None else list(folds_of(BASE_PREFIX))
     models = f"{stage_owner(RUNS, BASE_PREFIX, 'train')}models"
-    return {"models": [f"{models}/fold{k}/model.pt" for k in folds], "scans": scans}
+    inputs = {"models": [f"{models}/fold{k}/model.pt" for k in folds], "scans": scans}
+    if config["second_stage"]["enabled"]:
+        second = f"{stage_owner(RUNS, BASE_PREFIX, 'rescore')}second_stage"
+        inputs["classifiers"] = [f"{second}/fold{k}/classifier.pt" for k in folds]
+    return inputs

@@ -11,4 +11,5 @@ with logging_to(snakemake.log[0]):
     # the rule's log is the output folder's predict.log, which apply_models writes itself
     apply_models(list(snakemake.input.models), [inputs] if isinstance(inputs, str) else list(inputs),
                  snakemake.config["apply"]["output"], settings=settings, device=device,
-                 threads=snakemake.threads, log_file=False)
+                 threads=snakemake.threads, log_file=False,
+                 classifiers=list(snakemake.input.get("classifiers", [])) or None)
