@@ -1,16 +1,20 @@
-"""The crop classifier (second stage) measured on finished runs (not part of the test suite).
+"""The second stage (``second_stage.enabled``) measured on finished runs (not part of the test suite).
 
-For every run (a folder ``benchmarks/quality.py --keep DIR`` left), every fold's held-out
-candidates and nodules are cropped (:mod:`noduleflow.candidate_crops`) from the slice stores and the
-stored probability volumes; then each fold's candidates are scored by a classifier
-(:mod:`noduleflow.candidate_classifier`) trained on the *other* folds' crops (cross-fitted, as the
-workflow's ``rescore`` stage does), and the pooled CPM of the run is printed for the detector alone
-and for each way of combining the two probabilities, with mean +- sd and the worst run.
+For every run (a folder ``benchmarks/quality.py --keep DIR`` left, made with the second stage off),
+this runs the workflow's own second-stage steps with the same settings and seeds the rules use:
+:func:`noduleflow.second_stage.write_fold_crops` for every fold, then
+:func:`noduleflow.second_stage.rescore_fold` for every fold (its classifier fitted on the other
+folds' crops). The outputs go to ``--out`` (default: ``second_stage/`` inside each run), so the runs'
+own files are not touched. The figures are what the report stage would print for the run with the
+second stage on: pooled CPM with its bootstrap 95 % CI (``evaluate.bootstrap`` draws, seed
+``evaluate.seed``), the seven sensitivities, and the sensitivity at 8 FPs per scan per size bin;
+side by side with the detector's candidates of the same run. Per-nodule Dice is the run's own
+(re-scoring changes probabilities of candidates, not the segmentation).
 
 Usage::
 
-    .venv/bin/python benchmarks/second_stage.py RUN_DIR [RUN_DIR ...] [--epochs 30] [--variants 4]
-        [--width 16] [--seed 0] [--threads 2]
+    .venv/bin/python benchmarks/second_stage.py RUN_DIR [RUN_DIR ...] [--set key=value ...]
+        [--threads 2] [--csv table.csv]
 """
 
 from __future__ import annotations
@@ -22,96 +26,127 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from _workflow import REPO
+from quality import SIZE_BINS_MM, fmt, parse_setting, size_bin
 
 sys.path.insert(0, str(REPO / "src"))
-from noduleflow.candidate_classifier import COMBINE, classify, combine, fit_classifier  # noqa: E402
-from noduleflow.candidate_crops import crop_variants  # noqa: E402
-from noduleflow.froc import EXCLUDED, TP, candidate_outcomes, compute_froc  # noqa: E402
-from noduleflow.io import read_image  # noqa: E402
-from noduleflow.slices import read_slice_store  # noqa: E402
+from noduleflow.froc import FPS_POINTS, compute_froc, subgroup_froc  # noqa: E402
+from noduleflow.second_stage import check_settings, rescore_fold, write_fold_crops  # noqa: E402
+
+SENS = [f"sens_{p:g}" for p in FPS_POINTS]
 
 
-def fold_crops(run: Path, fold: int, variants: int, seed: int, size: int) -> dict:
-    """Crops of one fold's held-out candidates and nodules, with labels."""
-    pred = run / "results" / "predictions" / f"fold{fold}"
-    cands = pd.read_csv(pred / "candidates.csv", dtype={"seriesuid": str})
-    nodules = pd.read_csv(run / "results" / "reports" / f"fold{fold}" / "nodules.csv", dtype={"seriesuid": str})
-    outcome = candidate_outcomes(nodules, cands)
-    uids = sorted(set(cands["seriesuid"]) | set(nodules["seriesuid"]))
-    rng = np.random.default_rng(seed)
-    c_crops = np.zeros((len(cands), variants, 2, size, size, size), np.uint8)
-    n_crops = np.zeros((len(nodules), variants, 2, size, size, size), np.uint8)
-    for uid in uids:
-        image, _lung, _lab, geometry = read_slice_store(run / "results" / "slices" / f"{uid}.h5")
-        prob, _ = read_image(pred / "probabilities" / f"{uid}.mha")
-        prob = np.asarray(prob)
-        ci = np.flatnonzero(cands["seriesuid"].to_numpy() == uid)
-        ni = np.flatnonzero(nodules["seriesuid"].to_numpy() == uid)
-        if len(ci):
-            c_crops[ci] = crop_variants(image, prob, geometry, cands.iloc[ci][["coordX", "coordY", "coordZ"]].to_numpy(),
-                                        cands.iloc[ci]["diameter_mm"].to_numpy(), variants, rng, size)
-        if len(ni):
-            n_crops[ni] = crop_variants(image, prob, geometry, nodules.iloc[ni][["coordX", "coordY", "coordZ"]].to_numpy(),
-                                        nodules.iloc[ni]["diameter_mm"].to_numpy(), variants, rng, size)
-    return {"candidates": cands, "nodules": nodules, "outcome": outcome, "c_crops": c_crops, "n_crops": n_crops}
+def run_settings(run: Path) -> dict:
+    """The run's config (config.yaml + quality.yaml overrides): the cohort and evaluate blocks."""
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    extra = run / "quality.yaml"
+    if extra.is_file():
+        for key, value in (yaml.safe_load(extra.read_text(encoding="utf-8")) or {}).items():
+            config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return config
+
+
+def second_stage(run: Path, out: Path, settings: dict, threads: int) -> tuple[dict[int, Path], dict[str, float]]:
+    """Both steps for every fold of ``run``; fold -> re-scored candidates, and seconds per step."""
+    results = run / "results"
+    folds = sorted(pd.read_csv(results / "folds.csv")["fold"].unique())
+    stores = sorted((results / "slices").glob("*.h5"))
+    annotations = run / "resources" / "synthetic" / "annotations.csv"
+    seconds = {"crops": 0.0, "rescore": 0.0}
+    crops = {}
+    for k in folds:
+        started = time.perf_counter()
+        crops[k] = out / f"fold{k}" / "crops.h5"
+        crops[k].parent.mkdir(parents=True, exist_ok=True)
+        write_fold_crops(results / "predictions" / f"fold{k}" / "candidates.csv",
+                         results / "predictions" / f"fold{k}" / "probabilities", results / "folds.csv", int(k), stores,
+                         annotations, crops[k], variants=settings["variants"], crop_voxels=settings["crop_voxels"],
+                         seed=settings["seed"])
+        seconds["crops"] += time.perf_counter() - started
+    rescored = {}
+    for k in folds:
+        started = time.perf_counter()
+        rescored[k] = out / f"fold{k}" / "candidates.csv"
+        rescore_fold(list(crops.values()), int(k), results / "predictions" / f"fold{k}" / "candidates.csv",
+                     rescored[k], out / f"fold{k}" / "classifier.pt", settings, threads=threads)
+        seconds["rescore"] += time.perf_counter() - started
+    return rescored, seconds
+
+
+def figures(run: Path, candidate_files: list[Path], config: dict) -> dict:
+    """Pooled CPM [CI], sensitivities and size-bin sensitivity at 8 FPs/scan of these candidates."""
+    results = run / "results"
+    uids = pd.read_csv(results / "folds.csv", dtype={"seriesuid": str})["seriesuid"].tolist()
+    truth = pd.read_csv(run / "resources" / "synthetic" / "annotations.csv", dtype={"seriesuid": str})
+    truth = truth[truth["seriesuid"].isin(uids)].reset_index(drop=True)
+    candidates = pd.concat([pd.read_csv(p, dtype={"seriesuid": str}) for p in candidate_files], ignore_index=True)
+    ev = config.get("evaluate", {})
+    froc = compute_froc(truth, candidates, uids, bootstrap=int(ev.get("bootstrap", 1000)), seed=int(ev.get("seed", 0)))
+    row = {"cpm": froc.cpm, "cpm_ci_low": froc.cpm_ci[0], "cpm_ci_high": froc.cpm_ci[1],
+           **dict(zip(SENS, froc.sensitivities)), "n_nodules": len(truth)}
+    table = subgroup_froc(truth, candidates, uids, [size_bin(float(d)) for d in truth["diameter_mm"]]).set_index("group")
+    for _, _, name in SIZE_BINS_MM:
+        present = name in table.index
+        row[f"n_size_{name}"] = int(table.loc[name, "n_nodules"]) if present else 0
+        row[f"sens8_size_{name}"] = float(table.loc[name, "sens_8"]) if present else float("nan")
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--variants", type=int, default=4)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--size", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[],
+                        metavar="KEY=VALUE", help="a second_stage setting (e.g. epochs=30); repeatable")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the outputs (one subfolder per run); default RUN/second_stage")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-nodule-crops", action="store_true")
+    parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
+    overrides = {".".join(k).removeprefix("second_stage."): v for k, v in args.settings}
+    settings = check_settings({**overrides, "enabled": True})
 
     rows = []
     for run in args.runs:
-        folds_table = pd.read_csv(run / "results" / "folds.csv", dtype={"seriesuid": str})
-        folds = sorted(folds_table["fold"].unique())
-        t0 = time.perf_counter()
-        data = {k: fold_crops(run, k, args.variants, args.seed, args.size) for k in folds}
-        t_crop = time.perf_counter() - t0
-        scored = {how: [] for how in ("detector", *COMBINE)}
-        t_fit = 0.0
-        for k in folds:
-            others = [j for j in folds if j != k]
-            xs, ds, ys = [], [], []
-            for j in others:
-                used = data[j]["outcome"] != EXCLUDED
-                xs.append(data[j]["c_crops"][used])
-                ds.append(data[j]["candidates"]["diameter_mm"].to_numpy()[used])
-                ys.append(data[j]["outcome"][used] == TP)
-                if not args.no_nodule_crops:
-                    xs.append(data[j]["n_crops"])
-                    ds.append(data[j]["nodules"]["diameter_mm"].to_numpy())
-                    ys.append(np.ones(len(data[j]["nodules"]), bool))
-            t1 = time.perf_counter()
-            fitted = fit_classifier(np.concatenate(xs), np.concatenate(ds), np.concatenate(ys), seed=args.seed,
-                                    epochs=args.epochs, width=args.width, threads=args.threads)
-            t_fit += time.perf_counter() - t1
-            cands = data[k]["candidates"]
-            q = classify(fitted[0], data[k]["c_crops"][:, 0], cands["diameter_mm"].to_numpy())
-            p = cands["probability"].to_numpy()
-            scored["detector"].append(cands)
-            for how in COMBINE:
-                scored[how].append(cands.assign(probability=combine(p, q, how)))
-        nodules = pd.concat([data[k]["nodules"] for k in folds], ignore_index=True)
-        uids = folds_table["seriesuid"].tolist()
-        row = {"run": run.name, "crop_s": round(t_crop, 1), "fit_s": round(t_fit, 1)}
-        for how, frames in scored.items():
-            row[how] = compute_froc(nodules, pd.concat(frames, ignore_index=True), uids).cpm
-        rows.append(row)
-        print(row, flush=True)
+        config = run_settings(run)
+        out = (args.out / run.name) if args.out else run / "second_stage"
+        rescored, seconds = second_stage(run, out, settings, args.threads)
+        detector = sorted((run / "results" / "predictions").glob("fold*/candidates.csv"))
+        summary = pd.read_csv(run / "results" / "reports" / "summary.csv", dtype={"fold": str}).set_index("fold")
+        base = {"run": run.name, "scans": int(config["synthetic"]["n_scans"]), "folds": int(config["cv"]["folds"]),
+                "dice_per_nodule": float(summary.loc["pooled", "dice_per_nodule"]),
+                "seconds_crops": round(seconds["crops"], 1), "seconds_rescore": round(seconds["rescore"], 1)}
+        for stage, files in (("detector", detector), ("second_stage", list(rescored.values()))):
+            rows.append({**base, "candidates": stage, **figures(run, files, config)})
+        print(f"{run.name}: CPM {fmt(rows[-2]['cpm'])} -> {fmt(rows[-1]['cpm'])} "
+              f"(crops {seconds['crops']:.0f} s, rescore {seconds['rescore']:.0f} s)", flush=True)
     table = pd.DataFrame(rows)
-    print(table.to_string(index=False))
-    for how in ("detector", *COMBINE):
-        v = table[how].to_numpy()
-        print(f"{how:>10}: CPM {v.mean():.3f} +- {v.std(ddof=1) if len(v) > 1 else 0:.3f}, worst {v.min():.3f}")
+    print(f"\nsecond_stage: {settings}\n")
+    for (scans, folds), regime in table.groupby(["scans", "folds"], sort=False):
+        print(f"### {scans} scans / {folds} folds\n")
+        head = ["run", "candidates", "CPM [95 % CI]", *[f"sens@{p:g}" for p in FPS_POINTS], "Dice/nodule",
+                "6-10 mm sens@8", "s crops + rescore"]
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for _, r in regime.iterrows():
+            print(f"| {r['run']} | {r['candidates']} | {fmt(r['cpm'])} [{fmt(r['cpm_ci_low'], 2)}, "
+                  f"{fmt(r['cpm_ci_high'], 2)}] | " + " | ".join(fmt(r[c]) for c in SENS)
+                  + f" | {fmt(r['dice_per_nodule'])} | {fmt(r['sens8_size_6-10'])} | "
+                  f"{r['seconds_crops']:.0f} + {r['seconds_rescore']:.0f} |")
+        print()
+        for stage, part in regime.groupby("candidates", sort=False):
+            cpm = part["cpm"].to_numpy()
+            sizes = []
+            for _, _, name in SIZE_BINS_MM:
+                n = part[f"n_size_{name}"].to_numpy(float)
+                s = part[f"sens8_size_{name}"].to_numpy(float)
+                have = n > 0
+                pooled = float(np.sum(n[have] * s[have]) / np.sum(n[have])) if have.any() else float("nan")
+                sizes.append(f"{name} mm {fmt(pooled)} (n={int(n.sum())})")
+            print(f"- {stage}: CPM {fmt(cpm.mean())} ± {fmt(cpm.std(ddof=1) if len(cpm) > 1 else 0.0)}, worst "
+                  f"{fmt(cpm.min())}; sens@8 pooled by size: " + ", ".join(sizes))
+        print()
+    if args.csv is not None:
+        table.to_csv(args.csv, index=False)
 
 
 if __name__ == "__main__":
