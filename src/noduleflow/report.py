@@ -459,13 +459,17 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
                  excluded_path: str | Path | None = None, *, out_summary: str | Path, out_plot: str | Path,
                  out_html: str | Path, scans_paths: Sequence[str | Path] | None = None,
                  nodules_paths: Sequence[str | Path] | None = None, crops_paths: Sequence[str | Path] | None = None,
+                 probabilities_dirs: Sequence[str | Path] | None = None,
                  bootstrap: int = 1000, seed: int = 0, dice_margin_mm: float = 5.0) -> pd.DataFrame:
     """Write ``summary.csv``, ``froc.png``, ``report.html`` and the pooled files beside summary.csv
     (see the module docstring). ``metrics_paths``/``candidates_paths``/``scans_paths``/
     ``nodules_paths``/``crops_paths``: fold k's files at index k (``scans_paths``/``nodules_paths``/
     ``crops_paths`` None: the ``scans.csv``/``nodules.csv``/``crops.csv`` beside each
     ``metrics.json``; a ``crops.csv``'s PNGs are in the ``crops/`` folder beside it).
-    ``bootstrap``/``seed``: the pooled result's intervals; ``dice_margin_mm``: recorded in the
+    ``probabilities_dirs``: predict's folders holding each fold's ``threshold.json`` (None: the
+    ``probabilities`` folder beside each candidates file, which holds for predict's candidates but
+    not for the second stage's). A fold whose candidates carry ``classifier_probability`` is
+    recorded as re-scored (``second_stage: true`` in its settings). ``bootstrap``/``seed``: the pooled result's intervals; ``dice_margin_mm``: recorded in the
     settings (the per-nodule Dice in ``nodules.csv`` was measured with the evaluate rule's, the same
     config value). Returns the summary frame. Every input is read and checked before any output; no
     probability volume or slice store is read (the crops shown were drawn by evaluate, :func:`_gallery`)."""
@@ -501,7 +505,10 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     elif excluded_path is not None:
         raise InputError(f"{excluded_path}: excluded findings file not found")
     candidate_frames = []
-    prob_dirs = []
+    prob_dirs, rescored = [], []
+    if probabilities_dirs is not None and len(probabilities_dirs) != len(candidates_paths):
+        raise InputError(f"report: {len(candidates_paths)} candidates files but {len(probabilities_dirs)} "
+                         f"probabilities folders")
     for k, path in enumerate(candidates_paths):
         frame = with_candidate_rows(read_candidates(path))     # a candidate's crop is found by its row
         mine = set(folds.loc[folds["fold"] == k, "seriesuid"])
@@ -509,7 +516,9 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
         if foreign.any():
             log.warning("%s: %d candidate(s) on scans outside fold %d ignored", path, int(foreign.sum()), k)
         candidate_frames.append(frame[~foreign])
-        prob_dirs.append(Path(path).parent / "probabilities")
+        prob_dirs.append(Path(probabilities_dirs[k]) if probabilities_dirs is not None
+                         else Path(path).parent / "probabilities")
+        rescored.append("classifier_probability" in frame.columns)
     candidates = pd.concat(candidate_frames, ignore_index=True)
     uids = folds["seriesuid"].tolist()
     fold_of = dict(zip(folds["seriesuid"], folds["fold"]))
@@ -526,7 +535,7 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
         nodule_table = read_nodule_table(nodules_paths[k])
         nodule_frames.append(nodule_table[nodule_table["seriesuid"].isin(mine)])
     crop_indexes = [read_crop_index(p) for p in crops_paths]
-    settings = {k: read_settings(d) for k, d in enumerate(prob_dirs)}
+    settings = {k: {**read_settings(d), "second_stage": rescored[k]} for k, d in enumerate(prob_dirs)}
     log.info("report: %d folds, %d scans, %d nodules, %d candidates; pooled evaluation with bootstrap %d "
              "from the folds' scans.csv and nodules.csv", n_folds, len(uids),
              int(annotations["seriesuid"].isin(uids).sum()), len(candidates), bootstrap)

@@ -322,6 +322,12 @@ def fold_predictions(wildcards):
     return [evaluated_candidates(wildcards, k) for k in folds_of(wildcards.prefix)]
 
 
+def fold_probability_dirs(wildcards):
+    """predict's probabilities folders (their threshold.json holds the settings the report shows)."""
+    base = owner(wildcards, "predict")
+    return [f"{base}predictions/fold{k}/probabilities" for k in folds_of(wildcards.prefix)]
+
+
 def fold_candidate_crops(wildcards):
     """Every fold's crop file: a fold's classifier is fitted on the others'."""
     base = owner(wildcards, "candidate_crops")

@@ -41,7 +41,8 @@ rule evaluate:
 
 # The pooled numbers come from what evaluate saved per scan and per nodule (scans, nodules) and
 # from the candidates; the crops report.html shows were drawn by evaluate (crops_index, crops).
-# No probability volume and no slice store is read.
+# No probability volume and no slice store is read: of predict's folders (probabilities) only
+# threshold.json, the settings the report shows.
 rule report:
     input:
         unpack(excluded_input),
@@ -51,6 +52,7 @@ rule report:
         crops_index=fold_crop_indexes,
         crops=fold_crop_dirs,
         candidates=fold_predictions,
+        probabilities=fold_probability_dirs,
         folds=folds_file,
         annotations=ANNOTATIONS,
     output:

@@ -9,4 +9,5 @@ with logging_to(snakemake.log[0]):
                  out_plot=snakemake.output.plot, out_html=snakemake.output.html,
                  scans_paths=list(snakemake.input.scans), nodules_paths=list(snakemake.input.nodules),
                  crops_paths=list(snakemake.input.crops_index),
+                 probabilities_dirs=list(snakemake.input.probabilities),
                  **snakemake.params.cfg["evaluate"])
