@@ -95,22 +95,19 @@ def size_bin(diameter_mm: float) -> str:
     raise ValueError(f"diameter {diameter_mm} mm outside every bin")
 
 
-def cohort_metrics(workdir: Path) -> dict:
-    """One finished run's figures: the pooled summary row and the subgroup sensitivities at 8 FPs
-    per scan (``sens8_size_<bin>``, ``sens8_texture_<name>``, with ``n_...`` nodule counts)."""
-    summary = pd.read_csv(workdir / "results" / "reports" / "summary.csv", dtype={"fold": str}).set_index("fold")
-    pooled = summary.loc["pooled"]
-    row = {"cpm": pooled["cpm"], "cpm_ci_low": pooled["cpm_ci_low"], "cpm_ci_high": pooled["cpm_ci_high"],
-           **{c: pooled[c] for c in SENS_COLUMNS}, "dice_per_nodule": pooled["dice_per_nodule"],
-           "n_nodules": int(pooled["n_nodules"])}
+def cohort_truth(workdir: Path, uids: list[str]) -> pd.DataFrame:
+    """The synthetic cohort's nodules (``resources/synthetic/nodules/*.csv``: annotation columns,
+    ``texture``) on the scans ``uids``."""
     cohort = workdir / "resources" / "synthetic"
-    truth = pd.concat([pd.read_csv(p) for p in sorted((cohort / "nodules").glob("*.csv"))], ignore_index=True)
-    folds = pd.read_csv(workdir / "results" / "folds.csv", dtype={"seriesuid": str})
-    uids = folds["seriesuid"].tolist()
-    truth = truth[truth["seriesuid"].astype(str).isin(uids)].reset_index(drop=True)
-    candidates = pd.concat([pd.read_csv(p, dtype={"seriesuid": str})
-                            for p in sorted((workdir / "results" / "predictions").glob("fold*/candidates.csv"))],
-                           ignore_index=True)
+    truth = pd.concat([pd.read_csv(p, dtype={"seriesuid": str}) for p in sorted((cohort / "nodules").glob("*.csv"))],
+                      ignore_index=True)
+    return truth[truth["seriesuid"].isin(uids)].reset_index(drop=True)
+
+
+def subgroup_sensitivities(truth: pd.DataFrame, candidates: pd.DataFrame, uids: list[str]) -> dict:
+    """Sensitivity at 8 FPs per scan per size bin and per texture (``sens8_size_<bin>``,
+    ``sens8_texture_<name>``, with ``n_...`` nodule counts; NaN where a group has no nodule)."""
+    row = {}
     groupings = {"size": [size_bin(float(d)) for d in truth["diameter_mm"]],
                  "texture": truth["texture"].astype(str).tolist()}
     for kind, labels in groupings.items():
@@ -121,6 +118,38 @@ def cohort_metrics(workdir: Path) -> dict:
             row[f"n_{kind}_{name}"] = int(table.loc[name, "n_nodules"]) if present else 0
             row[f"sens8_{kind}_{name}"] = float(table.loc[name, "sens_8"]) if present else float("nan")
     return row
+
+
+def pooled_over_cohorts(table: pd.DataFrame, kind: str, name: str) -> tuple[float, int]:
+    """A subgroup's sensitivity at 8 FPs per scan pooled over the rows (cohorts), weighted by their
+    nodules, and the number of nodules; NaN without any."""
+    n = table[f"n_{kind}_{name}"].to_numpy(dtype=float)
+    s = table[f"sens8_{kind}_{name}"].to_numpy(dtype=float)
+    have = n > 0
+    pooled = float(np.sum(n[have] * s[have]) / np.sum(n[have])) if have.any() else float("nan")
+    return pooled, int(n.sum())
+
+
+def evaluated_candidate_files(workdir: Path) -> list[Path]:
+    """The candidates files the run's reports scored: the second stage's when the run enabled it
+    (``second_stage.enabled`` in its ``quality.yaml``), predict's otherwise."""
+    overrides = yaml.safe_load((workdir / "quality.yaml").read_text(encoding="utf-8")) or {}
+    folder = "second_stage" if overrides.get("second_stage", {}).get("enabled") else "predictions"
+    return sorted((workdir / "results" / folder).glob("fold*/candidates.csv"))
+
+
+def cohort_metrics(workdir: Path) -> dict:
+    """One finished run's figures: the pooled summary row and the subgroup sensitivities at 8 FPs
+    per scan (:func:`subgroup_sensitivities` of the candidates the reports scored)."""
+    summary = pd.read_csv(workdir / "results" / "reports" / "summary.csv", dtype={"fold": str}).set_index("fold")
+    pooled = summary.loc["pooled"]
+    row = {"cpm": pooled["cpm"], "cpm_ci_low": pooled["cpm_ci_low"], "cpm_ci_high": pooled["cpm_ci_high"],
+           **{c: pooled[c] for c in SENS_COLUMNS}, "dice_per_nodule": pooled["dice_per_nodule"],
+           "n_nodules": int(pooled["n_nodules"])}
+    uids = pd.read_csv(workdir / "results" / "folds.csv", dtype={"seriesuid": str})["seriesuid"].tolist()
+    candidates = pd.concat([pd.read_csv(p, dtype={"seriesuid": str}) for p in evaluated_candidate_files(workdir)],
+                           ignore_index=True)
+    return {**row, **subgroup_sensitivities(cohort_truth(workdir, uids), candidates, uids)}
 
 
 def run_one(base: Path, seed: int, scans: int, folds: int, overrides: dict, cores: int) -> dict:
@@ -156,12 +185,9 @@ def print_regime(table: pd.DataFrame) -> None:
     print("|" + "---|" * (len(table) + 3))
     for kind, names in (("size", [b[2] for b in SIZE_BINS_MM]), ("texture", TEXTURES)):
         for name in names:
-            n = table[f"n_{kind}_{name}"].to_numpy(dtype=float)
-            s = table[f"sens8_{kind}_{name}"].to_numpy(dtype=float)
-            have = n > 0
-            pooled = float(np.sum(n[have] * s[have]) / np.sum(n[have])) if have.any() else float("nan")
+            pooled, n = pooled_over_cohorts(table, kind, name)
             label = f"{name} mm" if kind == "size" else name
-            print(f"| {label} | " + " | ".join(fmt(v) for v in s) + f" | {fmt(pooled)} | {int(n.sum())} |")
+            print(f"| {label} | " + " | ".join(fmt(v) for v in table[f"sens8_{kind}_{name}"]) + f" | {fmt(pooled)} | {n} |")
 
 
 def main() -> None:

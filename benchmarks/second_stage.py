@@ -24,14 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 from _workflow import REPO
-from quality import SIZE_BINS_MM, fmt, parse_setting, size_bin
+from quality import SIZE_BINS_MM, cohort_truth, fmt, parse_setting, pooled_over_cohorts, subgroup_sensitivities
 
 sys.path.insert(0, str(REPO / "src"))
-from noduleflow.froc import FPS_POINTS, compute_froc, subgroup_froc  # noqa: E402
+from noduleflow.froc import FPS_POINTS, compute_froc  # noqa: E402
 from noduleflow.second_stage import check_settings, rescore_fold, write_fold_crops  # noqa: E402
 
 SENS = [f"sens_{p:g}" for p in FPS_POINTS]
@@ -75,7 +74,8 @@ def second_stage(run: Path, out: Path, settings: dict, threads: int) -> tuple[di
 
 
 def figures(run: Path, candidate_files: list[Path], config: dict) -> dict:
-    """Pooled CPM [CI], sensitivities and size-bin sensitivity at 8 FPs/scan of these candidates."""
+    """Pooled CPM [CI] and sensitivities of these candidates against the run's annotations (as the
+    report), and the subgroup sensitivities at 8 FPs/scan (as benchmarks/quality.py)."""
     results = run / "results"
     uids = pd.read_csv(results / "folds.csv", dtype={"seriesuid": str})["seriesuid"].tolist()
     truth = pd.read_csv(run / "resources" / "synthetic" / "annotations.csv", dtype={"seriesuid": str})
@@ -83,14 +83,9 @@ def figures(run: Path, candidate_files: list[Path], config: dict) -> dict:
     candidates = pd.concat([pd.read_csv(p, dtype={"seriesuid": str}) for p in candidate_files], ignore_index=True)
     ev = config.get("evaluate", {})
     froc = compute_froc(truth, candidates, uids, bootstrap=int(ev.get("bootstrap", 1000)), seed=int(ev.get("seed", 0)))
-    row = {"cpm": froc.cpm, "cpm_ci_low": froc.cpm_ci[0], "cpm_ci_high": froc.cpm_ci[1],
-           **dict(zip(SENS, froc.sensitivities)), "n_nodules": len(truth)}
-    table = subgroup_froc(truth, candidates, uids, [size_bin(float(d)) for d in truth["diameter_mm"]]).set_index("group")
-    for _, _, name in SIZE_BINS_MM:
-        present = name in table.index
-        row[f"n_size_{name}"] = int(table.loc[name, "n_nodules"]) if present else 0
-        row[f"sens8_size_{name}"] = float(table.loc[name, "sens_8"]) if present else float("nan")
-    return row
+    return {"cpm": froc.cpm, "cpm_ci_low": froc.cpm_ci[0], "cpm_ci_high": froc.cpm_ci[1],
+            **dict(zip(SENS, froc.sensitivities)), "n_nodules": len(truth),
+            **subgroup_sensitivities(cohort_truth(run, uids), candidates, uids)}
 
 
 def main() -> None:
@@ -137,11 +132,8 @@ def main() -> None:
             cpm = part["cpm"].to_numpy()
             sizes = []
             for _, _, name in SIZE_BINS_MM:
-                n = part[f"n_size_{name}"].to_numpy(float)
-                s = part[f"sens8_size_{name}"].to_numpy(float)
-                have = n > 0
-                pooled = float(np.sum(n[have] * s[have]) / np.sum(n[have])) if have.any() else float("nan")
-                sizes.append(f"{name} mm {fmt(pooled)} (n={int(n.sum())})")
+                pooled, n = pooled_over_cohorts(part, "size", name)
+                sizes.append(f"{name} mm {fmt(pooled)} (n={n})")
             print(f"- {stage}: CPM {fmt(cpm.mean())} ± {fmt(cpm.std(ddof=1) if len(cpm) > 1 else 0.0)}, worst "
                   f"{fmt(cpm.min())}; sens@8 pooled by size: " + ", ".join(sizes))
         print()

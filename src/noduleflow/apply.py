@@ -59,7 +59,7 @@ from noduleflow.io import (Geometry, InputError, atomic_path, voxel_to_world, wo
 from noduleflow.planes import check_planes
 from noduleflow.predict import (CANDIDATE_COLUMNS, PREDICT_DEFAULTS, check_candidate_score, label_candidates,
                                 inference_device, input_settings, predict_volume, to_uint8)
-from noduleflow.second_stage import load_classifiers, rescore_candidates
+from noduleflow.second_stage import CLASSIFIER_COLUMN, DETECTOR_COLUMN, load_classifiers, rescore_candidates
 from noduleflow.scans import DICOM_SUFFIX, SCAN_SUFFIXES, CanonicalScan, find_scans, read_canonical, scan_suffix
 
 log = logging.getLogger(__name__)
@@ -466,7 +466,7 @@ def apply_models(models: str | Path | Sequence[str | Path], inputs: Sequence[str
     ensemble = load_ensemble(model_paths, device)
     check_planes_fit(settings, ensemble)
     second_stage = load_classifiers(classifiers) if classifiers else None
-    columns = APPLY_COLUMNS + (["detector_probability", "classifier_probability"] if second_stage else [])
+    columns = APPLY_COLUMNS + ([DETECTOR_COLUMN, CLASSIFIER_COLUMN] if second_stage else [])
     scans = discover_inputs(inputs)
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))

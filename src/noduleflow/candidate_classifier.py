@@ -2,7 +2,7 @@
 
 The LUNA16 false-positive-reduction idea: the detector proposes candidates, a classifier that sees
 each candidate in 3-D, with context (:mod:`noduleflow.candidate_crops`), says how likely it is a
-nodule. Input: a crop (channels :data:`noduleflow.candidate_crops.CHANNELS`, 24^3, scaled to the
+nodule. Input: a crop (channels :data:`noduleflow.candidate_crops.CHANNELS`, s^3, scaled to the
 candidate's size) and the candidate's log diameter (the crop's scale hides the size). Output: one
 logit.
 
@@ -38,12 +38,15 @@ log = logging.getLogger(__name__)
 
 #: how a candidate's new probability is made from the detector's (p) and the classifier's (q)
 COMBINE = ("classifier", "mean", "geometric")
+#: filters of the first layer and passes over the training crops (the second_stage defaults)
+WIDTH = 8
+EPOCHS = 20
 
 
 class CropClassifier(nn.Module):
     """3-D CNN: (n, len(CHANNELS), s, s, s) crops (s divisible by 8) and (n, 1) log diameters -> (n,) logits."""
 
-    def __init__(self, width: int = 16, dropout: float = 0.2):
+    def __init__(self, width: int = WIDTH, dropout: float = 0.2):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
@@ -52,9 +55,9 @@ class CropClassifier(nn.Module):
 
         w = int(width)
         self.features = nn.Sequential(
-            block(len(CHANNELS), w), nn.MaxPool3d(2),            # 24 -> 12
-            block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool3d(2),  # 12 -> 6
-            block(2 * w, 4 * w), nn.MaxPool3d(2),                # 6 -> 3
+            block(len(CHANNELS), w), nn.MaxPool3d(2),            # s -> s/2
+            block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool3d(2),  # s/2 -> s/4
+            block(2 * w, 4 * w), nn.MaxPool3d(2),                # s/4 -> s/8
         )
         self.head = nn.Sequential(nn.Linear(8 * w + 1, 2 * w), nn.ReLU(inplace=True), nn.Dropout(dropout),
                                   nn.Linear(2 * w, 1))
@@ -88,12 +91,12 @@ def _augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def fit_classifier(crops: np.ndarray, diameters_mm: np.ndarray, is_nodule: np.ndarray, seed: int,
-                   epochs: int = 30, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4,
-                   width: int = 16, threads: int = 1) -> tuple[CropClassifier, dict] | None:
+                   epochs: int = EPOCHS, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4,
+                   width: int = WIDTH, threads: int = 1) -> tuple[CropClassifier, dict] | None:
     """A trained :class:`CropClassifier` and a summary (counts, final loss, seconds), or None when
     ``is_nodule`` lacks a class.
 
-    ``crops``: uint8 (n, variants, channels, 24, 24, 24) as :func:`noduleflow.candidate_crops.crop_variants`;
+    ``crops``: uint8 (n, variants, channels, s, s, s) as :func:`noduleflow.candidate_crops.crop_variants`;
     ``diameters_mm`` (n,), ``is_nodule`` (n,) bool."""
     crops = np.asarray(crops)
     if crops.ndim != 6 or crops.shape[2] != len(CHANNELS) or len(set(crops.shape[3:])) != 1:
@@ -148,7 +151,7 @@ def fit_classifier(crops: np.ndarray, diameters_mm: np.ndarray, is_nodule: np.nd
 
 @torch.no_grad()
 def classify(model: CropClassifier, crops: np.ndarray, diameters_mm: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """P(nodule) of each crop: uint8 (n, channels, 24, 24, 24) (variant 0); the mean over the 8 flips."""
+    """P(nodule) of each crop: uint8 (n, channels, s, s, s) (variant 0); the mean over the 8 flips."""
     crops = np.asarray(crops)
     out = np.zeros(len(crops), dtype=np.float64)
     if not len(crops):

@@ -11,10 +11,12 @@ Each crop has the channels :data:`CHANNELS`, sampled with trilinear interpolatio
 store's grid (world mm (x, y, z) -> voxel (z, y, x) by :func:`noduleflow.io.world_to_voxel`), axis
 order (channel, z, y, x) in the world's axes (not the crop's):
 
-* ``image``: HU windowed to :data:`WINDOW_HU` -> [0, 1]; outside the scan -1000 HU (air);
+* ``image``: HU windowed to :data:`WINDOW_HU` -> [0, 1]; outside the scan air
+  (:data:`noduleflow.intensity.AIR_HU`);
 * ``probability``: the detector's probability volume (``predict``'s uint8 / 255); outside 0.
 
-Crops are stored as uint8 (value * 255) to keep a cohort's crops small (24^3 x 2 bytes each).
+Crops are stored as uint8 (value * 255) to keep a cohort's crops small (16^3 x 2 bytes each by
+default).
 
 A crop's *variants* are the same candidate seen with the centre moved by up to
 :data:`JITTER_FRACTION` of the side and the side scaled by up to :data:`SCALE_JITTER` either way:
@@ -30,10 +32,11 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from noduleflow.intensity import AIR_HU, normalize_hu
 from noduleflow.io import Geometry, world_to_voxel
 
-#: samples per side of a crop
-CROP_VOXELS = 24
+#: samples per side of a crop (the second_stage.crop_voxels default)
+CROP_VOXELS = 16
 #: crop side = CONTEXT x the candidate's diameter ...
 CONTEXT = 3.0
 #: ... clipped to this range (mm): small candidates still get 24 mm of context, huge ones at most 96 mm
@@ -76,9 +79,8 @@ def candidate_crop(image_hu: np.ndarray, probability_u8: np.ndarray, geometry: G
     ``image_hu``: int16 HU (z, y, x); ``probability_u8``: uint8 probabilities x 255 on the same grid."""
     if image_hu.shape != probability_u8.shape:
         raise ValueError(f"image {image_hu.shape} and probability {probability_u8.shape} grids differ")
-    lo, hi = WINDOW_HU
-    image = sample_cube(image_hu.astype(np.float32, copy=False), geometry, centre_xyz, side_mm, lo, size)
-    image = np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+    image = sample_cube(image_hu.astype(np.float32, copy=False), geometry, centre_xyz, side_mm, AIR_HU, size)
+    image = normalize_hu(image, WINDOW_HU)
     prob = sample_cube(probability_u8.astype(np.float32, copy=False), geometry, centre_xyz, side_mm, 0.0, size)
     prob = np.clip(prob / 255.0, 0.0, 1.0)
     return np.round(np.stack([image, prob]) * 255.0).astype(np.uint8)

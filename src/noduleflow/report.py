@@ -518,6 +518,7 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
         candidate_frames.append(frame[~foreign])
         prob_dirs.append(Path(probabilities_dirs[k]) if probabilities_dirs is not None
                          else Path(path).parent / "probabilities")
+        # second_stage.CLASSIFIER_COLUMN (not imported: the report needs no torch)
         rescored.append("classifier_probability" in frame.columns)
     candidates = pd.concat(candidate_frames, ignore_index=True)
     uids = folds["seriesuid"].tolist()

@@ -40,18 +40,21 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from noduleflow.candidate_classifier import COMBINE, classify, combine, fit_classifier, state_of
-from noduleflow.candidate_crops import CHANNELS, crop_variants
+from noduleflow.candidate_classifier import COMBINE, EPOCHS, WIDTH, classify, combine, fit_classifier, state_of
+from noduleflow.candidate_crops import CHANNELS, CROP_VOXELS, crop_variants
 from noduleflow.froc import EXCLUDED, TP, candidate_outcomes
-from noduleflow.io import InputError, atomic_path, open_h5, read_annotations, read_candidates, write_csv_atomic
+from noduleflow.io import (InputError, atomic_path, open_h5, read_annotations, read_candidates, read_image,
+                           write_csv_atomic)
 from noduleflow.predict import heldout_slice_paths
 
 log = logging.getLogger(__name__)
 
 CROP_FILE_FORMAT = "noduleflow-candidate-crops-1"
 #: the second_stage config block's keys and their defaults
-DEFAULTS: dict[str, Any] = {"enabled": False, "combine": "mean", "epochs": 20, "width": 8, "crop_voxels": 16,
-                            "variants": 4, "seed": 0}
+DEFAULTS: dict[str, Any] = {"enabled": False, "combine": "mean", "epochs": EPOCHS, "width": WIDTH,
+                            "crop_voxels": CROP_VOXELS, "variants": 4, "seed": 0}
+#: the columns re-scoring adds to a candidates table (``probability`` then holds the combination)
+DETECTOR_COLUMN, CLASSIFIER_COLUMN = "detector_probability", "classifier_probability"
 
 
 def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,10 +78,9 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 def write_fold_crops(candidates_path: str | Path, probabilities_dir: str | Path, folds_path: str | Path,
                      fold: int, slice_files: Sequence[str | Path], annotations_path: str | Path,
                      out_path: str | Path, excluded_path: str | Path | None = None, variants: int = 4,
-                     crop_voxels: int = 16, seed: int = 0) -> None:
+                     crop_voxels: int = CROP_VOXELS, seed: int = 0) -> None:
     """Step 1 for fold ``fold`` (module docstring): read its candidates, probability volumes and
     slice stores, write the crop file ``out_path`` atomically."""
-    from noduleflow.io import read_image
     from noduleflow.slices import read_slice_store
 
     stores = heldout_slice_paths(folds_path, fold, slice_files)
@@ -161,6 +163,21 @@ def training_set(crop_files: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, n
     return np.concatenate(xs), np.concatenate(ds), np.concatenate(ys)
 
 
+def with_classifier(candidates: pd.DataFrame, classifier_probability: np.ndarray | None, how: str) -> pd.DataFrame:
+    """A copy of ``candidates`` (same rows, order, positions) with :data:`DETECTOR_COLUMN` (the
+    detector's probability), :data:`CLASSIFIER_COLUMN` and ``probability`` the two combined
+    (:func:`noduleflow.candidate_classifier.combine`); without a classifier probability (None) the
+    detector's is kept and the classifier column is NaN."""
+    table = candidates.copy()
+    table[DETECTOR_COLUMN] = table["probability"]
+    if classifier_probability is None:
+        table[CLASSIFIER_COLUMN] = np.nan
+    else:
+        table[CLASSIFIER_COLUMN] = classifier_probability
+        table["probability"] = combine(table[DETECTOR_COLUMN].to_numpy(), classifier_probability, how)
+    return table
+
+
 def rescore_fold(crop_paths: Sequence[str | Path], fold: int, candidates_path: str | Path, out_candidates: str | Path,
                  out_model: str | Path, settings: Mapping[str, Any], threads: int = 1) -> pd.DataFrame:
     """Step 2 for fold ``fold`` (module docstring). ``crop_paths``: the crop files of every fold
@@ -186,20 +203,17 @@ def rescore_fold(crop_paths: Sequence[str | Path], fold: int, candidates_path: s
              fold, len(y), int(y.sum()), int((~y).sum()), cfg["epochs"])
     fitted = fit_classifier(x, d, y, seed=cfg["seed"], epochs=cfg["epochs"], width=cfg["width"], threads=threads) \
         if len(y) else None
-    table = candidates.copy()
-    table["detector_probability"] = table["probability"]
     with atomic_path(out_model) as tmp:
         if fitted is None:
             log.warning("fold %d: the other folds' crops lack nodules or false positives; the detector's "
                         "probabilities are kept", fold)
-            table["classifier_probability"] = np.nan
+            table = with_classifier(candidates, None, cfg["combine"])
             torch.save({"fold": int(fold), "settings": cfg, "classifier": None}, tmp)
         else:
             model, summary = fitted
             log.info("fold %d: classifier fitted in %.1f s, final loss %.4f", fold, summary["seconds"], summary["final_loss"])
             q = classify(model, own["candidate_crops"][:, 0], own["diameter_mm"])
-            table["classifier_probability"] = q
-            table["probability"] = combine(table["detector_probability"].to_numpy(), q, cfg["combine"])
+            table = with_classifier(candidates, q, cfg["combine"])
             torch.save({"fold": int(fold), "settings": cfg, "summary": summary,
                         "classifier": state_of(model, cfg["width"])}, tmp)
     write_csv_atomic(table, out_candidates)
@@ -258,17 +272,12 @@ def load_classifiers(paths: Sequence[str | Path]) -> tuple[list, dict[str, Any]]
 
 def rescore_candidates(classifiers: Sequence, settings: Mapping[str, Any], image_hu: np.ndarray,
                        probability_u8: np.ndarray, geometry, candidates: pd.DataFrame) -> pd.DataFrame:
-    """A new scan's candidates re-scored by the mean of the fold classifiers (same rows, order and
-    positions; ``detector_probability`` and ``classifier_probability`` added). ``image_hu`` int16 and
+    """A new scan's candidates re-scored by the mean of the fold classifiers (:func:`with_classifier`). ``image_hu`` int16 and
     ``probability_u8`` (z, y, x) on the grid ``geometry`` the candidates were found on."""
-    table = candidates.copy()
-    table["detector_probability"] = table["probability"]
-    if not classifiers or not len(table):
-        table["classifier_probability"] = np.nan
-        return table
-    crops = crop_variants(image_hu, probability_u8, geometry, table[["coordX", "coordY", "coordZ"]].to_numpy(),
-                          table["diameter_mm"].to_numpy(), 1, np.random.default_rng(0), settings["crop_voxels"])[:, 0]
-    q = np.mean([classify(model, crops, table["diameter_mm"].to_numpy()) for model in classifiers], axis=0)
-    table["classifier_probability"] = q
-    table["probability"] = combine(table["detector_probability"].to_numpy(), q, settings["combine"])
-    return table
+    if not classifiers or not len(candidates):
+        return with_classifier(candidates, None, settings["combine"])
+    diameters = candidates["diameter_mm"].to_numpy()
+    crops = crop_variants(image_hu, probability_u8, geometry, candidates[["coordX", "coordY", "coordZ"]].to_numpy(),
+                          diameters, 1, np.random.default_rng(0), settings["crop_voxels"])[:, 0]
+    q = np.mean([classify(model, crops, diameters) for model in classifiers], axis=0)
+    return with_classifier(candidates, q, settings["combine"])
