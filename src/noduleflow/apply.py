@@ -333,7 +333,7 @@ def predict_scan(ensemble: Ensemble, scan: CanonicalScan, uid: str, settings: Pr
         prob = predict_volume([m.model for m in members], members[0].meta, image, lung, ensemble.lung_roi,
                               batch_size=settings.batch_size, device=device,
                               hybrid_output=settings.hybrid_output, planes=settings.planes, amp=settings.amp,
-                              tta=settings.tta)
+                              tta=settings.tta, spacing_zyx=tuple(geometry.spacing)[::-1])
         prob *= np.float32(len(members))
         total = prob if total is None else np.add(total, prob, out=total)
     total /= np.float32(len(ensemble.members))

@@ -4,7 +4,10 @@ The same functions run when patches are sampled / trained on and when whole slic
 so the network sees the same input distribution in both places:
 
 1. :func:`apply_roi` — with ``preprocess.lung_roi`` true, every pixel outside the lung mask becomes
-   air (-1000 HU), at sampling time (``patches.h5`` stores the masked HU) and at inference;
+   air (-1000 HU), at sampling time (``patches.h5`` stores the masked HU) and at inference. With
+   ``sampling.roi_margin_mm`` > 0 the image is kept in a band that wide around the lung
+   (:func:`visible_region`): the network sees what a structure at the lung's edge is attached to
+   (chest wall, mediastinum) while the loss and the candidates stay inside the lung;
 2. :func:`normalize_hu` — HU clipped to ``train.intensity.window_hu`` and scaled to [0, 1].
 
 :func:`normalize_intensity` dispatches on an ``intensity`` block (as stored in ``model.pt``): the
@@ -25,6 +28,35 @@ AIR_HU = -1000
 #: without a lung ROI, a voxel above this HU is body: the region negatives are drawn from (with the
 #: lung) and the region inference runs over
 BODY_MIN_HU = -500
+
+
+def visible_region(lung: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float) -> np.ndarray:
+    """Bool mask of what the network sees with a lung ROI: the lung mask ``lung`` (any dtype,
+    nonzero = lung, (z, y, x) or any axis order matching ``spacing_zyx``) grown by ``margin_mm`` (mm,
+    Euclidean distance with the voxel spacing ``spacing_zyx`` in mm, same axis order). ``margin_mm``
+    0 gives the lung mask itself. The same call runs at sampling and at inference, so both see the
+    same band (``sampling.roi_margin_mm``, stored in the model)."""
+    inside = np.asarray(lung) > 0
+    margin = float(margin_mm)
+    if margin < 0:
+        raise ValueError(f"roi margin {margin_mm} mm: must be >= 0")
+    if margin == 0 or not inside.any():
+        return inside
+    from scipy import ndimage
+
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    if spacing.shape != (inside.ndim,) or not np.all(spacing > 0):
+        raise ValueError(f"spacing {list(spacing_zyx)} must give {inside.ndim} positive voxel sizes (mm)")
+    # only the band can change: work on the lung's bounding box grown by the margin
+    reach = np.ceil(margin / spacing).astype(int)
+    nonzero = np.nonzero(inside)
+    lo = [max(0, int(ix.min()) - r) for ix, r in zip(nonzero, reach)]
+    hi = [min(n, int(ix.max()) + 1 + r) for ix, n, r in zip(nonzero, inside.shape, reach)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out = np.zeros(inside.shape, dtype=bool)
+    distance = ndimage.distance_transform_edt(~inside[box], sampling=spacing)
+    out[box] = distance <= margin
+    return out
 
 
 def apply_roi(image_hu: np.ndarray, roi: np.ndarray, fill_hu: int = AIR_HU) -> np.ndarray:

@@ -127,12 +127,14 @@ class PatchFile:
         return {**self.__dict__, "_handles": {}, "_pid": None}
 
     def meta(self) -> dict[str, Any]:
-        """The sampling settings inference must repeat: context, context_step, patch_size, lung_roi."""
+        """The sampling settings inference must repeat: context, context_step, patch_size, lung_roi,
+        roi_margin_mm (0 for files written before it existed)."""
         c, size = self.image_shape[1], self.image_shape[-1]
         return {"context": int(self.attrs.get("context", (c - 1) // 2)),
                 "context_step": int(self.attrs.get("context_step", 1)),
                 "patch_size": int(self.attrs.get("patch_size", size)),
-                "lung_roi": bool(self.attrs.get("lung_roi", True))}
+                "lung_roi": bool(self.attrs.get("lung_roi", True)),
+                "roi_margin_mm": float(self.attrs.get("roi_margin_mm", 0.0))}
 
     def _store(self, i: int):
         if self._pid != os.getpid():

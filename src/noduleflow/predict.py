@@ -8,9 +8,10 @@ planes' maps (a nodule is round in all three planes, a vessel only in one). Inpu
 ``2*context+1`` neighbouring slices, ``context_step`` apart, as channels (edge slices repeated at the
 volume border; :func:`noduleflow.planes.context_offsets`), pixels outside the lung set to air
 (:data:`noduleflow.intensity.AIR_HU`, -1000 HU) when ``lung_roi``
-(:func:`noduleflow.intensity.apply_roi`), then :func:`noduleflow.intensity.normalize_intensity` with
+(:func:`noduleflow.intensity.apply_roi`; beyond the model's ``roi_margin_mm`` around the lung,
+:func:`model_view`), then :func:`noduleflow.intensity.normalize_intensity` with
 the model's ``intensity`` block, as in training. Each slice is cropped in-plane to the bounding box
-of the region (lung or body over the whole scan) plus a margin, and padded with air to a multiple of
+of the region (lung, grown by the ROI margin, or body over the whole scan) plus a margin, and padded with air to a multiple of
 ``2**depth``; voxels outside the box get probability 0. With ``lung_roi`` the probability outside
 the lung mask is 0.
 
@@ -50,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from noduleflow.folds import read_fold_uids
-from noduleflow.intensity import AIR_HU, BODY_MIN_HU
+from noduleflow.intensity import AIR_HU, BODY_MIN_HU, visible_region
 from noduleflow.io import Geometry, InputError, atomic_dir, voxel_to_world, write_csv_atomic, write_image
 from noduleflow.planes import PLANES, check_planes, context_offsets, from_plane, to_plane
 
@@ -239,7 +240,8 @@ def _box(region: np.ndarray, multiple: int, margin: int = BOX_MARGIN) -> tuple[s
 
 def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
                    batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
-                   planes: Sequence[str] = PLANES, amp: bool = True, tta: bool = False) -> np.ndarray:
+                   planes: Sequence[str] = PLANES, amp: bool = True, tta: bool = False,
+                   spacing_zyx: Sequence[float] | None = None) -> np.ndarray:
     """Nodule probability (z, y, x) float32 of one scan (``image`` int16 HU, ``lung`` uint8 mask, both
     (z, y, x)): the mean of the probability maps of the slicing ``planes`` (:mod:`noduleflow.planes`).
 
@@ -250,7 +252,9 @@ def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_
     ``intensity.window_hu``, ``model.depth``). ``amp``: mixed precision where the device has it
     (:func:`noduleflow.model.autocast_dtype`). ``tta``: flip test-time augmentation, each plane's
     map the mean over :data:`TTA_FLIPS` of the input (flipped back). See the module docstring for
-    the region rules.
+    the region rules. ``spacing_zyx``: voxel size (mm, (z, y, x)), needed when the model was trained
+    with ``roi_margin_mm`` > 0 (``meta``): with ``lung_roi`` it sees the image within that margin
+    of the lung (:func:`noduleflow.intensity.visible_region`), as at sampling.
     """
     import torch
 
@@ -266,22 +270,35 @@ def predict_volume(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_
     for member in models:
         if isinstance(member, torch.nn.Module):
             member.to(memory_format=memory_format)
+    visible = model_view(meta, lung, spacing_zyx) if lung_roi else None
     total = None
     for plane in planes:
         plane_image, plane_lung = to_plane(np.asarray(image), plane), to_plane(np.asarray(lung), plane)
+        plane_visible = None if visible is None else to_plane(visible, plane)
         for axes in flips:
             prob = predict_plane(models, meta, _flipped(plane_image, axes), _flipped(plane_lung, axes), lung_roi,
-                                 batch_size=batch_size, device=device, hybrid_output=hybrid_output, amp=amp)
+                                 batch_size=batch_size, device=device, hybrid_output=hybrid_output, amp=amp,
+                                 visible=None if plane_visible is None else _flipped(plane_visible, axes))
             prob = from_plane(_flipped(prob, axes), plane)
             total = prob.copy() if total is None else np.add(total, prob, out=total)
     total /= np.float32(len(planes) * len(flips))
     return total
 
 
+def model_view(meta: dict, lung: np.ndarray, spacing_zyx: Sequence[float] | None) -> np.ndarray:
+    """Bool (z, y, x) region a lung-ROI model sees of a scan: ``lung`` grown by the model's
+    ``roi_margin_mm`` (``meta``; 0 for models trained before it existed) with the voxel size
+    ``spacing_zyx`` (mm). ValueError when a margin is set and the spacing is not given."""
+    margin = float(meta.get("roi_margin_mm", 0.0))
+    if margin > 0 and spacing_zyx is None:
+        raise ValueError(f"the model sees {margin} mm around the lung (roi_margin_mm): the voxel spacing is needed")
+    return visible_region(lung, spacing_zyx if spacing_zyx is not None else (1.0,) * np.ndim(lung), margin)
+
+
 def input_settings(meta: dict) -> tuple:
     """What decides a model's input and how its output is read (context, context step, intensity
-    block, depth, label mode): models with equal settings can share one input batch."""
-    return (int(meta.get("context", 0)), int(meta.get("context_step", 1)),
+    block, depth, label mode, ROI margin): models with equal settings can share one input batch."""
+    return (float(meta.get("roi_margin_mm", 0.0)), int(meta.get("context", 0)), int(meta.get("context_step", 1)),
             json.dumps(meta.get("intensity", {}), sort_keys=True), int(meta.get("model", {}).get("depth", 0)),
             meta.get("label_mode", "positive"), meta.get("model", {}).get("norm", "batch"))
 
@@ -293,10 +310,12 @@ def _flipped(volume: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 
 def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_roi: bool,
                   batch_size: int = 8, device: str = "cpu", hybrid_output: str = "positive",
-                  amp: bool = True) -> np.ndarray:
+                  amp: bool = True, visible: np.ndarray | None = None) -> np.ndarray:
     """Nodule probability float32 of one scan run slice by slice along axis 0 of ``image`` and
     ``lung`` (any axis order, see :func:`noduleflow.planes.to_plane`); same shape and order.
-    ``model``: a module or a sequence of modules sharing ``meta``'s input settings (their mean)."""
+    ``model``: a module or a sequence of modules sharing ``meta``'s input settings (their mean).
+    ``visible``: with ``lung_roi``, the region whose image the model sees (:func:`model_view`, same
+    shape); None = the lung mask. The probability is kept inside the lung either way."""
     import torch
 
     from noduleflow.intensity import apply_roi, normalize_intensity
@@ -315,10 +334,11 @@ def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_r
     offsets = context_offsets(int(meta.get("context", 0)), int(meta.get("context_step", 1)))
     intensity = meta.get("intensity", {"window_hu": [-1000, 400]})
     label_mode = meta.get("label_mode", "positive")
-    ys, xs, pad_y, pad_x = _box(region, 2 ** depth)
+    seen = (lung > 0 if visible is None else np.asarray(visible) > 0) if lung_roi else None
+    ys, xs, pad_y, pad_x = _box(region if seen is None else seen, 2 ** depth)
 
     crop = image[:, ys, xs]
-    roi_crop = lung[:, ys, xs] > 0 if lung_roi else np.ones(crop.shape, dtype=bool)
+    roi_crop = seen[:, ys, xs] if lung_roi else np.ones(crop.shape, dtype=bool)
     hu = apply_roi(crop, roi_crop.astype(np.uint8), fill_hu=AIR_HU) if lung_roi else crop.astype(np.int16)
     if pad_y or pad_x:
         hu = np.pad(hu, ((0, 0), (0, pad_y), (0, pad_x)), constant_values=AIR_HU)
@@ -407,7 +427,8 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
             started = time.perf_counter()
             image, lung, _nodule, geometry = read_slice_store(store)
             prob = predict_volume(model, meta, image, lung, lung_roi, batch_size=batch_size, device=device,
-                                  hybrid_output=hybrid_output, planes=planes, amp=amp, tta=tta)
+                                  hybrid_output=hybrid_output, planes=planes, amp=amp, tta=tta,
+                                  spacing_zyx=tuple(geometry.spacing)[::-1])
             stored = to_uint8(prob)
             write_image(stored, geometry, tmp_dir / f"{uid}.mha")
             cands = candidates_from_probability(stored, geometry, threshold, min_volume_mm3, seriesuid=uid,

@@ -45,7 +45,10 @@ slices repeat). A ``context_step`` above 1 widens the view across the plane at n
 sphere, smaller a few mm off its centre) from a vessel seen end-on (a tube, the same disc on every
 slice), which ``context_step = 1`` (4 mm) cannot for vessels and nodules of ~1 cm.
 Pixels outside the volume are -1000 HU (image) and 0 (masks). With ``lung_roi`` every channel is masked by its own slice's lung mask
-(:func:`noduleflow.intensity.apply_roi`: outside -> -1000 HU), exactly as at inference.
+(:func:`noduleflow.intensity.apply_roi`: outside -> -1000 HU), exactly as at inference; with
+``roi_margin_mm`` > 0 by the lung mask grown by that margin in 3-D
+(:func:`noduleflow.intensity.visible_region`), so a structure at the lung's edge is seen with
+what it is attached to (the chest wall, the mediastinum).
 
 Jobs: :func:`noduleflow.patchplan.plan_patches` (stage ``plan_patches``) writes the cohort's counts
 per scan (``patches/plan.csv``); :func:`sample_scan_file` (stage ``sample_patches``, one job per scan) writes
@@ -78,7 +81,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from noduleflow.intensity import AIR_HU, BODY_MIN_HU, apply_roi
+from noduleflow.intensity import AIR_HU, BODY_MIN_HU, apply_roi, visible_region
 from noduleflow.io import InputError, atomic_path, open_h5
 from noduleflow.patchplan import plan_counts
 from noduleflow.planes import PLANES, check_planes, context_offsets, indices_from_plane, split_count, to_plane
@@ -159,7 +162,7 @@ def patch_file_attrs(lung_roi: bool, patches_per_scan: int, positive_fraction: f
                      context: int = 3, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
                      jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
                      thick_negative_fraction: float = 0.5, thick_negative_sigma_mm: float = 2.0,
-                     context_step: int = 2, draws: int = 1) -> dict[str, Any]:
+                     context_step: int = 2, draws: int = 1, roi_margin_mm: float = 0.0) -> dict[str, Any]:
     """The attributes of a patches file: every sampling setting (what inference must repeat, and
     what tells two files apart)."""
     return {"context": int(context), "context_step": int(context_step), "patch_size": int(patch_size),
@@ -170,7 +173,8 @@ def patch_file_attrs(lung_roi: bool, patches_per_scan: int, positive_fraction: f
             "jitter_fraction": float(jitter_fraction), "fill_hu": AIR_HU,
             "thick_negative_fraction": float(thick_negative_fraction),
             "thick_negative_sigma_mm": float(thick_negative_sigma_mm),
-            "planes": ",".join(check_planes(planes, "sampling.planes")), "draws": int(draws)}
+            "planes": ",".join(check_planes(planes, "sampling.planes")), "draws": int(draws),
+            "roi_margin_mm": float(roi_margin_mm)}
 
 
 class PatchWriter:
@@ -236,7 +240,7 @@ class PatchWriter:
 def check_settings(patch_size: int = 64, context: int = 3, patches_per_scan: int = 160,
                    positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5, jitter_fraction: float = 0.35,
                    thick_negative_fraction: float = 0.5, thick_negative_sigma_mm: float = 2.0, context_step: int = 2,
-                   planes: Sequence[str] = PLANES, draws: int = 1, **_other: Any) -> None:
+                   planes: Sequence[str] = PLANES, draws: int = 1, roi_margin_mm: float = 0.0, **_other: Any) -> None:
     """ValueError naming the ``sampling.*`` key of the first invalid setting."""
     check_planes(planes, "sampling.planes")
     if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or int(draws) < 1:
@@ -256,6 +260,8 @@ def check_settings(patch_size: int = 64, context: int = 3, patches_per_scan: int
             raise ValueError(f"sampling.{key} = {value}: must be in [0, 1]")
     if not float(thick_negative_sigma_mm) > 0:
         raise ValueError(f"sampling.thick_negative_sigma_mm = {thick_negative_sigma_mm}: must be > 0 mm")
+    if isinstance(roi_margin_mm, bool) or not float(roi_margin_mm) >= 0:
+        raise ValueError(f"sampling.roi_margin_mm = {roi_margin_mm}: must be >= 0 mm")
 
 
 # --------------------------------------------------------------------------- one scan
@@ -274,7 +280,8 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
                 jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
                 thick_negative_fraction: float = 0.5,
                 thick_negative_sigma_mm: float = 2.0,
-                context_step: int = 2, draws: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                context_step: int = 2, draws: int = 1,
+                roi_margin_mm: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
     "kind", "plane", "draw"}``), ``draws`` sets of: ``n_positive`` positives (none if the scan has
     no nodule voxel) and ``n_negative`` negatives, of which a ``hard_negative_fraction`` share hard
@@ -282,7 +289,9 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
     :func:`thick_structures`), each count split evenly over ``planes``
     (:func:`noduleflow.planes.split_count`). Centres in the table are (z, y, x) voxel indices
     whatever the plane. Generator: :func:`scan_rng` of each draw, used plane after plane in
-    :data:`PLANES` order; draws in order 0 .. ``draws`` - 1."""
+    :data:`PLANES` order; draws in order 0 .. ``draws`` - 1. With ``lung_roi`` the image is kept
+    within ``roi_margin_mm`` of the lung (:func:`noduleflow.intensity.visible_region`), air beyond;
+    centres and the ``roi`` (loss) mask stay the lung's."""
     from noduleflow.slices import read_slice_store
 
     path = Path(path)
@@ -296,6 +305,7 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
             raise InputError(f"{path}: {name} {array.shape} and image {image.shape} differ in shape (z, y, x)")
     thick = (thick_structures(image, lung, geometry.spacing, thick_negative_sigma_mm, hard_negative_min_hu)
              if thick_negative_fraction > 0 and hard_negative_fraction > 0 else None)
+    visible = visible_region(lung, tuple(geometry.spacing)[::-1], roi_margin_mm) if lung_roi else None
     rngs = [scan_rng(seed, uid, draw) for draw in range(int(draws))]
     parts: list[list[dict]] = [[] for _ in rngs]   # per draw, plane after plane
     tables: list[list[dict]] = [[] for _ in rngs]
@@ -312,7 +322,8 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
                 log.warning("%s (%s): only %d of %d patches (%s)", uid, plane, len(kinds), n_pos + n_neg,
                             "no nodule voxel" if n_pos and "positive" not in kinds else "too few voxels")
             parts[draw].append(cut_patches(img_p, lung_p, nod_p, centres, patch_size=patch_size, context=context,
-                                           lung_roi=lung_roi, context_step=context_step))
+                                           lung_roi=lung_roi, context_step=context_step,
+                                           visible=None if visible is None else to_plane(visible, plane)))
             zyx = indices_from_plane(centres, plane)
             tables[draw].append({"seriesuid": np.full(len(kinds), uid, dtype=object).astype(str),
                                  "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2],
@@ -476,15 +487,19 @@ def _draw(candidates: np.ndarray, n: int, rng: np.random.Generator, replace: boo
 
 
 def cut_patches(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, centres: np.ndarray, patch_size: int,
-                context: int, lung_roi: bool, context_step: int) -> dict[str, np.ndarray]:
+                context: int, lung_roi: bool, context_step: int,
+                visible: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``image`` int16 (k, c, p, p) (ROI applied per channel when ``lung_roi``), ``mask`` and ``roi``
     uint8 (k, p, p) of the centre slice, for centres (k, 3) (z, y, x). Outside the volume: -1000 HU
     and 0; channels are slices ``z + j * context_step``, ``j = -context .. context``, clamped to the
-    volume."""
+    volume. ``visible``: the region (same shape as ``image``) the image is kept in with
+    ``lung_roi`` (:func:`noduleflow.intensity.visible_region`); None = the lung mask. ``roi`` is
+    the lung mask of the centre slice either way."""
     k, p, c = len(centres), patch_size, 2 * context + 1
     depth, h, w = image.shape
     img = np.full((k, c, p, p), AIR_HU, dtype=np.int16)
     lng = np.zeros((k, c, p, p), dtype=np.uint8)
+    seen = lng if visible is None else np.zeros((k, c, p, p), dtype=np.uint8)
     nod = np.zeros((k, p, p), dtype=np.uint8)
     offsets = context_offsets(context, context_step)
     for i, (z, y, x) in enumerate(centres):
@@ -496,9 +511,11 @@ def cut_patches(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, centres
         dst = (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
         img[i, :, dst[0], dst[1]] = image[zs, y0:y1, x0:x1]
         lng[i, :, dst[0], dst[1]] = lung[zs, y0:y1, x0:x1] > 0
+        if visible is not None:
+            seen[i, :, dst[0], dst[1]] = visible[zs, y0:y1, x0:x1] > 0
         nod[i, dst[0], dst[1]] = nodule[z, y0:y1, x0:x1] > 0
     if lung_roi:
-        img = apply_roi(img, lng)
+        img = apply_roi(img, seen)
         roi = lng[:, context].copy()
     else:
         roi = np.ones((k, p, p), dtype=np.uint8)

@@ -670,7 +670,7 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
     meta = {"model": model_kwargs, "label_mode": cfg["label_mode"], "intensity": intensity,
             "context": patch_meta["context"], "context_step": patch_meta["context_step"],
             "patch_size": patch_meta["patch_size"],
-            "lung_roi": patch_meta["lung_roi"], "fold": fold, "heldout_patch_dice": float(heldout_dice),
+            "lung_roi": patch_meta["lung_roi"], "roi_margin_mm": patch_meta["roi_margin_mm"], "fold": fold, "heldout_patch_dice": float(heldout_dice),
             "best_epoch": int(state["best_epoch"]), "val_dice": float(state["best_dice"]),
             "selected_on": cfg["select_on"],
             "train": cfg, "train_scans": fit_scans, "validation_scans": val_scans, "heldout_scans": heldout_scans,
