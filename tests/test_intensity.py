@@ -47,3 +47,25 @@ def test_ct_normalisation_uses_foreground_statistics():
     np.testing.assert_allclose(window, [0, 1])
     with pytest.raises(ValueError, match="mode"):
         normalize_intensity(values, {"mode": "zscore"})
+
+
+def test_the_visible_region_is_the_lung_grown_by_the_margin_in_mm_per_axis():
+    from noduleflow.intensity import visible_region
+
+    lung = np.zeros((9, 11, 11), dtype=np.uint8)
+    lung[4, 5, 5] = 1
+    np.testing.assert_array_equal(visible_region(lung, (2.0, 1.0, 0.5), 0), lung > 0)
+    seen = visible_region(lung, (2.0, 1.0, 0.5), 2.0)        # z 2 mm, y 1 mm, x 0.5 mm voxels
+    assert seen[4, 5, 5] and seen[3, 5, 5] and seen[5, 5, 5] and not seen[2, 5, 5]   # 1 voxel in z
+    assert seen[4, 3, 5] and not seen[4, 2, 5]                                       # 2 voxels in y
+    assert seen[4, 5, 1] and not seen[4, 5, 0]                                       # 4 voxels in x
+    assert not seen[3, 4, 5]                                  # sqrt(2^2 + 1^2) mm > 2 mm: Euclidean
+    # the lung is always inside, and only the band within the margin is added
+    big = np.zeros((20, 30, 30), dtype=np.uint8)
+    big[5:15, 10:20, 10:20] = 1
+    grown = visible_region(big, (1.0, 1.0, 1.0), 3.0)
+    assert grown[big > 0].all()
+    assert grown[10, 15, 7] and not grown[10, 15, 6] and grown[2, 15, 15] and not grown[1, 15, 15]
+    with pytest.raises(ValueError, match="must be >= 0"):
+        visible_region(lung, (1.0, 1.0, 1.0), -1.0)
+    assert not visible_region(np.zeros((3, 3, 3)), (1.0, 1.0, 1.0), 5.0).any()

@@ -318,3 +318,34 @@ def test_elongation_is_one_for_a_ball_and_large_for_a_vessel_in_mm_not_voxels():
     prob[vessel & (xx > 30)] = 0.8                                # a vessel piece beside the ball
     found = candidates_from_probability(prob, GEOMETRY, 0.5, 1.0)
     assert found["elongation"].iloc[0] < 1.2 < found["elongation"].iloc[1]   # the ball first (0.9), then the vessel piece
+
+
+class NeighbourNet(ThresholdNet):
+    """Logit = 50 (max of the centre channel over a 5x5 neighbourhood - 0.5): a pixel is "nodule"
+    when anything denser than -300 HU lies within 2 pixels of it in the input it is given."""
+
+    def __call__(self, x):
+        self.shapes.append(tuple(x.shape))
+        c = x.shape[1] // 2
+        return 50.0 * (self.torch.nn.functional.max_pool2d(x[:, c:c + 1], 5, stride=1, padding=2) - 0.5)
+
+
+def test_a_model_with_a_roi_margin_sees_the_tissue_around_the_lung_and_marks_only_the_lung():
+    from noduleflow.predict import predict_volume
+
+    image, lung, _nodule, _centre = synthetic_scan()
+    image[image == 0] = -850                                   # no nodule: only the body wall is dense
+    spacing_zyx = tuple(GEOMETRY.spacing)[::-1]
+    without = predict_volume(NeighbourNet(), META, image, lung, lung_roi=True, planes=("axial",),
+                             spacing_zyx=spacing_zyx)
+    assert without.max() < 0.01                                # the wall is air in the input
+    meta = {**META, "roi_margin_mm": 3.0}
+    seen = predict_volume(NeighbourNet(), meta, image, lung, lung_roi=True, planes=("axial",),
+                          spacing_zyx=spacing_zyx)
+    assert seen[lung == 0].max() == 0.0                        # candidates stay inside the lung
+    edge = np.zeros_like(lung, dtype=bool)
+    edge[2:18, 10:38, 10:12] = True                            # two lung columns beside the wall (0.9 mm)
+    assert (seen[edge] > 0.99).all()
+    assert seen[2:18, 14:34, 14:38].max() < 0.01               # deeper in the lung nothing changes
+    with pytest.raises(ValueError, match="voxel spacing"):
+        predict_volume(NeighbourNet(), meta, image, lung, lung_roi=True, planes=("axial",))

@@ -477,3 +477,47 @@ def test_an_invalid_number_of_draws_is_refused_before_writing(stores, tmp_path, 
     with pytest.raises(ValueError, match="sampling.draws"):
         sample(stores, tmp_path / "p.h5", draws=draws)
     assert not (tmp_path / "p.h5").exists()
+
+
+def test_a_roi_margin_shows_the_image_around_the_lung_but_the_loss_stays_in_the_lung():
+    from noduleflow.sampling import cut_patches
+
+    image = np.full((3, 8, 8), 40, dtype=np.int16)          # soft tissue
+    lung = np.zeros((3, 8, 8), dtype=np.uint8)
+    lung[:, :, :4] = 1
+    image[lung > 0] = -850
+    visible = np.zeros_like(lung)
+    visible[:, :, :6] = 1                                    # the lung and two columns of tissue
+    nodule = np.zeros_like(lung)
+    centre = np.array([[1, 4, 4]])
+    plain = cut_patches(image, lung, nodule, centre, patch_size=8, context=1, lung_roi=True, context_step=1)
+    shown = cut_patches(image, lung, nodule, centre, patch_size=8, context=1, lung_roi=True, context_step=1,
+                        visible=visible)
+    assert (plain["image"][0][:, :, 4:] == -1000).all()     # the lung alone: tissue becomes air
+    assert (shown["image"][0][:, :, 4:6] == 40).all() and (shown["image"][0][:, :, 6:] == -1000).all()
+    np.testing.assert_array_equal(shown["roi"], plain["roi"])
+    np.testing.assert_array_equal(shown["roi"][0], lung[1])
+
+
+def test_sampling_with_a_roi_margin_records_it_for_inference(tmp_path):
+    from noduleflow.patchdata import PatchFile
+    from noduleflow.sampling import check_settings
+
+    store = make_store(tmp_path / "a.h5", "A", 0, [(12, 40, 40, 4)])
+    out = {}
+    for margin in (0.0, 6.0):
+        path = tmp_path / f"p{margin}.h5"
+        sample_balanced_patches([store], path, lung_roi=True, patches_per_scan=12, patch_size=32,
+                                roi_margin_mm=margin)
+        patches = PatchFile(path)
+        assert patches.meta()["roi_margin_mm"] == margin
+        patches.close()
+        out[margin] = load_patches(path)
+    # same centres and loss masks; only pixels outside the lung (within 6 mm of it) differ
+    np.testing.assert_array_equal(out[0.0]["roi"], out[6.0]["roi"])
+    np.testing.assert_array_equal(out[0.0]["mask"], out[6.0]["mask"])
+    changed = out[0.0]["image"] != out[6.0]["image"]
+    assert changed.any()
+    assert (out[0.0]["image"][changed] == -1000).all()
+    with pytest.raises(ValueError, match="sampling.roi_margin_mm"):
+        check_settings(roi_margin_mm=-2)

@@ -8,7 +8,10 @@ so the network sees the same input distribution in both places:
    ``sampling.roi_margin_mm`` > 0 the image is kept in a band that wide around the lung
    (:func:`visible_region`): the network sees what a structure at the lung's edge is attached to
    (chest wall, mediastinum) while the loss and the candidates stay inside the lung;
-2. :func:`normalize_hu` — HU clipped to ``train.intensity.window_hu`` and scaled to [0, 1].
+2. :func:`normalize_hu` — HU clipped to ``train.intensity.window_hu`` and scaled to [0, 1];
+3. :func:`with_lung_channel` — with ``train.intensity.lung_channel`` true, the lung mask of the
+   centre slice is one more input channel (1 inside the lung, 0 outside), so a model that sees
+   the image around the lung (``sampling.roi_margin_mm``) still knows where the lung ends.
 
 :func:`normalize_intensity` dispatches on an ``intensity`` block (as stored in ``model.pt``): the
 HU window (default), or ``mode: ct`` — nnU-Net's CT scheme (clip to the 0.5/99.5 percentiles of
@@ -105,6 +108,21 @@ def normalize_ct(image_hu: np.ndarray, clip_hu: Sequence[float], mean: float, st
         raise ValueError(f"clip_hu {list(clip_hu)} must be [low, high] with low <= high")
     image = np.clip(np.asarray(image_hu, dtype=np.float32), low, high)
     return ((image - np.float32(mean)) / np.float32(max(float(std), 1e-8))).astype(np.float32, copy=False)
+
+
+def input_channels(image_channels: int, intensity: Mapping) -> int:
+    """Channels of the network's input: the ``image_channels`` context slices, plus one for the
+    lung mask when the ``intensity`` block says ``lung_channel``."""
+    return int(image_channels) + (1 if intensity.get("lung_channel", False) else 0)
+
+
+def with_lung_channel(image: np.ndarray, lung: np.ndarray, intensity: Mapping) -> np.ndarray:
+    """``image`` (n, c, h, w) float32 (normalised) with the lung mask ``lung`` (n, h, w; nonzero =
+    lung) appended as channel c (1.0 / 0.0) when ``intensity["lung_channel"]``; else ``image``."""
+    if not intensity.get("lung_channel", False):
+        return image
+    mask = (np.asarray(lung) > 0).astype(image.dtype)[:, None]
+    return np.concatenate([image, mask], axis=1)
 
 
 def normalize_intensity(image_hu: np.ndarray, intensity: Mapping) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from noduleflow.augment import augment_batch
-from noduleflow.intensity import normalize_intensity
+from noduleflow.intensity import normalize_intensity, with_lung_channel
 from noduleflow.io import InputError, open_h5
 from noduleflow.model import build_targets
 from noduleflow.sampling import PATCH_DATASETS, index_runs
@@ -222,7 +222,8 @@ class PatchSubset:
 
 class PatchBatches(torch.utils.data.Dataset):
     """Batches of one epoch over a :class:`Patches` source: item ``b`` is batch ``b`` (a dict of
-    tensors ``image`` (n, c, h, w) float32 in [0, 1] (+ jitter), ``target`` (n, C, h, w),
+    tensors ``image`` (n, c, h, w) float32 in [0, 1] (+ jitter; the roi as a last channel when
+    the ``intensity`` block says ``lung_channel``), ``target`` (n, C, h, w),
     ``weight`` (n, 1, h, w) = roi, ``mask`` (n, h, w)). Batch order and augmentation are pure
     functions of ``(seed, epoch, b)``, so the batches are the same with any number of DataLoader
     workers and whether the source reads from memory or disk."""
@@ -260,6 +261,7 @@ class PatchBatches(torch.utils.data.Dataset):
         if self.augment:
             image, mask, roi = augment_batch(image, mask, roi, self.augment,
                                              np.random.default_rng(seed_of(self.seed, 31, self.epoch, b)))
+        image = with_lung_channel(np.asarray(image, dtype=np.float32), roi, self.intensity)
         return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 "target": build_targets(mask, roi, self.label_mode),
                 "weight": torch.from_numpy(np.ascontiguousarray(roi, dtype=np.float32))[:, None],

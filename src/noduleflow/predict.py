@@ -318,7 +318,7 @@ def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_r
     shape); None = the lung mask. The probability is kept inside the lung either way."""
     import torch
 
-    from noduleflow.intensity import apply_roi, normalize_intensity
+    from noduleflow.intensity import apply_roi, normalize_intensity, with_lung_channel
     from noduleflow.model import autocast_dtype, memory_format_for, nodule_probability
 
     models = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -343,6 +343,12 @@ def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_r
     if pad_y or pad_x:
         hu = np.pad(hu, ((0, 0), (0, pad_y), (0, pad_x)), constant_values=AIR_HU)
     volume = normalize_intensity(hu, intensity).astype(np.float32, copy=False)
+    # the lung mask channel as training builds it from the patches' roi (all ones without lung_roi)
+    lung_plane = None
+    if intensity.get("lung_channel", False):
+        lung_plane = (lung[:, ys, xs] > 0) if lung_roi else np.ones(crop.shape, dtype=bool)
+        if pad_y or pad_x:
+            lung_plane = np.pad(lung_plane, ((0, 0), (0, pad_y), (0, pad_x)), constant_values=not lung_roi)
     h, w = crop.shape[1], crop.shape[2]
     torch_device = torch.device(device)
     amp_dtype = autocast_dtype(torch_device, amp)
@@ -351,7 +357,8 @@ def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_r
         for start in range(0, len(z_run), batch_size):
             zs = z_run[start:start + batch_size]
             index = np.clip(zs[:, None] + offsets[None, :], 0, image.shape[0] - 1)
-            batch = torch.from_numpy(np.ascontiguousarray(volume[index])).to(device)
+            inputs = volume[index] if lung_plane is None else with_lung_channel(volume[index], lung_plane[zs], intensity)
+            batch = torch.from_numpy(np.ascontiguousarray(inputs)).to(device)
             batch = batch.contiguous(memory_format=memory_format)
             prob = None
             for member in models:

@@ -60,6 +60,7 @@ import pandas as pd
 import torch
 
 from noduleflow.folds import read_folds
+from noduleflow.intensity import input_channels
 from noduleflow.io import InputError, atomic_path, write_csv_atomic
 from noduleflow.losses import LOSSES, make_loss
 from noduleflow.model import (LABEL_MODES, UNet2d, autocast_dtype, memory_format_for, nodule_probability,
@@ -87,7 +88,7 @@ DEFAULTS: dict[str, Any] = {
     "min_batches_per_epoch": None,
     "early_stopping_patience": 4,
     "select_on": "loss",
-    "intensity": {"mode": "window", "window_hu": [-1000, 400]},
+    "intensity": {"mode": "window", "window_hu": [-1000, 400], "lung_channel": False},
     "augment": {"flips": True, "rot90": True, "intensity_jitter": 0.05, "zoom": [1.0, 2.0], "zoom_p": 0.3,
                 "contrast": [0.1, 1.2],
                 "nodule_contrast": [0.2, 0.6], "nodule_contrast_p": 0.3},
@@ -173,6 +174,8 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("zoom_p", "nodule_contrast_p"):
         if not 0.0 <= float(cfg["augment"][key]) <= 1.0:
             raise InputError(f"config train.augment.{key}: {cfg['augment'][key]!r} must be a probability in [0, 1]")
+    if not isinstance(cfg["intensity"]["lung_channel"], bool):
+        raise InputError(f"config train.intensity.lung_channel: {cfg['intensity']['lung_channel']!r} must be true or false")
     if cfg["intensity"]["mode"] not in ("window", "ct"):
         raise InputError(f"config train.intensity.mode: {cfg['intensity']['mode']!r} is not window or ct")
     return json.loads(json.dumps(cfg))  # plain builtins (stored in model.pt and hashed)
@@ -268,9 +271,12 @@ def intensity_block(cfg_intensity: Mapping[str, Any], patches: PatchSubset) -> d
     (:func:`noduleflow.intensity.normalize_intensity`). ``mode: window``: ``{"mode": "window",
     "window_hu"}``. ``mode: ct`` (nnU-Net's CT scheme): the statistics of the nodule pixels (inside
     the ROI, all context channels) of the training ``patches`` (read block by block), from
-    :func:`noduleflow.intensity.ct_statistics`; with no nodule pixel, of all ROI pixels."""
+    :func:`noduleflow.intensity.ct_statistics`; with no nodule pixel, of all ROI pixels. Either
+    with ``lung_channel: true`` when the config asks for the lung mask as an input channel
+    (:func:`noduleflow.intensity.with_lung_channel`)."""
+    channel = {"lung_channel": True} if cfg_intensity.get("lung_channel", False) else {}
     if cfg_intensity.get("mode", "window") == "window":
-        return {"mode": "window", "window_hu": [float(v) for v in cfg_intensity["window_hu"]]}
+        return {"mode": "window", "window_hu": [float(v) for v in cfg_intensity["window_hu"]], **channel}
     from noduleflow.intensity import ct_statistics
 
     def values(foreground_only: bool) -> np.ndarray:
@@ -284,7 +290,7 @@ def intensity_block(cfg_intensity: Mapping[str, Any], patches: PatchSubset) -> d
     if foreground.size == 0:
         log.warning("no nodule pixels in the training patches: CT statistics of all ROI pixels")
         foreground = values(False)
-    return {**ct_statistics(foreground), "window_hu": [float(v) for v in cfg_intensity["window_hu"]]}
+    return {**ct_statistics(foreground), "window_hu": [float(v) for v in cfg_intensity["window_hu"]], **channel}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -564,7 +570,7 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
               + f"|draws {len(fit_draws)}|" + _attrs_digest(patch_file.attrs))
     config_hash = _config_hash(cfg, fold, digest)
     intensity = intensity_block(cfg["intensity"], data["fit"])
-    model_kwargs = {"in_channels": int(channels),
+    model_kwargs = {"in_channels": input_channels(channels, intensity),
                     "out_channels": out_channels_for(cfg["label_mode"]), **cfg["model"]}
     checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
 
