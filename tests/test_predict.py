@@ -349,3 +349,24 @@ def test_a_model_with_a_roi_margin_sees_the_tissue_around_the_lung_and_marks_onl
     assert seen[2:18, 14:34, 14:38].max() < 0.01               # deeper in the lung nothing changes
     with pytest.raises(ValueError, match="voxel spacing"):
         predict_volume(NeighbourNet(), meta, image, lung, lung_roi=True, planes=("axial",))
+
+
+class LungChannelNet(ThresholdNet):
+    """Logit = 50 (last input channel - 0.5): marks exactly what the lung channel says is lung."""
+
+    def __call__(self, x):
+        self.shapes.append(tuple(x.shape))
+        return 50.0 * (x[:, -1:] - 0.5)
+
+
+def test_inference_gives_a_lung_channel_model_the_lung_mask_of_each_slice_in_every_plane():
+    from noduleflow.predict import predict_volume
+
+    image, lung, _nodule, _centre = synthetic_scan()
+    lung[8:11, 20:26, 20:30] = 0                               # a hole: the channel must follow the mask
+    meta = {**META, "intensity": {"window_hu": [-1000, 400], "lung_channel": True}, "roi_margin_mm": 3.0}
+    net = LungChannelNet()
+    prob = predict_volume(net, meta, image, lung, lung_roi=True, planes=("axial", "coronal", "sagittal"),
+                          spacing_zyx=tuple(GEOMETRY.spacing)[::-1])
+    assert all(s[1] == 3 + 1 for s in net.shapes)              # context 1 (3 slices) + the lung
+    np.testing.assert_array_equal(prob > 0.5, lung > 0)

@@ -620,3 +620,22 @@ def test_draws_of_unequal_size_are_an_error_naming_the_file(tmp_path):
     with pytest.raises(InputError, match="bad.h5.*different numbers of patches"):
         run((path, write_folds(tmp_path / "folds.csv")), tmp_path / "out")
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_a_lung_channel_model_gets_the_roi_as_its_last_input_channel(data, tmp_path):
+    from noduleflow.patchdata import PatchBatches, PatchFile
+
+    meta, _, _ = run(data, tmp_path, epochs=1, intensity={"lung_channel": True})
+    assert meta["intensity"] == {"mode": "window", "window_hu": [-1000, 400], "lung_channel": True}
+    assert meta["model"]["in_channels"] == 3 + 1          # context 1: three slices, then the lung
+    model, stored = load_model(tmp_path / "model.pt")
+    assert stored["intensity"]["lung_channel"] is True
+    patches = PatchFile(data[0])
+    batch = PatchBatches(patches, "positive", meta["intensity"], 8, augment=TINY.get("augment"), seed=3)[0]
+    assert batch["image"].shape[1] == 4
+    assert torch.equal(batch["image"][:, 3], batch["weight"][:, 0])   # the roi, augmented with the image
+    plain = PatchBatches(patches, "positive", {"window_hu": [-1000, 400]}, 8, augment=TINY.get("augment"), seed=3)[0]
+    assert torch.equal(batch["image"][:, :3], plain["image"])          # the image channels are unchanged
+    patches.close()
+    with pytest.raises(InputError, match="lung_channel"):
+        run(data, tmp_path / "bad", epochs=1, intensity={"lung_channel": "yes"})

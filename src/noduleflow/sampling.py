@@ -162,7 +162,8 @@ def patch_file_attrs(lung_roi: bool, patches_per_scan: int, positive_fraction: f
                      context: int = 3, hard_negative_fraction: float = 0.5, hard_negative_min_hu: float = -500,
                      jitter_fraction: float = 0.35, seed: int = 0, planes: Sequence[str] = PLANES,
                      thick_negative_fraction: float = 0.5, thick_negative_sigma_mm: float = 2.0,
-                     context_step: int = 2, draws: int = 1, roi_margin_mm: float = 0.0) -> dict[str, Any]:
+                     context_step: int = 2, draws: int = 1, roi_margin_mm: float = 0.0,
+                     edge_negative_fraction: float = 0.0) -> dict[str, Any]:
     """The attributes of a patches file: every sampling setting (what inference must repeat, and
     what tells two files apart)."""
     return {"context": int(context), "context_step": int(context_step), "patch_size": int(patch_size),
@@ -174,7 +175,7 @@ def patch_file_attrs(lung_roi: bool, patches_per_scan: int, positive_fraction: f
             "thick_negative_fraction": float(thick_negative_fraction),
             "thick_negative_sigma_mm": float(thick_negative_sigma_mm),
             "planes": ",".join(check_planes(planes, "sampling.planes")), "draws": int(draws),
-            "roi_margin_mm": float(roi_margin_mm)}
+            "roi_margin_mm": float(roi_margin_mm), "edge_negative_fraction": float(edge_negative_fraction)}
 
 
 class PatchWriter:
@@ -240,7 +241,8 @@ class PatchWriter:
 def check_settings(patch_size: int = 64, context: int = 3, patches_per_scan: int = 160,
                    positive_fraction: float = 0.5, hard_negative_fraction: float = 0.5, jitter_fraction: float = 0.35,
                    thick_negative_fraction: float = 0.5, thick_negative_sigma_mm: float = 2.0, context_step: int = 2,
-                   planes: Sequence[str] = PLANES, draws: int = 1, roi_margin_mm: float = 0.0, **_other: Any) -> None:
+                   planes: Sequence[str] = PLANES, draws: int = 1, roi_margin_mm: float = 0.0,
+                   edge_negative_fraction: float = 0.0, **_other: Any) -> None:
     """ValueError naming the ``sampling.*`` key of the first invalid setting."""
     check_planes(planes, "sampling.planes")
     if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or int(draws) < 1:
@@ -255,7 +257,8 @@ def check_settings(patch_size: int = 64, context: int = 3, patches_per_scan: int
         raise ValueError(f"sampling.patches_per_scan = {patches_per_scan}: must be >= 1")
     for key, value in (("positive_fraction", positive_fraction),
                        ("hard_negative_fraction", hard_negative_fraction), ("jitter_fraction", jitter_fraction),
-                       ("thick_negative_fraction", thick_negative_fraction)):
+                       ("thick_negative_fraction", thick_negative_fraction),
+                       ("edge_negative_fraction", edge_negative_fraction)):
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"sampling.{key} = {value}: must be in [0, 1]")
     if not float(thick_negative_sigma_mm) > 0:
@@ -281,7 +284,8 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
                 thick_negative_fraction: float = 0.5,
                 thick_negative_sigma_mm: float = 2.0,
                 context_step: int = 2, draws: int = 1,
-                roi_margin_mm: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                roi_margin_mm: float = 0.0,
+                edge_negative_fraction: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Patches of one slice store: (``{"image", "mask", "roi"}``, table ``{"seriesuid", "z", "y", "x",
     "kind", "plane", "draw"}``), ``draws`` sets of: ``n_positive`` positives (none if the scan has
     no nodule voxel) and ``n_negative`` negatives, of which a ``hard_negative_fraction`` share hard
@@ -304,7 +308,9 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
         if array.shape != image.shape:
             raise InputError(f"{path}: {name} {array.shape} and image {image.shape} differ in shape (z, y, x)")
     thick = (thick_structures(image, lung, geometry.spacing, thick_negative_sigma_mm, hard_negative_min_hu)
-             if thick_negative_fraction > 0 and hard_negative_fraction > 0 else None)
+             if (thick_negative_fraction > 0 or edge_negative_fraction > 0) and hard_negative_fraction > 0 else None)
+    edge = (edge_structures(thick, lung, geometry.spacing)
+            if thick is not None and edge_negative_fraction > 0 else None)
     visible = visible_region(lung, tuple(geometry.spacing)[::-1], roi_margin_mm) if lung_roi else None
     rngs = [scan_rng(seed, uid, draw) for draw in range(int(draws))]
     parts: list[list[dict]] = [[] for _ in rngs]   # per draw, plane after plane
@@ -316,7 +322,9 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
                                 hard_negative_fraction=hard_negative_fraction,
                                 hard_negative_min_hu=hard_negative_min_hu, jitter_fraction=jitter_fraction,
                                 thick=None if thick is None else to_plane(thick, plane),
-                                thick_negative_fraction=thick_negative_fraction)
+                                thick_negative_fraction=thick_negative_fraction,
+                                edge=None if edge is None else to_plane(edge, plane),
+                                edge_negative_fraction=edge_negative_fraction)
         for draw, (centres, kinds) in enumerate(chosen):
             if len(kinds) < n_pos + n_neg:
                 log.warning("%s (%s): only %d of %d patches (%s)", uid, plane, len(kinds), n_pos + n_neg,
@@ -341,18 +349,22 @@ def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rngs
                    lung_roi: bool, n_positive: int, n_negative: int, patch_size: int,
                    hard_negative_fraction: float, hard_negative_min_hu: float,
                    jitter_fraction: float, thick: np.ndarray | None = None,
-                   thick_negative_fraction: float = 0.5) -> list[tuple[np.ndarray, list[str]]]:
+                   thick_negative_fraction: float = 0.5, edge: np.ndarray | None = None,
+                   edge_negative_fraction: float = 0.0) -> list[tuple[np.ndarray, list[str]]]:
     """For each generator of ``rngs`` (one per draw): patch centres (k, 3) int64 voxel indices and
     their kinds (positives, then hard negatives, then negatives). Volumes image HU, lung 0/1, nodule
     ids, all in one axis order (slices along axis 0: (z, y, x) for axial patches, see
     :func:`noduleflow.planes.to_plane`); centres in that order. ``thick`` (bool, same order): voxels
     inside thick structures, from which a ``thick_negative_fraction`` share of the hard negatives is
-    drawn first (the rest, and any shortfall, from all bright lung voxels). The candidate voxels of
+    drawn first (the rest, and any shortfall, from all bright lung voxels); ``edge`` (bool, same
+    order): thick structures at the lung's edge (:func:`edge_structures`), from which an
+    ``edge_negative_fraction`` share of the hard negatives is drawn before those. The candidate voxels of
     each kind are found once, on the first generator that needs them, and every generator draws
     from them, so a draw's centres depend only on its own generator."""
     n_neg = int(n_negative)
     n_hard = int(round(n_neg * hard_negative_fraction))
-    n_thick = int(round(n_hard * thick_negative_fraction)) if thick is not None else 0
+    n_edge = int(round(n_hard * edge_negative_fraction)) if edge is not None else 0
+    n_thick = min(int(round(n_hard * thick_negative_fraction)), n_hard - n_edge) if thick is not None else 0
     blocked = nodule_windows(nodule, patch_size)  # z -> centres whose patch holds a nodule pixel
 
     def nodule_free(candidates: np.ndarray) -> np.ndarray:
@@ -363,14 +375,17 @@ def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rngs
     lung_b = lung > 0
     bright = nodule_free(lung_b & (image > hard_negative_min_hu)) if n_hard else None
     bright_thick = bright & thick if n_thick else None
+    bright_edge = bright & edge if n_edge else None
     pools: dict[str, np.ndarray] = {}  # plain-negative voxels, found when first needed
     chosen = []
     for rng in rngs:
         positives = positive_centres(nodule, rng, n_positive, patch_size, jitter_fraction)
         hard = np.zeros((0, 3), dtype=np.int64)
         if n_hard:
+            if n_edge:
+                hard = _draw(bright_edge, n_edge, rng, replace=False)
             if n_thick:
-                hard = _draw(bright_thick, n_thick, rng, replace=False)
+                hard = np.concatenate([hard, _draw(bright_thick, n_thick, rng, replace=False)])
             hard = np.concatenate([hard, _draw(bright, n_hard - len(hard), rng, replace=False)])
         n_plain = n_neg - len(hard)
         plain = np.zeros((0, 3), dtype=np.int64)
@@ -386,6 +401,24 @@ def choose_centres(image: np.ndarray, lung: np.ndarray, nodule: np.ndarray, rngs
         kinds = ["positive"] * len(positives) + ["hard_negative"] * len(hard) + ["negative"] * len(plain)
         chosen.append((centres, kinds))
     return chosen
+
+
+#: thick-structure voxels this close (mm) to the lung mask's edge are edge structures
+EDGE_DISTANCE_MM = 5.0
+
+
+def edge_structures(thick: np.ndarray, lung: np.ndarray, spacing_xyz: Sequence[float],
+                    distance_mm: float = EDGE_DISTANCE_MM) -> np.ndarray:
+    """Bool (z, y, x): the voxels of the thick structures (``thick``, :func:`thick_structures`)
+    within ``distance_mm`` of a non-lung voxel (Euclidean, voxel size ``spacing_xyz`` in mm, lung
+    mask ``lung`` (z, y, x)). These are what a lung ROI shows as blobs on the pleura: lymph nodes
+    bulging from the mediastinum, hilar vessels and bronchi where the mask cuts them."""
+    from scipy import ndimage
+
+    if not thick.any():
+        return np.zeros(thick.shape, dtype=bool)
+    spacing_zyx = tuple(float(v) for v in spacing_xyz)[::-1]
+    return thick & (ndimage.distance_transform_edt(np.asarray(lung) > 0, sampling=spacing_zyx) <= distance_mm)
 
 
 def thick_structures(image: np.ndarray, lung: np.ndarray, spacing_xyz: Sequence[float], sigma_mm: float,
