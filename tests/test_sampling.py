@@ -521,3 +521,43 @@ def test_sampling_with_a_roi_margin_records_it_for_inference(tmp_path):
     assert (out[0.0]["image"][changed] == -1000).all()
     with pytest.raises(ValueError, match="sampling.roi_margin_mm"):
         check_settings(roi_margin_mm=-2)
+
+
+def _store_with_an_edge_ball(tmp_path):
+    """The ball scan plus a second ball of soft tissue bulging from the lung's edge (x = 10)."""
+    path, ball = _store_with_a_ball(tmp_path)
+    with h5py.File(path, "r+") as f:
+        image = f["image"][...]
+        zz, yy, xx = np.indices(image.shape)
+        bulge = (zz - 12) ** 2 + (yy - 30) ** 2 + (xx - 12) ** 2 <= 36
+        image[bulge] = 40
+        f["image"][...] = image
+    return path, ball, bulge
+
+
+def test_edge_structures_are_the_thick_structures_at_the_lung_edge_only(tmp_path):
+    from noduleflow.sampling import edge_structures
+
+    path, ball, bulge = _store_with_an_edge_ball(tmp_path)
+    with h5py.File(path, "r") as f:
+        image, lung = f["image"][...], f["lung"][...]
+    thick = thick_structures(image, lung, SPACING, sigma_mm=2.0, min_hu=-500)
+    edge = edge_structures(thick, lung, SPACING, distance_mm=5.0)
+    assert thick[ball].any() and not edge[ball].any()       # 38 mm from the edge
+    assert edge[bulge & (lung > 0)].mean() > 0.5             # the bulge's part inside the lung
+    assert not (edge & ~bulge).any()
+    assert not edge_structures(thick, lung, SPACING, distance_mm=0.5)[bulge & (lung > 0)].all()
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_a_share_of_hard_negatives_is_centred_on_structures_at_the_lung_edge(tmp_path, share):
+    path, ball, bulge = _store_with_an_edge_ball(tmp_path)
+    patches = sample([path], tmp_path / "p.h5", patches_per_scan=60, thick_negative_fraction=0.0,
+                     edge_negative_fraction=share)
+    hard = patches["kind"] == "hard_negative"
+    assert hard.sum() == 30
+    on_bulge = bulge[patches["z"][hard], patches["y"][hard], patches["x"][hard]]
+    if share == 1.0:
+        assert on_bulge.all()
+    else:
+        assert on_bulge.mean() < 0.5                          # uniform over bright voxels
