@@ -13,6 +13,8 @@ probability, the false positives below them and the hits are then described by:
   a vessel thicker than 3 mm (``thick_vessel``);
 * ``bronchus``: the share within 4 mm of a bronchus' axis;
 * ``near_nodule``: the share within two radii of an annotated nodule;
+* ``true_lung``: the share inside the synthetic scan's true lungs (``resources/synthetic/lungs``,
+  the pleural cavities the cohort was drawn with), where the run's lung mask may take in more;
 * ``diameter_mm``, ``elongation`` and ``probability`` from the candidates table.
 
 With ``--montage PNG`` it also draws, for the first run, the top false positives as the model sees
@@ -43,7 +45,7 @@ from quality import cohort_truth
 sys.path.insert(0, str(REPO / "src"))
 from noduleflow import synthetic  # noqa: E402
 from noduleflow.froc import candidate_outcomes  # noqa: E402
-from noduleflow.io import read_image  # noqa: E402
+from noduleflow.io import read_image, world_to_voxel  # noqa: E402
 
 XYZ = ["coordX", "coordY", "coordZ"]
 #: vessels thicker than this (mm, diameter) count as thick
@@ -99,9 +101,16 @@ def describe(run: Path, candidates: pd.DataFrame, truth: pd.DataFrame) -> pd.Dat
         if lung_path.is_file():
             lung, geometry = read_image(lung_path)
             inside = ndimage.distance_transform_edt(lung > 0, sampling=tuple(geometry.spacing)[::-1])
-            index = np.rint((points - np.asarray(geometry.origin)) / np.asarray(geometry.spacing)).astype(int)[:, ::-1]
+            index = np.rint(world_to_voxel(points, geometry)).astype(int)
             index = np.clip(index, 0, np.asarray(lung.shape) - 1)
             rows["inside_mm"] = inside[tuple(index.T)]
+        true_path = run / "resources" / "synthetic" / "lungs" / f"{uid}.mha"
+        if true_path.is_file():
+            true_lung, true_geometry = read_image(true_path)
+            index = np.rint(world_to_voxel(points, true_geometry)).astype(int)
+            inside_volume = ((index >= 0) & (index < np.asarray(true_lung.shape))).all(axis=1)
+            index = np.clip(index, 0, np.asarray(true_lung.shape) - 1)
+            rows["true_lung"] = inside_volume & (true_lung[tuple(index.T)] > 0)
         nodules = truth[truth["seriesuid"] == uid]
         if len(nodules):
             d = np.sqrt(((points[:, None, :] - nodules[XYZ].to_numpy(float)[None]) ** 2).sum(-1))
@@ -125,13 +134,14 @@ def describe(run: Path, candidates: pd.DataFrame, truth: pd.DataFrame) -> pd.Dat
 def summary(run: str, described: pd.DataFrame, n_top: int) -> list[dict]:
     """One row per group (top false positives, other false positives, hits) of one run."""
     fps = described[described["outcome"] == "fp"].sort_values("probability", ascending=False)
-    groups = {"top FPs": fps.head(n_top), "other FPs": fps.iloc[n_top:], "hits": described[described["outcome"] == "tp"]}
+    hits = described[described["outcome"] == "tp"]
+    groups = {"top FPs": fps.head(n_top), "other FPs": fps.iloc[n_top:], "hits": hits}
     rows = []
     for name, g in groups.items():
         row = {"run": run, "group": name, "n": len(g), "probability": g["probability"].median(),
                "diameter_mm": g["diameter_mm"].median(), "elongation": g["elongation"].median()}
         for column, how in (("inside_mm", "median"), ("vessel_mm", "median"), ("thick_vessel", "mean"),
-                            ("bronchus", "mean"), ("near_nodule", "mean")):
+                            ("bronchus", "mean"), ("near_nodule", "mean"), ("true_lung", "mean")):
             row[column] = float(getattr(g[column].astype(float), how)()) if column in g and len(g) else np.nan
         rows.append(row)
     return rows
@@ -146,8 +156,8 @@ def montage(run: Path, described: pd.DataFrame, n: int, out_png: Path) -> None:
 
     top = described[described["outcome"] == "fp"].sort_values("probability", ascending=False).head(n)
     cols = min(4, len(top))
-    fig, axes = plt.subplots(2 * ((len(top) + cols - 1) // cols), cols, figsize=(3 * cols, 3 * 2 * ((len(top) + cols - 1) // cols)),
-                             squeeze=False)
+    rows = 2 * ((len(top) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for k, (_, row) in enumerate(top.iterrows()):
@@ -155,7 +165,7 @@ def montage(run: Path, described: pd.DataFrame, n: int, out_png: Path) -> None:
         lung, _ = read_image(run / "results" / "lungmask" / f"{row['seriesuid']}.mha")
         prob, _ = read_image(run / "results" / "predictions" / f"fold{int(row['fold'])}" / "probabilities"
                              / f"{row['seriesuid']}.mha")
-        x, y, z = np.rint((row[XYZ].to_numpy(float) - np.asarray(geometry.origin)) / np.asarray(geometry.spacing)).astype(int)
+        z, y, x = np.rint(world_to_voxel(row[XYZ].to_numpy(float), geometry)).astype(int)
         half = int(round(20.0 / geometry.spacing[0]))
         window = (z, slice(max(0, y - half), y + half), slice(max(0, x - half), x + half))
         seen = np.where(lung[window] > 0, image[window], -1000)

@@ -11,9 +11,11 @@ volume border; :func:`noduleflow.planes.context_offsets`), pixels outside the lu
 (:func:`noduleflow.intensity.apply_roi`; beyond the model's ``roi_margin_mm`` around the lung,
 :func:`model_view`), then :func:`noduleflow.intensity.normalize_intensity` with
 the model's ``intensity`` block, as in training. Each slice is cropped in-plane to the bounding box
-of the region (lung, grown by the ROI margin, or body over the whole scan) plus a margin, and padded with air to a multiple of
-``2**depth``; voxels outside the box get probability 0. With ``lung_roi`` the probability outside
-the lung mask is 0.
+of the region (lung, grown by the ROI margin, or body over the whole scan) plus a margin, and
+padded with air to a multiple of ``2**depth``; voxels outside the box get probability 0. With
+``lung_roi`` the probability outside the lung mask is 0, whatever the margin. With the
+``lung_channel`` of the model's intensity block the lung mask of each slice is one more input channel
+(:func:`noduleflow.intensity.with_lung_channel`), as training builds it from the patches' ``roi``.
 
 Flip test-time augmentation (``tta``, ``predict.tta``): in each plane the model also runs on the
 volume flipped along the slices' rows, their columns, and both (:data:`TTA_FLIPS`: the flips
@@ -357,7 +359,9 @@ def predict_plane(model, meta: dict, image: np.ndarray, lung: np.ndarray, lung_r
         for start in range(0, len(z_run), batch_size):
             zs = z_run[start:start + batch_size]
             index = np.clip(zs[:, None] + offsets[None, :], 0, image.shape[0] - 1)
-            inputs = volume[index] if lung_plane is None else with_lung_channel(volume[index], lung_plane[zs], intensity)
+            inputs = volume[index]
+            if lung_plane is not None:
+                inputs = with_lung_channel(inputs, lung_plane[zs], intensity)
             batch = torch.from_numpy(np.ascontiguousarray(inputs)).to(device)
             batch = batch.contiguous(memory_format=memory_format)
             prob = None

@@ -175,7 +175,8 @@ def resolve_config(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
         if not 0.0 <= float(cfg["augment"][key]) <= 1.0:
             raise InputError(f"config train.augment.{key}: {cfg['augment'][key]!r} must be a probability in [0, 1]")
     if not isinstance(cfg["intensity"]["lung_channel"], bool):
-        raise InputError(f"config train.intensity.lung_channel: {cfg['intensity']['lung_channel']!r} must be true or false")
+        raise InputError(f"config train.intensity.lung_channel: {cfg['intensity']['lung_channel']!r} "
+                         "must be true or false")
     if cfg["intensity"]["mode"] not in ("window", "ct"):
         raise InputError(f"config train.intensity.mode: {cfg['intensity']['mode']!r} is not window or ct")
     return json.loads(json.dumps(cfg))  # plain builtins (stored in model.pt and hashed)
@@ -676,7 +677,8 @@ def train_fold(patches_path: str | Path | Sequence[str | Path], folds_path: str 
     meta = {"model": model_kwargs, "label_mode": cfg["label_mode"], "intensity": intensity,
             "context": patch_meta["context"], "context_step": patch_meta["context_step"],
             "patch_size": patch_meta["patch_size"],
-            "lung_roi": patch_meta["lung_roi"], "roi_margin_mm": patch_meta["roi_margin_mm"], "fold": fold, "heldout_patch_dice": float(heldout_dice),
+            "lung_roi": patch_meta["lung_roi"], "roi_margin_mm": patch_meta["roi_margin_mm"], "fold": fold,
+            "heldout_patch_dice": float(heldout_dice),
             "best_epoch": int(state["best_epoch"]), "val_dice": float(state["best_dice"]),
             "selected_on": cfg["select_on"],
             "train": cfg, "train_scans": fit_scans, "validation_scans": val_scans, "heldout_scans": heldout_scans,
