@@ -187,7 +187,8 @@ def print_regime(table: pd.DataFrame) -> None:
         for name in names:
             pooled, n = pooled_over_cohorts(table, kind, name)
             label = f"{name} mm" if kind == "size" else name
-            print(f"| {label} | " + " | ".join(fmt(v) for v in table[f"sens8_{kind}_{name}"]) + f" | {fmt(pooled)} | {n} |")
+            cohorts = " | ".join(fmt(v) for v in table[f"sens8_{kind}_{name}"])
+            print(f"| {label} | {cohorts} | {fmt(pooled)} | {n} |")
 
 
 def main() -> None:

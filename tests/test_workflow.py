@@ -234,7 +234,8 @@ def test_the_second_stage_as_an_experiment_reuses_predictions_and_moves_no_candi
         assert len(found) and np.isin(found, rescored["probability"].to_numpy()).all(), (found, rescored)
     # the report shows predict's settings (threshold.json beside predict's maps) and says the folds were re-scored
     settings = json.loads((exp / "reports" / "metrics_pooled.json").read_text(encoding="utf-8"))["settings"]["folds"]
-    base = json.loads((run / "results" / "reports" / "metrics_pooled.json").read_text(encoding="utf-8"))["settings"]["folds"]
+    pooled = run / "results" / "reports" / "metrics_pooled.json"
+    base = json.loads(pooled.read_text(encoding="utf-8"))["settings"]["folds"]
     for k in range(folds):
         assert settings[str(k)]["second_stage"] is True and base[str(k)]["second_stage"] is False
         assert settings[str(k)]["threshold"] == TINY_CONFIG["predict"]["threshold"], settings

@@ -469,7 +469,8 @@ def build_report(metrics_paths: Sequence[str | Path], candidates_paths: Sequence
     ``probabilities_dirs``: predict's folders holding each fold's ``threshold.json`` (None: the
     ``probabilities`` folder beside each candidates file, which holds for predict's candidates but
     not for the second stage's). A fold whose candidates carry ``classifier_probability`` is
-    recorded as re-scored (``second_stage: true`` in its settings). ``bootstrap``/``seed``: the pooled result's intervals; ``dice_margin_mm``: recorded in the
+    recorded as re-scored (``second_stage: true`` in its settings). ``bootstrap``/``seed``: the
+    pooled result's intervals; ``dice_margin_mm``: recorded in the
     settings (the per-nodule Dice in ``nodules.csv`` was measured with the evaluate rule's, the same
     config value). Returns the summary frame. Every input is read and checked before any output; no
     probability volume or slice store is read (the crops shown were drawn by evaluate, :func:`_gallery`)."""

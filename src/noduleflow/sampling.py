@@ -311,7 +311,9 @@ def sample_scan(path: str | Path, lung_roi: bool, n_positive: int, n_negative: i
              if (thick_negative_fraction > 0 or edge_negative_fraction > 0) and hard_negative_fraction > 0 else None)
     edge = (edge_structures(thick, lung, geometry.spacing)
             if thick is not None and edge_negative_fraction > 0 else None)
-    visible = visible_region(lung, tuple(geometry.spacing)[::-1], roi_margin_mm) if lung_roi else None
+    # with no margin the lung mask itself bounds the image (cut_patches' default): no second mask
+    visible = (visible_region(lung, tuple(geometry.spacing)[::-1], roi_margin_mm)
+               if lung_roi and float(roi_margin_mm) > 0 else None)
     rngs = [scan_rng(seed, uid, draw) for draw in range(int(draws))]
     parts: list[list[dict]] = [[] for _ in rngs]   # per draw, plane after plane
     tables: list[list[dict]] = [[] for _ in rngs]

@@ -272,8 +272,9 @@ def load_classifiers(paths: Sequence[str | Path]) -> tuple[list, dict[str, Any]]
 
 def rescore_candidates(classifiers: Sequence, settings: Mapping[str, Any], image_hu: np.ndarray,
                        probability_u8: np.ndarray, geometry, candidates: pd.DataFrame) -> pd.DataFrame:
-    """A new scan's candidates re-scored by the mean of the fold classifiers (:func:`with_classifier`). ``image_hu`` int16 and
-    ``probability_u8`` (z, y, x) on the grid ``geometry`` the candidates were found on."""
+    """A new scan's candidates re-scored by the mean of the fold classifiers
+    (:func:`with_classifier`). ``image_hu`` int16 and ``probability_u8`` (z, y, x) on the grid
+    ``geometry`` the candidates were found on."""
     if not classifiers or not len(candidates):
         return with_classifier(candidates, None, settings["combine"])
     diameters = candidates["diameter_mm"].to_numpy()
