@@ -39,9 +39,7 @@ Steps (all distances in mm, so the result does not depend on the voxel size):
    juxta-pleural nodules of 1-3 cm, which hold a 12 mm ball; of what it adds, only pieces of at
    most ``nodule_max_ml`` are kept (not the heart's or the diaphragm's large concavities).
    The additions of 6 and 7 are grown by ``closing_margin_mm`` (the base of a juxta-pleural
-   nodule, where no ball reaches); with ``closing_margin_max_ml`` set, only the pieces of 6 of
-   at most that volume are grown (nodule-sized dents), not the long concavity along the hilum,
-   whose margin would take in hilar vessels and lymph nodes that then look like nodules. Both closings run on coarse grids (2 mm in-plane with the
+   nodule, where no ball reaches). Both closings run on coarse grids (2 mm in-plane with the
    slices kept, and 3 mm) with Maurer distance maps and come back by nearest neighbour, so the
    lung boundary itself keeps full detail; a 12 mm ball closing of a whole full-size volume at
    full resolution would take tens of seconds;
@@ -441,8 +439,7 @@ def closing_additions(mask: np.ndarray, spacing_xyz: Sequence[float], radius_mm:
     Maurer distance maps; pieces of a single coarse voxel (staircase notches, not concavities)
     are dropped, the rest is grown by ``margin_mm`` on the coarse grid and brought back by
     nearest neighbour. The coarse grid misses up to a coarse voxel at the base of a concavity;
-    the margin covers it. With ``margin_max_ml`` only pieces of at most that volume (ml, on the
-    coarse grid) are grown; larger ones (the hilum) are added as the ball leaves them. Beyond the volume the mask continues as at its faces. A 12 mm closing of
+    the margin covers it. Beyond the volume the mask continues as at its faces. A 12 mm closing of
     a full-size scan takes well under a second this way (tens of seconds at full resolution).
     """
     if radius_mm <= 0 or not mask.any():
