@@ -429,8 +429,7 @@ def _coarse_closing(mask: np.ndarray, spacing_zyx: np.ndarray, radius_mm: float,
 
 
 def closing_additions(mask: np.ndarray, spacing_xyz: Sequence[float], radius_mm: float,
-                      margin_mm: float = 0.0, coarse_zyx_mm: Sequence[float] = (1.0, 2.0, 2.0),
-                      margin_max_ml: float | None = None) -> np.ndarray:
+                      margin_mm: float = 0.0, coarse_zyx_mm: Sequence[float] = (1.0, 2.0, 2.0)) -> np.ndarray:
     """Voxels (z, y, x) that a 3-D closing with a ball of ``radius_mm`` adds to ``mask``, grown by
     ``margin_mm``.
 
@@ -446,18 +445,13 @@ def closing_additions(mask: np.ndarray, spacing_xyz: Sequence[float], radius_mm:
         return np.zeros(mask.shape, dtype=bool)
     spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
     pieces, sizes, factors, low_spacing = _coarse_closing(mask, spacing_zyx, radius_mm, coarse_zyx_mm)
-    kept = sizes >= (2 if np.prod(factors) > 1 else 1)
-    added = kept[pieces]
+    added = (sizes >= (2 if np.prod(factors) > 1 else 1))[pieces]
     if not added.any():
         return np.zeros(mask.shape, dtype=bool)
     if margin_mm > 0:
         # grown into the coarse lung voxels too: the tissue part of a mixed block at the base
         # of a concavity (a juxta-pleural nodule's flank) is exactly what the coarse grid misses
-        grown = kept
-        if margin_max_ml is not None:
-            grown = kept & (sizes * float(np.prod(low_spacing)) / 1000.0 <= margin_max_ml)
-        if grown.any():
-            added |= _distance_to(grown[pieces], low_spacing) <= margin_mm
+        added = _distance_to(added, low_spacing) <= margin_mm
     return _upsample(added, factors, mask.shape) & ~mask
 
 
@@ -508,7 +502,7 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
                   min_component_ml: float = 30, trachea_max_area_mm2: float = 700, closing_mm: float = 12,
                   closing_margin_mm: float = 5, nodule_closing_mm: float = 40, nodule_max_ml: float = 25,
                   dilation_mm: float = 0, padding_hu: float = -1500, padding_margin_mm: float = 2.0,
-                  superior_last: bool | None = True, closing_margin_max_ml: float | None = None) -> np.ndarray:
+                  superior_last: bool | None = True) -> np.ndarray:
     """Lung mask (uint8 0/1, z, y, x) of a CT volume in HU with voxel size ``spacing_xyz`` (mm).
 
     See the module docstring for the steps. Parameters are in HU, ml, mm^2 and mm.
@@ -569,8 +563,7 @@ def segment_lungs(image_zyx_hu: np.ndarray, spacing_xyz: Sequence[float], thresh
         outer = tuple(slice(max(b.start - m, 0), min(b.stop + m, n))
                       for b, m, n in zip(lung_box, margin, lungs.shape))
         lung = labels[outer] == label
-        added = closing_additions(lung, spacing_xyz, closing_mm, margin_mm=closing_margin_mm,
-                                  margin_max_ml=closing_margin_max_ml)
+        added = closing_additions(lung, spacing_xyz, closing_mm, margin_mm=closing_margin_mm)
         added |= nodule_concavities(lung, spacing_xyz, nodule_closing_mm, nodule_max_ml,
                                     margin_mm=closing_margin_mm)
         lungs[outer] |= added
@@ -591,7 +584,7 @@ def superior_is_last(geometry: Geometry) -> bool | None:
 def lung_mask_file(image_path: str | Path, out_mask: str | Path, threshold_hu: float = -400,
                    min_component_ml: float = 30, trachea_max_area_mm2: float = 700, closing_mm: float = 12,
                    closing_margin_mm: float = 5, nodule_closing_mm: float = 40, nodule_max_ml: float = 25,
-                   dilation_mm: float = 0, closing_margin_max_ml: float | None = None) -> np.ndarray:
+                   dilation_mm: float = 0) -> np.ndarray:
     """Read a resampled scan (int16 HU), segment its lungs, write ``out_mask`` (uint8 0/1, same grid)
     atomically. Returns the mask (z, y, x)."""
     image, geometry = read_image(image_path)
@@ -599,7 +592,7 @@ def lung_mask_file(image_path: str | Path, out_mask: str | Path, threshold_hu: f
                          trachea_max_area_mm2=trachea_max_area_mm2, closing_mm=closing_mm,
                          closing_margin_mm=closing_margin_mm, nodule_closing_mm=nodule_closing_mm,
                          nodule_max_ml=nodule_max_ml, dilation_mm=dilation_mm,
-                         superior_last=superior_is_last(geometry), closing_margin_max_ml=closing_margin_max_ml)
+                         superior_last=superior_is_last(geometry))
     volume_ml = float(mask.sum()) * float(np.prod(geometry.spacing)) / 1000.0
     log.info("%s: lung mask %.0f ml (%.1f%% of the volume)", image_path, volume_ml, 100.0 * mask.mean())
     write_image(mask, geometry, out_mask, compression_level=1)
