@@ -10,6 +10,8 @@ setting a run was made with gives exactly that run's candidates) under a grid of
   lower one adds faint candidates, which only count at the higher FP rates of the FROC);
 * ``--scores``: a candidate's probability, the mean or the maximum over its component
   (``predict.candidate_score``);
+* ``--elongation-exponents``: a candidate's probability divided by its elongation to this power
+  (``predict.elongation_exponent``; 0 = off);
 * ``--merge-mm``: candidates closer than this to a more probable one are dropped
   (:func:`noduleflow.predict.merge_close_candidates`; 0 = off);
 * ``--rescore``: the candidates' probabilities replaced by the cross-fitted second stage
@@ -32,7 +34,8 @@ confirm on the report seeds; never choose on the default cohort alone.
 Usage::
 
     .venv/bin/python benchmarks/candidates.py RUN_DIR [RUN_DIR ...] [--thresholds 0.5 0.3 0.2]
-        [--scores mean max] [--merge-mm 0 5 10] [--min-volume-mm3 10] [--rescore]
+        [--scores mean max] [--elongation-exponents 0 0.5 1] [--merge-mm 0 5 10] [--min-volume-mm3 10]
+        [--rescore]
 """
 
 from __future__ import annotations
@@ -110,13 +113,14 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1])
     parser.add_argument("--scores", nargs="+", choices=["mean", "max"], default=["mean", "max"])
+    parser.add_argument("--elongation-exponents", type=float, nargs="+", default=[0.0])
     parser.add_argument("--merge-mm", type=float, nargs="+", default=[0.0, 5.0, 10.0])
     parser.add_argument("--min-volume-mm3", type=float, default=10.0)
     parser.add_argument("--rescore", action="store_true",
                         help="score the candidates with the cross-fitted second stage (noduleflow.rescore)")
     args = parser.parse_args()
 
-    settings = list(itertools.product(args.thresholds, args.scores, args.merge_mm))
+    settings = list(itertools.product(args.thresholds, args.scores, args.elongation_exponents, args.merge_mm))
     results = {s: [] for s in settings}
     seg_rows: list[dict] = []
     pixel_rows: list[dict] = []
@@ -133,11 +137,12 @@ def main() -> None:
             nodule_part, scan_part = segmentation_rows(run, uid, stored, nodules, args.thresholds)
             seg_rows += nodule_part
             pixel_rows += scan_part
-            for threshold, score in itertools.product(args.thresholds, args.scores):
+            for threshold, score, exponent in itertools.product(args.thresholds, args.scores,
+                                                                args.elongation_exponents):
                 found = candidates_from_probability(stored, geometry, threshold, args.min_volume_mm3,
-                                                    seriesuid=uid, score=score)
+                                                    seriesuid=uid, score=score, elongation_exponent=exponent)
                 for merge in args.merge_mm:
-                    per_setting[(threshold, score, merge)].append(merge_close_candidates(found, merge))
+                    per_setting[(threshold, score, exponent, merge)].append(merge_close_candidates(found, merge))
         small = [size_bin(float(d)) for d in nodules["diameter_mm"]]
         for setting, frames in per_setting.items():
             candidates = pd.concat(frames, ignore_index=True)
@@ -155,16 +160,17 @@ def main() -> None:
         print(f"{run}: {len(uids)} scans, {len(nodules)} nodules", flush=True)
 
     names = [r["run"] for r in results[settings[0]]]
-    print("\n| threshold | score | merge mm | " + " | ".join(names) + " | mean ± sd | worst | 6-10 mm sens@8 |")
-    print("|" + "---|" * (len(names) + 6))
-    for (threshold, score, merge), rows in results.items():
+    print("\n| threshold | score | elongation exponent | merge mm | " + " | ".join(names)
+          + " | mean ± sd | worst | 6-10 mm sens@8 |")
+    print("|" + "---|" * (len(names) + 7))
+    for (threshold, score, exponent, merge), rows in results.items():
         cpm = np.array([r["cpm"] for r in rows])
         n = np.array([r["n_small"] for r in rows], dtype=float)
         s = np.array([r["sens8_small"] for r in rows], dtype=float)
         have = n > 0
         pooled_small = float(np.sum(n[have] * s[have]) / np.sum(n[have])) if have.any() else float("nan")
         sd = float(np.std(cpm, ddof=1)) if len(cpm) > 1 else float("nan")
-        print(f"| {threshold:g} | {score} | {merge:g} | " + " | ".join(f"{v:.3f}" for v in cpm)
+        print(f"| {threshold:g} | {score} | {exponent:g} | {merge:g} | " + " | ".join(f"{v:.3f}" for v in cpm)
               + f" | {cpm.mean():.3f} ± {sd:.3f} | {cpm.min():.3f} | {pooled_small:.3f} |")
     print_segmentation(pd.DataFrame(seg_rows), pd.DataFrame(pixel_rows), names)
 

@@ -501,6 +501,8 @@ def test_invalid_settings_are_named():
         PredictSettings(threshold=1.5)
     with pytest.raises(InputError, match="predict.planes"):
         PredictSettings(planes=("oblique",))
+    with pytest.raises(InputError, match="predict.elongation_exponent"):
+        PredictSettings(elongation_exponent=-1.0)
 
 
 @pytest.mark.e2e

@@ -246,6 +246,31 @@ def test_candidate_score_is_the_mean_or_the_max_of_the_component():
         candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, score="median")
 
 
+def test_elongation_exponent_ranks_a_round_component_above_a_tube_and_moves_nothing():
+    """A ball and a tube of the same probability: with ``elongation_exponent`` the ball ranks first
+    and the tube's probability is its mean over its elongation to that power; without it they tie.
+    Centres, sizes, the mean and the maximum are the same either way."""
+    zz, yy, xx = np.mgrid[:20, :40, :40]
+    prob = np.zeros((20, 40, 40), np.float32)
+    sx, sy, sz = GEOMETRY.spacing
+    ball_mm2 = ((zz - 10) * sz) ** 2 + ((yy - 10) * sy) ** 2 + ((xx - 10) * sx) ** 2
+    prob[ball_mm2 <= 4.5 ** 2] = 0.8                                        # a 9 mm ball
+    prob[9:12, 28:32, 5:35] = 0.8                                           # a 3.8 x 3.2 x 27 mm tube
+    plain = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0)
+    ranked = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, elongation_exponent=1.0)
+    assert plain["probability"].tolist() == pytest.approx([0.8, 0.8])
+    ball, tube = ranked.iloc[0], ranked.iloc[1]
+    assert ball["elongation"] < 1.2 < 5.0 < tube["elongation"]
+    assert ball["probability"] == pytest.approx(0.8 / ball["elongation"])
+    assert tube["probability"] == pytest.approx(0.8 / tube["elongation"])
+    key = ["coordX", "coordY", "coordZ", "diameter_mm", "volume_mm3", "mean_probability", "max_probability"]
+    pd.testing.assert_frame_equal(plain.sort_values("coordX")[key].reset_index(drop=True),
+                                  ranked.sort_values("coordX")[key].reset_index(drop=True))
+    for bad in (-0.5, float("nan"), "1"):
+        with pytest.raises(ValueError, match="elongation_exponent"):
+            candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, elongation_exponent=bad)
+
+
 class RecordingNet:
     """Stand-in for the U-Net that keeps its inputs and predicts nothing."""
 

@@ -57,8 +57,8 @@ import pandas as pd
 from noduleflow.io import (Geometry, InputError, atomic_path, voxel_to_world, world_to_voxel, write_csv_atomic,
                           write_image, write_text_atomic)
 from noduleflow.planes import check_planes
-from noduleflow.predict import (CANDIDATE_COLUMNS, PREDICT_DEFAULTS, check_candidate_score, label_candidates,
-                                inference_device, input_settings, predict_volume, to_uint8)
+from noduleflow.predict import (CANDIDATE_COLUMNS, PREDICT_DEFAULTS, check_candidate_score, check_elongation_exponent,
+                                inference_device, input_settings, label_candidates, predict_volume, to_uint8)
 from noduleflow.second_stage import CLASSIFIER_COLUMN, DETECTOR_COLUMN, load_classifiers, rescore_candidates
 from noduleflow.scans import DICOM_SUFFIX, SCAN_SUFFIXES, CanonicalScan, find_scans, read_canonical, scan_suffix
 
@@ -91,6 +91,7 @@ class PredictSettings:
     threshold: float = PREDICT_DEFAULTS["threshold"]
     min_volume_mm3: float = PREDICT_DEFAULTS["min_volume_mm3"]
     candidate_score: str = PREDICT_DEFAULTS["candidate_score"]
+    elongation_exponent: float = PREDICT_DEFAULTS["elongation_exponent"]
     hybrid_output: str = PREDICT_DEFAULTS["hybrid_output"]
     planes: tuple[str, ...] = tuple(PREDICT_DEFAULTS["planes"])
     amp: bool = PREDICT_DEFAULTS["amp"]
@@ -103,6 +104,7 @@ class PredictSettings:
         if float(self.min_volume_mm3) < 0:
             raise InputError(f"predict.min_volume_mm3 = {self.min_volume_mm3} must be >= 0")
         check_candidate_score(self.candidate_score)
+        check_elongation_exponent(self.elongation_exponent)
         if self.hybrid_output not in ("positive", "negative"):
             raise InputError(f"predict.hybrid_output = {self.hybrid_output!r} must be 'positive' or 'negative'")
         if int(self.batch_size) < 1:
@@ -114,7 +116,8 @@ class PredictSettings:
 
     def as_dict(self) -> dict:
         return {"threshold": float(self.threshold), "min_volume_mm3": float(self.min_volume_mm3),
-                "candidate_score": self.candidate_score, "hybrid_output": self.hybrid_output,
+                "candidate_score": self.candidate_score, "elongation_exponent": float(self.elongation_exponent),
+                "hybrid_output": self.hybrid_output,
                 "planes": list(self.planes), "amp": bool(self.amp), "batch_size": int(self.batch_size),
                 "tta": bool(self.tta)}
 
@@ -341,7 +344,8 @@ def predict_scan(ensemble: Ensemble, scan: CanonicalScan, uid: str, settings: Pr
     del total
     times["inference"] = time.perf_counter() - started
     candidates, labels = label_candidates(stored, geometry, settings.threshold, settings.min_volume_mm3,
-                                          seriesuid=uid, score=settings.candidate_score)
+                                          seriesuid=uid, score=settings.candidate_score,
+                                          elongation_exponent=settings.elongation_exponent)
     return ScanPrediction(uid, scan, image, lung, geometry, stored, labels, candidates, times)
 
 

@@ -166,7 +166,9 @@ def page(sections: Sequence[str], scans: pd.DataFrame, failed: Mapping[str, str]
             f"scans resampled to {list(ensemble.spacing_mm)} mm, lung ROI {'on' if ensemble.lung_roi else 'off'}, "
             f"lung mask {html.escape(', '.join(f'{k} {v}' for k, v in sorted(ensemble.lungmask.items())))}; "
             f"threshold {settings['threshold']}, "
-            f"planes {', '.join(settings['planes'])}, candidate score {settings['candidate_score']}, "
+            f"planes {', '.join(settings['planes'])}, candidate score {settings['candidate_score']}"
+            + (f" / elongation^{settings['elongation_exponent']:g}" if settings.get("elongation_exponent") else "")
+            + ", "
             f"test-time flips {'on' if settings['tta'] else 'off'}, device {html.escape(device)}. "
             f"Probabilities are the mean of the models' maps. Crops: resampled grid, HU "
             f"{CROP_WINDOW_HU[0]:.0f}..{CROP_WINDOW_HU[1]:.0f}, candidate outlined in orange, patient right "

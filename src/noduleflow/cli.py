@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="smaller components are dropped (default %(default)s)")
     p.add_argument("--candidate-score", choices=CANDIDATE_SCORES, default=PREDICT_DEFAULTS["candidate_score"],
                    help="a candidate's probability: mean or max over its component (default %(default)s)")
+    p.add_argument("--elongation-exponent", type=float, default=PREDICT_DEFAULTS["elongation_exponent"],
+                   help="a candidate's probability is divided by its elongation to this power: nodules are "
+                        "round, vessel pieces long; 0 = off (default %(default)s)")
     p.add_argument("--planes", nargs="+", choices=PLANES, default=list(PREDICT_DEFAULTS["planes"]),
                    help="slicing planes whose maps are averaged (default: %(default)s)")
     p.add_argument("--hybrid-output", choices=("positive", "negative"), default=PREDICT_DEFAULTS["hybrid_output"],
@@ -67,7 +70,8 @@ def _predict(args: argparse.Namespace) -> int:
     from noduleflow.second_stage import find_classifiers
 
     settings = PredictSettings(threshold=args.threshold, min_volume_mm3=args.min_volume_mm3,
-                               candidate_score=args.candidate_score, hybrid_output=args.hybrid_output,
+                               candidate_score=args.candidate_score, elongation_exponent=args.elongation_exponent,
+                               hybrid_output=args.hybrid_output,
                                planes=tuple(args.planes), amp=args.amp, batch_size=args.batch_size, tta=args.tta)
     result = apply_models(args.models, args.input, args.output, folds=args.folds, settings=settings,
                           device=args.device, threads=args.threads, html_max_candidates=args.html_max_candidates,

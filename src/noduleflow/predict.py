@@ -72,7 +72,7 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
 #: the defaults of the ``predict:`` config block (workflow/schemas/config.schema.yaml holds the
 #: same; tests/test_apply.py checks they agree), also those of ``noduleflow predict``
 PREDICT_DEFAULTS: dict = {"threshold": 0.5, "min_volume_mm3": 10.0, "candidate_score": "mean",
-                          "hybrid_output": "positive", "planes": list(PLANES), "amp": True,
+                          "elongation_exponent": 0.0, "hybrid_output": "positive", "planes": list(PLANES), "amp": True,
                           "batch_size": 8, "tta": False, "device": "auto"}
 
 
@@ -109,6 +109,13 @@ def to_uint8(probability: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def check_elongation_exponent(exponent: float) -> None:
+    """InputError naming ``predict.elongation_exponent`` unless it is a finite number >= 0."""
+    if not (isinstance(exponent, (int, float)) and not isinstance(exponent, bool)
+            and math.isfinite(exponent) and exponent >= 0):
+        raise InputError(f"predict.elongation_exponent = {exponent!r} must be a number >= 0")
+
+
 def check_candidate_score(score: str) -> None:
     """InputError naming ``predict.candidate_score`` unless ``score`` is one of :data:`CANDIDATE_SCORES`."""
     if score not in CANDIDATE_SCORES:
@@ -117,16 +124,18 @@ def check_candidate_score(score: str) -> None:
 
 def candidates_from_probability(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
                                 min_volume_mm3: float = 10.0, seriesuid: str = "",
-                                score: str = "mean") -> pd.DataFrame:
+                                score: str = "mean", elongation_exponent: float = 0.0) -> pd.DataFrame:
     """One candidate per 3-D connected component (26-connectivity) of ``probability > threshold``.
 
     ``probability``: (z, y, x) floats in [0, 1], or uint8 read as ``v / 255``. Components smaller
     than ``min_volume_mm3`` are dropped. Centre: probability-weighted centre of mass, world mm
     (x, y, z). ``probability``: the component's mean probability (``score`` "mean") or its maximum
-    ("max"); both are also given as ``mean_probability`` and ``max_probability``. Rows sorted by
-    probability, highest first; columns :data:`CANDIDATE_COLUMNS`.
+    ("max"), divided by its :func:`elongation` to the power ``elongation_exponent`` (0: not at
+    all; nodules are round, the pieces of vessels and airways that pass the threshold are long);
+    the mean and maximum are also given as ``mean_probability`` and ``max_probability``. Rows
+    sorted by probability, highest first; columns :data:`CANDIDATE_COLUMNS`.
     """
-    return _components(probability, geometry, threshold, min_volume_mm3, seriesuid, score)[0]
+    return _components(probability, geometry, threshold, min_volume_mm3, seriesuid, score, elongation_exponent)[0]
 
 
 def merge_close_candidates(candidates: pd.DataFrame, distance_mm: float) -> pd.DataFrame:
@@ -154,11 +163,12 @@ def merge_close_candidates(candidates: pd.DataFrame, distance_mm: float) -> pd.D
 
 def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
                      min_volume_mm3: float = 10.0, seriesuid: str = "",
-                     score: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
+                     score: str = "mean", elongation_exponent: float = 0.0) -> tuple[pd.DataFrame, np.ndarray]:
     """The candidates of :func:`candidates_from_probability` and their label map: uint16 (z, y, x)
     on the grid of ``probability``, voxel value ``i`` = the component of row ``i - 1`` of the
     (sorted) table, 0 elsewhere (dropped components included)."""
-    frame, labels, n, components = _components(probability, geometry, threshold, min_volume_mm3, seriesuid, score)
+    frame, labels, n, components = _components(probability, geometry, threshold, min_volume_mm3, seriesuid, score,
+                                               elongation_exponent)
     if len(frame) > np.iinfo(np.uint16).max:
         raise InputError(f"{seriesuid}: {len(frame)} candidates do not fit a uint16 label map; "
                          f"raise the threshold or min_volume_mm3")
@@ -168,10 +178,12 @@ def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: flo
 
 
 def _components(probability: np.ndarray, geometry: Geometry, threshold: float, min_volume_mm3: float,
-                seriesuid: str, score: str) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray]:
+                seriesuid: str, score: str,
+                elongation_exponent: float = 0.0) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray]:
     """(sorted candidates table, component labels (z, y, x) of ``ndimage.label``, their number, the
     component label of each table row)."""
     check_candidate_score(score)
+    check_elongation_exponent(elongation_exponent)
     from scipy import ndimage
 
     from noduleflow.segmetrics import threshold_mask
@@ -195,11 +207,12 @@ def _components(probability: np.ndarray, geometry: Geometry, threshold: float, m
         centre = (coords * weights[:, None]).sum(axis=0) / weights.sum()
         x, y, z = voxel_to_world(centre, geometry)
         summary = {"max": float(weights.max()), "mean": float(weights.mean())}
+        shape = elongation(coords, geometry.spacing)
         rows.append({"seriesuid": seriesuid, "coordX": float(x), "coordY": float(y), "coordZ": float(z),
-                     "probability": summary[score],
+                     "probability": summary[score] / max(shape, 1.0) ** elongation_exponent,
                      "diameter_mm": float((6.0 * volume / math.pi) ** (1.0 / 3.0)), "volume_mm3": volume,
                      "max_probability": summary["max"], "mean_probability": summary["mean"],
-                     "elongation": elongation(coords, geometry.spacing)})
+                     "elongation": shape})
         components.append(i)
     frame = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
     order = frame.sort_values("probability", ascending=False, kind="stable").index.to_numpy()
@@ -394,7 +407,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
                  threshold: float = 0.5, min_volume_mm3: float = 10.0, batch_size: int = 8,
                  hybrid_output: str = "positive", planes: Sequence[str] = PLANES,
                  amp: bool = True, candidate_score: str = "mean", tta: bool = False,
-                 device: str = "auto") -> pd.DataFrame:
+                 device: str = "auto", elongation_exponent: float = 0.0) -> pd.DataFrame:
     """Run fold ``fold``'s model on its held-out scans; write probabilities and candidates.
 
     ``slice_files``: slice stores ``{uid}.h5`` (any superset of the fold's scans). ``tta``: flip
@@ -411,6 +424,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
         raise InputError(f"predict.threshold = {threshold} must lie strictly between 0 and 1")
     planes = check_planes(planes, "predict.planes")
     check_candidate_score(candidate_score)
+    check_elongation_exponent(elongation_exponent)
     if hybrid_output not in ("positive", "negative"):
         raise InputError(f"predict.hybrid_output = {hybrid_output!r} must be 'positive' or 'negative'")
     device = inference_device(device)
@@ -443,7 +457,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
             stored = to_uint8(prob)
             write_image(stored, geometry, tmp_dir / f"{uid}.mha")
             cands = candidates_from_probability(stored, geometry, threshold, min_volume_mm3, seriesuid=uid,
-                                                score=candidate_score)
+                                                score=candidate_score, elongation_exponent=elongation_exponent)
             frames.append(cands)
             log.info("scan %d/%d %s: %d candidates, max p %.3f, %.1f s", i, len(stores), uid, len(cands),
                      float(stored.max()) / 255.0, time.perf_counter() - started)
@@ -451,7 +465,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
                     "hybrid_output": hybrid_output, "lung_roi": bool(lung_roi),
                     "label_mode": meta.get("label_mode"), "fold": int(fold), "model": str(model_path),
                     "planes": list(planes), "amp": bool(amp), "candidate_score": candidate_score,
-                    "tta": bool(tta)}
+                    "elongation_exponent": float(elongation_exponent), "tta": bool(tta)}
         (tmp_dir / THRESHOLD_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         candidates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
         candidates = candidates[CANDIDATE_COLUMNS]
