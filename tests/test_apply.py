@@ -473,7 +473,8 @@ def test_the_label_map_numbers_candidates_by_rank():
     p[0, 19, 19] = 0.99                     # 1 voxel: below min_volume_mm3, dropped
     geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     table, labels = label_candidates(p, geometry, 0.5, 5.0)
-    assert table["probability"].tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert table["mean_probability"].tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert table["probability"].is_monotonic_decreasing        # the rank: mean over elongation
     assert labels.dtype == np.uint16 and labels.max() == 3 and labels[0, 19, 19] == 0
     assert [int((labels == k).sum()) for k in (1, 2, 3)] == table["volume_mm3"].astype(int).tolist()
     assert candidates_from_probability(p, geometry, 0.5, 5.0).equals(table)

@@ -41,7 +41,10 @@ def test_perfectly_predicted_nodule_lands_within_1_5_mm_of_its_centre():
     assert list(cands.columns) == CANDIDATE_COLUMNS
     assert len(cands) == 2                              # the small blob is dropped
     best = cands.iloc[0]
-    assert best["probability"] == 1.0 and cands.iloc[1]["probability"] == pytest.approx(0.7, abs=1 / 255)
+    assert best["mean_probability"] == 1.0
+    assert cands.iloc[1]["mean_probability"] == pytest.approx(0.7, abs=1 / 255)
+    assert best["probability"] == pytest.approx(1.0 / best["elongation"])   # predict.elongation_exponent 1
+    assert best["elongation"] < 1.1                     # a sphere in mm, on anisotropic voxels
     xyz = best[["coordX", "coordY", "coordZ"]].to_numpy(float)
     assert np.linalg.norm(xyz - true_world) < 1.5
     voxel_mm3 = 0.9 * 0.8 * 1.25
@@ -234,8 +237,8 @@ def test_candidate_score_is_the_mean_or_the_max_of_the_component():
     prob = np.zeros((12, 20, 20), np.float32)
     prob[3:8, 5:10, 5:10] = 0.6
     prob[5, 7, 7] = 1.0
-    mean = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0)
-    peak = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, score="max")
+    mean = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, elongation_exponent=0.0)
+    peak = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, score="max", elongation_exponent=0.0)
     expected_mean = (0.6 * 124 + 1.0) / 125
     assert mean["probability"].iloc[0] == pytest.approx(expected_mean)
     assert peak["probability"].iloc[0] == pytest.approx(1.0)
@@ -256,8 +259,8 @@ def test_elongation_exponent_ranks_a_round_component_above_a_tube_and_moves_noth
     ball_mm2 = ((zz - 10) * sz) ** 2 + ((yy - 10) * sy) ** 2 + ((xx - 10) * sx) ** 2
     prob[ball_mm2 <= 4.5 ** 2] = 0.8                                        # a 9 mm ball
     prob[9:12, 28:32, 5:35] = 0.8                                           # a 3.8 x 3.2 x 27 mm tube
-    plain = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0)
-    ranked = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, elongation_exponent=1.0)
+    plain = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0, elongation_exponent=0.0)
+    ranked = candidates_from_probability(prob, GEOMETRY, 0.5, 0.0)        # the default: 1
     assert plain["probability"].tolist() == pytest.approx([0.8, 0.8])
     ball, tube = ranked.iloc[0], ranked.iloc[1]
     assert ball["elongation"] < 1.2 < 5.0 < tube["elongation"]

@@ -72,7 +72,7 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
 #: the defaults of the ``predict:`` config block (workflow/schemas/config.schema.yaml holds the
 #: same; tests/test_apply.py checks they agree), also those of ``noduleflow predict``
 PREDICT_DEFAULTS: dict = {"threshold": 0.5, "min_volume_mm3": 10.0, "candidate_score": "mean",
-                          "elongation_exponent": 0.0, "hybrid_output": "positive", "planes": list(PLANES), "amp": True,
+                          "elongation_exponent": 1.0, "hybrid_output": "positive", "planes": list(PLANES), "amp": True,
                           "batch_size": 8, "tta": False, "device": "auto"}
 
 
@@ -124,7 +124,7 @@ def check_candidate_score(score: str) -> None:
 
 def candidates_from_probability(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
                                 min_volume_mm3: float = 10.0, seriesuid: str = "",
-                                score: str = "mean", elongation_exponent: float = 0.0) -> pd.DataFrame:
+                                score: str = "mean", elongation_exponent: float = 1.0) -> pd.DataFrame:
     """One candidate per 3-D connected component (26-connectivity) of ``probability > threshold``.
 
     ``probability``: (z, y, x) floats in [0, 1], or uint8 read as ``v / 255``. Components smaller
@@ -163,7 +163,7 @@ def merge_close_candidates(candidates: pd.DataFrame, distance_mm: float) -> pd.D
 
 def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: float = 0.5,
                      min_volume_mm3: float = 10.0, seriesuid: str = "",
-                     score: str = "mean", elongation_exponent: float = 0.0) -> tuple[pd.DataFrame, np.ndarray]:
+                     score: str = "mean", elongation_exponent: float = 1.0) -> tuple[pd.DataFrame, np.ndarray]:
     """The candidates of :func:`candidates_from_probability` and their label map: uint16 (z, y, x)
     on the grid of ``probability``, voxel value ``i`` = the component of row ``i - 1`` of the
     (sorted) table, 0 elsewhere (dropped components included)."""
@@ -179,7 +179,7 @@ def label_candidates(probability: np.ndarray, geometry: Geometry, threshold: flo
 
 def _components(probability: np.ndarray, geometry: Geometry, threshold: float, min_volume_mm3: float,
                 seriesuid: str, score: str,
-                elongation_exponent: float = 0.0) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray]:
+                elongation_exponent: float = 1.0) -> tuple[pd.DataFrame, np.ndarray, int, np.ndarray]:
     """(sorted candidates table, component labels (z, y, x) of ``ndimage.label``, their number, the
     component label of each table row)."""
     check_candidate_score(score)
@@ -407,7 +407,7 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
                  threshold: float = 0.5, min_volume_mm3: float = 10.0, batch_size: int = 8,
                  hybrid_output: str = "positive", planes: Sequence[str] = PLANES,
                  amp: bool = True, candidate_score: str = "mean", tta: bool = False,
-                 device: str = "auto", elongation_exponent: float = 0.0) -> pd.DataFrame:
+                 device: str = "auto", elongation_exponent: float = 1.0) -> pd.DataFrame:
     """Run fold ``fold``'s model on its held-out scans; write probabilities and candidates.
 
     ``slice_files``: slice stores ``{uid}.h5`` (any superset of the fold's scans). ``tta``: flip
