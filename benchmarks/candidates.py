@@ -11,7 +11,8 @@ setting a run was made with gives exactly that run's candidates) under a grid of
 * ``--scores``: a candidate's probability, the mean or the maximum over its component
   (``predict.candidate_score``);
 * ``--elongation-exponents``: a candidate's probability divided by its elongation to this power
-  (``predict.elongation_exponent``; 0 = off);
+  (``predict.elongation_exponent``, whose default is this option's; 0 = the mean or maximum alone,
+  as runs made before that key existed scored their candidates);
 * ``--merge-mm``: candidates closer than this to a more probable one are dropped
   (:func:`noduleflow.predict.merge_close_candidates`; 0 = off);
 * ``--rescore``: the candidates' probabilities replaced by the cross-fitted second stage
@@ -53,7 +54,7 @@ from quality import size_bin
 sys.path.insert(0, str(REPO / "src"))
 from noduleflow.froc import compute_froc, subgroup_froc  # noqa: E402
 from noduleflow.io import read_image  # noqa: E402
-from noduleflow.predict import candidates_from_probability, merge_close_candidates  # noqa: E402
+from noduleflow.predict import PREDICT_DEFAULTS, candidates_from_probability, merge_close_candidates  # noqa: E402
 from noduleflow.rescore import rescore_folds  # noqa: E402
 from noduleflow.segmetrics import (  # noqa: E402
     PixelCounts, evaluated_slices, nodule_boxes, nodule_dice, pixel_counts, threshold_mask)
@@ -113,7 +114,8 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1])
     parser.add_argument("--scores", nargs="+", choices=["mean", "max"], default=["mean", "max"])
-    parser.add_argument("--elongation-exponents", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--elongation-exponents", type=float, nargs="+",
+                        default=[PREDICT_DEFAULTS["elongation_exponent"]])
     parser.add_argument("--merge-mm", type=float, nargs="+", default=[0.0, 5.0, 10.0])
     parser.add_argument("--min-volume-mm3", type=float, default=10.0)
     parser.add_argument("--rescore", action="store_true",
