@@ -190,7 +190,8 @@ def test_predict_writes_every_output_from_a_copied_models_folder(cli_run, small_
     table = pd.read_csv(out / CANDIDATES_FILE, dtype={"seriesuid": str})
     assert list(table.columns[:5]) == LUNA16_COLUMNS and list(table.columns) == APPLY_COLUMNS
     lidc = table[table["seriesuid"] == LIDC_0001_UID]
-    assert len(lidc) >= 3 and (table["probability"] > threshold).all()
+    assert len(lidc) >= 3 and (table["mean_probability"] > threshold).all()
+    assert (table["probability"] <= table["mean_probability"]).all()   # ranked by mean / elongation
     assert lidc["label"].tolist() == list(range(1, len(lidc) + 1))
     assert (lidc["probability"].diff().dropna() <= 0).all()           # most probable first
     assert set(table["seriesuid"]) <= set(uids)
