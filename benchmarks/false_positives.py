@@ -52,6 +52,14 @@ XYZ = ["coordX", "coordY", "coordZ"]
 THICK_VESSEL_MM = 3.0
 
 
+def voxel_indices(points_xyz: np.ndarray, geometry, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest voxel (n, 3) z, y, x indices of world points (n, 3) x, y, z mm on a grid of ``shape``,
+    clipped into it, and whether each point lay inside the grid before clipping."""
+    index = np.rint(world_to_voxel(points_xyz, geometry)).astype(int)
+    inside = ((index >= 0) & (index < np.asarray(shape))).all(axis=1)
+    return np.clip(index, 0, np.asarray(shape) - 1), inside
+
+
 def run_candidates(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(every fold's held-out candidates with ``fold`` and ``outcome``, the cohort's nodules, the
     run's scans)."""
@@ -101,15 +109,12 @@ def describe(run: Path, candidates: pd.DataFrame, truth: pd.DataFrame) -> pd.Dat
         if lung_path.is_file():
             lung, geometry = read_image(lung_path)
             inside = ndimage.distance_transform_edt(lung > 0, sampling=tuple(geometry.spacing)[::-1])
-            index = np.rint(world_to_voxel(points, geometry)).astype(int)
-            index = np.clip(index, 0, np.asarray(lung.shape) - 1)
+            index, _ = voxel_indices(points, geometry, lung.shape)
             rows["inside_mm"] = inside[tuple(index.T)]
         true_path = run / "resources" / "synthetic" / "lungs" / f"{uid}.mha"
         if true_path.is_file():
             true_lung, true_geometry = read_image(true_path)
-            index = np.rint(world_to_voxel(points, true_geometry)).astype(int)
-            inside_volume = ((index >= 0) & (index < np.asarray(true_lung.shape))).all(axis=1)
-            index = np.clip(index, 0, np.asarray(true_lung.shape) - 1)
+            index, inside_volume = voxel_indices(points, true_geometry, true_lung.shape)
             rows["true_lung"] = inside_volume & (true_lung[tuple(index.T)] > 0)
         nodules = truth[truth["seriesuid"] == uid]
         if len(nodules):

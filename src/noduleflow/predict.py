@@ -74,8 +74,8 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
 #: the defaults of the ``predict:`` config block (workflow/schemas/config.schema.yaml holds the
 #: same; tests/test_apply.py checks they agree), also those of ``noduleflow predict``
 PREDICT_DEFAULTS: dict = {"threshold": 0.5, "min_volume_mm3": 10.0, "candidate_score": "mean",
-                          "elongation_exponent": 1.0, "hybrid_output": "positive", "planes": list(PLANES), "amp": True,
-                          "batch_size": 8, "tta": False, "device": "auto"}
+                          "elongation_exponent": 1.0, "hybrid_output": "positive", "planes": list(PLANES),
+                          "amp": True, "batch_size": 8, "tta": False, "device": "auto"}
 
 
 # --------------------------------------------------------------------------- inputs
