@@ -13,6 +13,9 @@ setting a run was made with gives exactly that run's candidates) under a grid of
 * ``--elongation-exponents``: a candidate's probability divided by its elongation to this power
   (``predict.elongation_exponent``, whose default is this option's; 0 = the mean or maximum alone,
   as runs made before that key existed scored their candidates);
+* ``--contrast-hus``: a candidate's probability multiplied by min(1, its density contrast to the lung
+  around it / this many HU) (``predict.contrast_hu``, whose default is this option's; 0 = off, as
+  runs made before that key existed scored their candidates);
 * ``--merge-mm``: candidates closer than this to a more probable one are dropped
   (:func:`noduleflow.predict.merge_close_candidates`; 0 = off);
 * ``--rescore``: the candidates' probabilities replaced by the cross-fitted second stage
@@ -35,7 +38,8 @@ confirm on the report seeds; never choose on the default cohort alone.
 Usage::
 
     .venv/bin/python benchmarks/candidates.py RUN_DIR [RUN_DIR ...] [--thresholds 0.5 0.3 0.2]
-        [--scores mean max] [--elongation-exponents 0 0.5 1] [--merge-mm 0 5 10] [--min-volume-mm3 10]
+        [--scores mean max] [--elongation-exponents 0 0.5 1] [--contrast-hus 0 100] [--merge-mm 0 5 10]
+        [--min-volume-mm3 10]
         [--rescore]
 """
 
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -54,7 +59,8 @@ from quality import size_bin
 sys.path.insert(0, str(REPO / "src"))
 from noduleflow.froc import compute_froc, subgroup_froc  # noqa: E402
 from noduleflow.io import read_image  # noqa: E402
-from noduleflow.predict import PREDICT_DEFAULTS, candidates_from_probability, merge_close_candidates  # noqa: E402
+from noduleflow.predict import (PREDICT_DEFAULTS, THRESHOLD_FILE, candidates_from_probability,  # noqa: E402
+                                merge_close_candidates)
 from noduleflow.rescore import rescore_folds  # noqa: E402
 from noduleflow.segmetrics import (  # noqa: E402
     PixelCounts, evaluated_slices, nodule_boxes, nodule_dice, pixel_counts, threshold_mask)
@@ -74,11 +80,12 @@ def run_nodules(run: Path) -> pd.DataFrame:
 
 
 def segmentation_rows(run: Path, uid: str, stored: np.ndarray, nodules: pd.DataFrame,
-                      thresholds: list[float]) -> tuple[list[dict], list[dict]]:
+                      thresholds: list[float], lung: np.ndarray, labels: np.ndarray,
+                      geometry) -> tuple[list[dict], list[dict]]:
     """For scan ``uid`` and each threshold, from the stored probability volume (uint8, (z, y, x)):
     per nodule its Dice (as evaluate) and its predicted and true voxel counts inside its Dice box,
-    and the scan's pixel counts over evaluate's slices. Returns (nodule rows, scan rows)."""
-    _, lung, labels, geometry = read_slice_store(run / "results" / "slices" / f"{uid}.h5")
+    and the scan's pixel counts over evaluate's slices (``lung``, nodule ``labels`` and ``geometry``
+    from the scan's slice store). Returns (nodule rows, scan rows)."""
     slices = evaluated_slices(lung, labels)
     mine = nodules[nodules["seriesuid"] == uid]
     ids = mine["nodule_id"].astype(int).tolist()
@@ -116,13 +123,15 @@ def main() -> None:
     parser.add_argument("--scores", nargs="+", choices=["mean", "max"], default=["mean", "max"])
     parser.add_argument("--elongation-exponents", type=float, nargs="+",
                         default=[PREDICT_DEFAULTS["elongation_exponent"]])
+    parser.add_argument("--contrast-hus", type=float, nargs="+", default=[PREDICT_DEFAULTS["contrast_hu"]])
     parser.add_argument("--merge-mm", type=float, nargs="+", default=[0.0, 5.0, 10.0])
     parser.add_argument("--min-volume-mm3", type=float, default=10.0)
     parser.add_argument("--rescore", action="store_true",
                         help="score the candidates with the cross-fitted second stage (noduleflow.rescore)")
     args = parser.parse_args()
 
-    settings = list(itertools.product(args.thresholds, args.scores, args.elongation_exponents, args.merge_mm))
+    settings = list(itertools.product(args.thresholds, args.scores, args.elongation_exponents, args.contrast_hus,
+                                      args.merge_mm))
     results = {s: [] for s in settings}
     seg_rows: list[dict] = []
     pixel_rows: list[dict] = []
@@ -132,19 +141,29 @@ def main() -> None:
         uids = folds["seriesuid"].tolist()
         per_setting = {s: [] for s in settings}
         fold_of = {}
+        lung_roi: dict[int, bool] = {}
         for uid, (fold, path) in run_maps(run).items():
             fold_of[uid] = fold
             stored, geometry = read_image(path)
             stored = np.asarray(stored)
-            nodule_part, scan_part = segmentation_rows(run, uid, stored, nodules, args.thresholds)
+            image, lung, labels, _ = read_slice_store(run / "results" / "slices" / f"{uid}.h5")
+            if fold not in lung_roi:   # as predict_fold: the contrast's shell is the lung's only with a lung ROI
+                settings_file = path.parent / THRESHOLD_FILE
+                lung_roi[fold] = (json.loads(settings_file.read_text()).get("lung_roi", True)
+                                  if settings_file.is_file() else True)
+            nodule_part, scan_part = segmentation_rows(run, uid, stored, nodules, args.thresholds, lung, labels,
+                                                       geometry)
             seg_rows += nodule_part
             pixel_rows += scan_part
-            for threshold, score, exponent in itertools.product(args.thresholds, args.scores,
-                                                                args.elongation_exponents):
+            for threshold, score, exponent, contrast in itertools.product(args.thresholds, args.scores,
+                                                                          args.elongation_exponents, args.contrast_hus):
                 found = candidates_from_probability(stored, geometry, threshold, args.min_volume_mm3,
-                                                    seriesuid=uid, score=score, elongation_exponent=exponent)
+                                                    seriesuid=uid, score=score, elongation_exponent=exponent,
+                                                    image=image, lung=lung if lung_roi[fold] else None,
+                                                    contrast_hu=contrast)
                 for merge in args.merge_mm:
-                    per_setting[(threshold, score, exponent, merge)].append(merge_close_candidates(found, merge))
+                    per_setting[(threshold, score, exponent, contrast, merge)].append(
+                        merge_close_candidates(found, merge))
         small = [size_bin(float(d)) for d in nodules["diameter_mm"]]
         for setting, frames in per_setting.items():
             candidates = pd.concat(frames, ignore_index=True)
@@ -162,17 +181,18 @@ def main() -> None:
         print(f"{run}: {len(uids)} scans, {len(nodules)} nodules", flush=True)
 
     names = [r["run"] for r in results[settings[0]]]
-    print("\n| threshold | score | elongation exponent | merge mm | " + " | ".join(names)
+    print("\n| threshold | score | elongation exponent | contrast HU | merge mm | " + " | ".join(names)
           + " | mean ± sd | worst | 6-10 mm sens@8 |")
-    print("|" + "---|" * (len(names) + 7))
-    for (threshold, score, exponent, merge), rows in results.items():
+    print("|" + "---|" * (len(names) + 8))
+    for (threshold, score, exponent, contrast, merge), rows in results.items():
         cpm = np.array([r["cpm"] for r in rows])
         n = np.array([r["n_small"] for r in rows], dtype=float)
         s = np.array([r["sens8_small"] for r in rows], dtype=float)
         have = n > 0
         pooled_small = float(np.sum(n[have] * s[have]) / np.sum(n[have])) if have.any() else float("nan")
         sd = float(np.std(cpm, ddof=1)) if len(cpm) > 1 else float("nan")
-        print(f"| {threshold:g} | {score} | {exponent:g} | {merge:g} | " + " | ".join(f"{v:.3f}" for v in cpm)
+        print(f"| {threshold:g} | {score} | {exponent:g} | {contrast:g} | {merge:g} | "
+              + " | ".join(f"{v:.3f}" for v in cpm)
               + f" | {cpm.mean():.3f} ± {sd:.3f} | {cpm.min():.3f} | {pooled_small:.3f} |")
     print_segmentation(pd.DataFrame(seg_rows), pd.DataFrame(pixel_rows), names)
 

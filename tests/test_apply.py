@@ -149,11 +149,11 @@ def nifti_run(models, lidc_nifti):
     from noduleflow.scans import read_canonical
 
     ensemble = load_ensemble(find_models(models))
-    prediction = predict_scan(ensemble, read_canonical(lidc_nifti), NIFTI_UID, PredictSettings(**FAST))
-    threshold = pick_threshold(prediction.probability, prediction.geometry)
-    settings = PredictSettings(threshold=threshold, **FAST)
-    prediction.candidates, prediction.labels = label_candidates(
-        prediction.probability, prediction.geometry, threshold, settings.min_volume_mm3, NIFTI_UID)
+    scan = read_canonical(lidc_nifti)
+    first = predict_scan(ensemble, scan, NIFTI_UID, PredictSettings(**FAST))
+    threshold = pick_threshold(first.probability, first.geometry)
+    # again at that threshold: the coarse pass keeps its objects above the threshold in use
+    prediction = predict_scan(ensemble, scan, NIFTI_UID, PredictSettings(threshold=threshold, **FAST))
     return prediction, threshold
 
 
@@ -292,9 +292,14 @@ def test_a_single_fold_ensemble_equals_the_pipelines_predict_of_that_fold(models
     folds.write_text(f"seriesuid,fold\n{LIDC_0001_UID},0\n", encoding="utf-8")
     predict_fold(models / "fold0" / "model.pt", folds, 0, [store], work / "candidates.csv", work / "probabilities",
                  lung_roi=meta["preprocess"]["lung_roi"], threads=2, **FAST)
-    pipeline_map, geometry = read_image(work / "probabilities" / f"{LIDC_0001_UID}.mha")
-    threshold = pick_threshold(pipeline_map, geometry)
-    expected = candidates_from_probability(pipeline_map, geometry, threshold)   # what predict_fold writes
+    default_map, geometry = read_image(work / "probabilities" / f"{LIDC_0001_UID}.mha")
+    threshold = pick_threshold(default_map, geometry)
+    # the pipeline at that threshold (the coarse pass keeps its objects above the threshold in use)
+    predict_fold(models / "fold0" / "model.pt", folds, 0, [store], work / "at_threshold.csv",
+                 work / "probabilities_at_threshold", lung_roi=meta["preprocess"]["lung_roi"], threads=2,
+                 threshold=threshold, **FAST)
+    pipeline_map, _ = read_image(work / "probabilities_at_threshold" / f"{LIDC_0001_UID}.mha")
+    expected = pd.read_csv(work / "at_threshold.csv", dtype={"seriesuid": str})   # what predict_fold writes
 
     out = tmp_path / "apply"
     result = apply_models(models, [lidc], out, folds=[0], threads=2,
@@ -303,8 +308,9 @@ def test_a_single_fold_ensemble_equals_the_pipelines_predict_of_that_fold(models
     assert len(mine) == len(expected) >= 3 and len(result.candidates) == len(mine)
     np.testing.assert_allclose(mine[["coordX", "coordY", "coordZ"]], expected[["coordX", "coordY", "coordZ"]],
                                atol=1e-4)
-    np.testing.assert_array_equal(mine["probability"], expected["probability"])
+    np.testing.assert_allclose(mine["probability"], expected["probability"], rtol=1e-12)
     np.testing.assert_array_equal(mine["diameter_mm"], expected["diameter_mm"])
+    np.testing.assert_allclose(mine["contrast_hu"], expected["contrast_hu"], rtol=1e-12)
     # the probability map: the pipeline's, brought to the scan's grid the same way
     scan = read_canonical(lidc)
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "probabilities" / f"{LIDC_0001_UID}.mha")))
@@ -312,7 +318,7 @@ def test_a_single_fold_ensemble_equals_the_pipelines_predict_of_that_fold(models
                                atol=1e-6)
     # the pipeline's own candidates file at its threshold is the same table at that threshold
     at_default = pd.read_csv(work / "candidates.csv", dtype={"seriesuid": str})
-    assert len(at_default) == len(candidates_from_probability(pipeline_map, geometry, PREDICT_DEFAULTS["threshold"]))
+    assert len(at_default) == len(candidates_from_probability(default_map, geometry, PREDICT_DEFAULTS["threshold"]))
 
 
 # --------------------------------------------------------------------------- errors

@@ -9,7 +9,9 @@ Per scan it runs the pipeline's own code, with the settings stored in every ``mo
 3. :func:`noduleflow.lungmask.segment_lungs` with the training ``lungmask`` block (the ``lung_mask``
    rule);
 4. :func:`noduleflow.predict.predict_volume` with each fold's model (the ``predict`` rule), the
-   ensemble probability being the mean of the fold maps;
+   ensemble probability being the mean of the fold maps, with the coarse pass for large nodules
+   (:func:`noduleflow.coarse_pass.with_coarse_pass`, run on the ensemble's mean as the rule runs it
+   on one fold's map);
 5. :func:`noduleflow.predict.label_candidates` on that mean, stored as uint8 ``p = v/255`` like the
    ``predict`` rule's maps: one candidate per connected component above the threshold;
 6. with second-stage classifiers (``rescore``'s ``classifier.pt`` of each fold, when
@@ -26,7 +28,8 @@ Outputs in the output folder ``DIR`` (every file written atomically; a scan that
 nothing of its own behind):
 
 * ``candidates.csv``: the LUNA16 submission columns ``seriesuid,coordX,coordY,coordZ,probability``
-  (world mm, x-y-z), then ``diameter_mm, volume_mm3, max_probability, mean_probability, elongation`` (as the
+  (world mm, x-y-z), then ``diameter_mm, volume_mm3, max_probability, mean_probability, elongation,
+  contrast_hu`` (as the
   ``predict`` rule), ``label`` (the candidate's value in its label map: its rank in the scan,
   1 = most probable for the detector) and ``source`` (the input path); with the second stage also
   ``detector_probability`` and ``classifier_probability``;
@@ -54,6 +57,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from noduleflow.candidate_contrast import check_contrast_hu
+from noduleflow.coarse_pass import check_coarse_settings, with_coarse_pass
 from noduleflow.io import (Geometry, InputError, atomic_path, voxel_to_world, world_to_voxel, write_csv_atomic,
                           write_image, write_text_atomic)
 from noduleflow.planes import check_planes
@@ -97,6 +102,9 @@ class PredictSettings:
     amp: bool = PREDICT_DEFAULTS["amp"]
     batch_size: int = PREDICT_DEFAULTS["batch_size"]
     tta: bool = PREDICT_DEFAULTS["tta"]
+    coarse_scale: float = PREDICT_DEFAULTS["coarse_scale"]
+    coarse_min_diameter_mm: float = PREDICT_DEFAULTS["coarse_min_diameter_mm"]
+    contrast_hu: float = PREDICT_DEFAULTS["contrast_hu"]
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.threshold) < 1.0:
@@ -105,6 +113,8 @@ class PredictSettings:
             raise InputError(f"predict.min_volume_mm3 = {self.min_volume_mm3} must be >= 0")
         check_candidate_score(self.candidate_score)
         check_elongation_exponent(self.elongation_exponent)
+        check_coarse_settings(self.coarse_scale, self.coarse_min_diameter_mm)
+        check_contrast_hu(self.contrast_hu)
         if self.hybrid_output not in ("positive", "negative"):
             raise InputError(f"predict.hybrid_output = {self.hybrid_output!r} must be 'positive' or 'negative'")
         if int(self.batch_size) < 1:
@@ -119,7 +129,8 @@ class PredictSettings:
                 "candidate_score": self.candidate_score, "elongation_exponent": float(self.elongation_exponent),
                 "hybrid_output": self.hybrid_output,
                 "planes": list(self.planes), "amp": bool(self.amp), "batch_size": int(self.batch_size),
-                "tta": bool(self.tta)}
+                "tta": bool(self.tta), "coarse_scale": float(self.coarse_scale),
+                "coarse_min_diameter_mm": float(self.coarse_min_diameter_mm), "contrast_hu": float(self.contrast_hu)}
 
 
 # --------------------------------------------------------------------------- models
@@ -331,21 +342,31 @@ def predict_scan(ensemble: Ensemble, scan: CanonicalScan, uid: str, settings: Pr
     groups: dict[tuple, list] = {}
     for member in ensemble.members:
         groups.setdefault(input_settings(member.meta), []).append(member)
-    total = None
-    for members in groups.values():
-        prob = predict_volume([m.model for m in members], members[0].meta, image, lung, ensemble.lung_roi,
-                              batch_size=settings.batch_size, device=device,
-                              hybrid_output=settings.hybrid_output, planes=settings.planes, amp=settings.amp,
-                              tta=settings.tta, spacing_zyx=tuple(geometry.spacing)[::-1])
-        prob *= np.float32(len(members))
-        total = prob if total is None else np.add(total, prob, out=total)
-    total /= np.float32(len(ensemble.members))
+
+    def ensemble_probability(image_grid: np.ndarray, lung_grid: np.ndarray,
+                             spacing_zyx: Sequence[float]) -> np.ndarray:
+        total = None
+        for members in groups.values():
+            prob = predict_volume([m.model for m in members], members[0].meta, image_grid, lung_grid,
+                                  ensemble.lung_roi, batch_size=settings.batch_size, device=device,
+                                  hybrid_output=settings.hybrid_output, planes=settings.planes, amp=settings.amp,
+                                  tta=settings.tta, spacing_zyx=spacing_zyx)
+            prob *= np.float32(len(members))
+            total = prob if total is None else np.add(total, prob, out=total)
+        total /= np.float32(len(ensemble.members))
+        return total
+
+    total = with_coarse_pass(ensemble_probability, image, lung, tuple(geometry.spacing)[::-1],
+                             settings.coarse_scale, settings.coarse_min_diameter_mm, settings.threshold,
+                             ensemble.lung_roi)
     stored = to_uint8(total)
     del total
     times["inference"] = time.perf_counter() - started
     candidates, labels = label_candidates(stored, geometry, settings.threshold, settings.min_volume_mm3,
                                           seriesuid=uid, score=settings.candidate_score,
-                                          elongation_exponent=settings.elongation_exponent)
+                                          elongation_exponent=settings.elongation_exponent, image=image,
+                                          lung=lung if ensemble.lung_roi else None,
+                                          contrast_hu=settings.contrast_hu)
     return ScanPrediction(uid, scan, image, lung, geometry, stored, labels, candidates, times)
 
 

@@ -168,8 +168,13 @@ def page(sections: Sequence[str], scans: pd.DataFrame, failed: Mapping[str, str]
             f"threshold {settings['threshold']}, "
             f"planes {', '.join(settings['planes'])}, candidate score {settings['candidate_score']}"
             + (f" / elongation^{settings['elongation_exponent']:g}" if settings.get("elongation_exponent") else "")
+            + (f" x min(1, contrast / {settings['contrast_hu']:g} HU)" if settings.get("contrast_hu") else "")
             + ", "
-            f"test-time flips {'on' if settings['tta'] else 'off'}, device {html.escape(device)}. "
+            f"test-time flips {'on' if settings['tta'] else 'off'}, "
+            + (f"coarse pass at {settings['coarse_scale']:g}x the voxel size for objects of at least "
+               f"{settings['coarse_min_diameter_mm']:g} mm, " if settings.get("coarse_scale", 1.0) > 1.0
+               else "no coarse pass, ")
+            + f"device {html.escape(device)}. "
             f"Probabilities are the mean of the models' maps. Crops: resampled grid, HU "
             f"{CROP_WINDOW_HU[0]:.0f}..{CROP_WINDOW_HU[1]:.0f}, candidate outlined in orange, patient right "
             f"on the left. Label and probability maps on each input's own grid: "

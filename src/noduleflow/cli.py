@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--elongation-exponent", type=float, default=PREDICT_DEFAULTS["elongation_exponent"],
                    help="a candidate's probability is divided by its elongation to this power: nodules are "
                         "round, vessel pieces long; 0 = off (default %(default)s)")
+    p.add_argument("--coarse-scale", type=float, default=PREDICT_DEFAULTS["coarse_scale"],
+                   help="a second pass at this many times the voxel size finds nodules larger than the training "
+                        "ones; 1 = off (default %(default)s)")
+    p.add_argument("--coarse-min-diameter-mm", type=float, default=PREDICT_DEFAULTS["coarse_min_diameter_mm"],
+                   help="the coarse pass adds only objects at least this large (default %(default)s)")
+    p.add_argument("--contrast-hu", type=float, default=PREDICT_DEFAULTS["contrast_hu"],
+                   help="candidates less than this much denser than the lung around them (HU) rank lower in "
+                        "proportion; 0 = off (default %(default)s)")
     p.add_argument("--planes", nargs="+", choices=PLANES, default=list(PREDICT_DEFAULTS["planes"]),
                    help="slicing planes whose maps are averaged (default: %(default)s)")
     p.add_argument("--hybrid-output", choices=("positive", "negative"), default=PREDICT_DEFAULTS["hybrid_output"],
@@ -72,7 +80,9 @@ def _predict(args: argparse.Namespace) -> int:
     settings = PredictSettings(threshold=args.threshold, min_volume_mm3=args.min_volume_mm3,
                                candidate_score=args.candidate_score, elongation_exponent=args.elongation_exponent,
                                hybrid_output=args.hybrid_output,
-                               planes=tuple(args.planes), amp=args.amp, batch_size=args.batch_size, tta=args.tta)
+                               planes=tuple(args.planes), amp=args.amp, batch_size=args.batch_size, tta=args.tta,
+                               coarse_scale=args.coarse_scale, coarse_min_diameter_mm=args.coarse_min_diameter_mm,
+                               contrast_hu=args.contrast_hu)
     result = apply_models(args.models, args.input, args.output, folds=args.folds, settings=settings,
                           device=args.device, threads=args.threads, html_max_candidates=args.html_max_candidates,
                           classifiers=find_classifiers(args.classifiers, args.folds) if args.classifiers else None)
