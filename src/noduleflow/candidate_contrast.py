@@ -19,12 +19,11 @@ Arrays are (z, y, x); spacings (x, y, z) mm as :class:`noduleflow.io.Geometry` h
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 
-from noduleflow.io import InputError
+from noduleflow.checks import check_number
 
 #: width (mm) of the shell around a candidate whose lung voxels give its surroundings' density
 SHELL_MM = 3.0
@@ -32,12 +31,7 @@ SHELL_MM = 3.0
 
 def check_contrast_hu(full_contrast_hu: float) -> None:
     """InputError naming ``predict.contrast_hu`` unless it is a finite number >= 0."""
-    try:
-        ok = math.isfinite(float(full_contrast_hu)) and float(full_contrast_hu) >= 0.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise InputError(f"predict.contrast_hu = {full_contrast_hu!r} must be a number >= 0 (0 = off)")
+    check_number(full_contrast_hu, "predict.contrast_hu", 0.0, note="0 = off")
 
 
 def density_contrast(image: np.ndarray, labels: np.ndarray, components: Sequence[int],

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from noduleflow.io import InputError
+from noduleflow.checks import check_number
 
 #: a model (or an ensemble) on one grid: (image int16 HU, lung uint8, spacing (z, y, x) mm) ->
 #: probability float32 of the image's shape
@@ -43,18 +43,8 @@ ProbabilityMap = Callable[[np.ndarray, np.ndarray, Sequence[float]], np.ndarray]
 def check_coarse_settings(scale: float, min_diameter_mm: float) -> None:
     """InputError naming ``predict.coarse_scale`` / ``predict.coarse_min_diameter_mm`` unless the scale
     is a finite number in [1, 4] and the diameter a finite number >= 0."""
-    try:
-        scale_ok = math.isfinite(float(scale)) and 1.0 <= float(scale) <= 4.0
-    except (TypeError, ValueError):
-        scale_ok = False
-    if not scale_ok:
-        raise InputError(f"predict.coarse_scale = {scale!r} must be a number in [1, 4] (1 = no coarse pass)")
-    try:
-        diameter_ok = math.isfinite(float(min_diameter_mm)) and float(min_diameter_mm) >= 0.0
-    except (TypeError, ValueError):
-        diameter_ok = False
-    if not diameter_ok:
-        raise InputError(f"predict.coarse_min_diameter_mm = {min_diameter_mm!r} must be a number >= 0")
+    check_number(scale, "predict.coarse_scale", 1.0, 4.0, note="1 = no coarse pass")
+    check_number(min_diameter_mm, "predict.coarse_min_diameter_mm", 0.0)
 
 
 def coarse_volumes(image: np.ndarray, lung: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:

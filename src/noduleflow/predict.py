@@ -64,6 +64,7 @@ import numpy as np
 import pandas as pd
 
 from noduleflow.candidate_contrast import check_contrast_hu, contrast_factor, density_contrast
+from noduleflow.checks import check_number
 from noduleflow.coarse_pass import check_coarse_settings, with_coarse_pass
 from noduleflow.folds import read_fold_uids
 from noduleflow.intensity import AIR_HU, BODY_MIN_HU, visible_region
@@ -125,9 +126,7 @@ def to_uint8(probability: np.ndarray) -> np.ndarray:
 
 def check_elongation_exponent(exponent: float) -> None:
     """InputError naming ``predict.elongation_exponent`` unless it is a finite number >= 0."""
-    if not (isinstance(exponent, (int, float)) and not isinstance(exponent, bool)
-            and math.isfinite(exponent) and exponent >= 0):
-        raise InputError(f"predict.elongation_exponent = {exponent!r} must be a number >= 0")
+    check_number(exponent, "predict.elongation_exponent", 0.0)
 
 
 def check_candidate_score(score: str) -> None:
