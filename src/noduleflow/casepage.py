@@ -162,6 +162,7 @@ def page(sections: Sequence[str], scans: pd.DataFrame, failed: Mapping[str, str]
     n_candidates = int(scans["candidates"].sum()) if len(scans) else 0
     title = f"noduleflow predict: {len(scans)} scan(s), {n_candidates} candidate(s)"
     models = ", ".join(f"fold {m.fold}" if m.fold is not None else str(m.path) for m in ensemble.members)
+    coarse_pass = settings.get("coarse_scale", 1.0) > 1.0
     note = (f'<p class="note">Ensemble of {len(ensemble.members)} model(s) ({html.escape(models)}): '
             f"scans resampled to {list(ensemble.spacing_mm)} mm, lung ROI {'on' if ensemble.lung_roi else 'off'}, "
             f"lung mask {html.escape(', '.join(f'{k} {v}' for k, v in sorted(ensemble.lungmask.items())))}; "
@@ -172,10 +173,13 @@ def page(sections: Sequence[str], scans: pd.DataFrame, failed: Mapping[str, str]
             + ", "
             f"test-time flips {'on' if settings['tta'] else 'off'}, "
             + (f"coarse pass at {settings['coarse_scale']:g}x the voxel size for objects of at least "
-               f"{settings['coarse_min_diameter_mm']:g} mm, " if settings.get("coarse_scale", 1.0) > 1.0
+               f"{settings['coarse_min_diameter_mm']:g} mm, " if coarse_pass
                else "no coarse pass, ")
             + f"device {html.escape(device)}. "
-            f"Probabilities are the mean of the models' maps. Crops: resampled grid, HU "
+            f"Probabilities are the mean of the models' maps"
+            + (" (and, where the coarse pass finds a large object, the larger of that and the coarse map)"
+               if coarse_pass else "")
+            + ". Crops: resampled grid, HU "
             f"{CROP_WINDOW_HU[0]:.0f}..{CROP_WINDOW_HU[1]:.0f}, candidate outlined in orange, patient right "
             f"on the left. Label and probability maps on each input's own grid: "
             f"<code>labels/</code>, <code>probabilities/</code>; all candidates: <code>candidates.csv</code>.</p>")

@@ -482,17 +482,16 @@ def predict_fold(model_path: str | Path, folds_path: str | Path, fold: int, slic
 
     out_probabilities = Path(out_probabilities)
     out_probabilities.parent.mkdir(parents=True, exist_ok=True)
+    def probability_map(image_grid: np.ndarray, lung_grid: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+        """The fold's model on one grid (the scan's, or the coarse pass's)."""
+        return predict_volume(model, meta, image_grid, lung_grid, lung_roi, batch_size=batch_size, device=device,
+                              hybrid_output=hybrid_output, planes=planes, amp=amp, tta=tta, spacing_zyx=spacing_zyx)
+
     frames = []
     with atomic_dir(out_probabilities) as tmp_dir:
         for i, (uid, store) in enumerate(stores.items(), start=1):
             started = time.perf_counter()
             image, lung, _nodule, geometry = read_slice_store(store)
-
-            def probability_map(image_grid, lung_grid, spacing_zyx):
-                return predict_volume(model, meta, image_grid, lung_grid, lung_roi, batch_size=batch_size,
-                                      device=device, hybrid_output=hybrid_output, planes=planes, amp=amp, tta=tta,
-                                      spacing_zyx=spacing_zyx)
-
             prob = with_coarse_pass(probability_map, image, lung, tuple(geometry.spacing)[::-1], coarse_scale,
                                     coarse_min_diameter_mm, threshold, lung_roi)
             stored = to_uint8(prob)
